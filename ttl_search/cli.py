@@ -1,0 +1,162 @@
+"""The ``ttl-search`` command line: a thin layer over the library's typed functions.
+
+The library logs; the CLI prints. Every :class:`~ttl_search.errors.TTLSearchError` becomes one
+line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+from .errors import TTLSearchError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _fmt_count(n: int | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n}{unit}"
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print a table with rich (plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    Console(width=max(120, len(columns) * 14)).print(table)
+
+
+def write_rows(rows: list[dict], fmt: str, stream=None) -> None:
+    """Write dict rows as JSON (a list of objects) or CSV."""
+    stream = stream or sys.stdout
+    if fmt == "json":
+        json.dump(rows, stream, indent=2)
+        stream.write("\n")
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+        stream.write(buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# backbones / cutoffs
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from .backbones import get_backbone, backbone_names, stage_ends
+
+    rows = []
+    for name in backbone_names():
+        spec = get_backbone(name)
+        rows.append({
+            "name": spec.name,
+            "dims": spec.dims,
+            "cuts": len(spec.cuts),
+            "stage_ends": stage_ends(spec),
+            "default_input_size": spec.default_input_size,
+            "weights": ["none"] + spec.weight_names,
+            "description": spec.description,
+        })
+    if args.format == "table":
+        print_table("registered backbones", ["name", "dims", "cuts", "stage ends", "input", "weights", "description"],
+                    [[r["name"], f"{r['dims']}D", r["cuts"], ",".join(map(str, r["stage_ends"])),
+                      r["default_input_size"], ", ".join(r["weights"]), r["description"]] for r in rows])
+    else:
+        for r in rows:
+            r["stage_ends"] = " ".join(map(str, r["stage_ends"])) if args.format == "csv" else r["stage_ends"]
+            r["weights"] = " ".join(r["weights"]) if args.format == "csv" else r["weights"]
+        write_rows(rows, args.format)
+    return 0
+
+
+def cmd_cutoffs(args: argparse.Namespace) -> int:
+    from .backbones import get_backbone
+    from .truncation import analyze_cuts
+
+    spec = get_backbone(args.backbone)
+    size = args.input_size or spec.default_input_size
+    rows = [r.as_dict() for r in analyze_cuts(spec.name, size, args.classes, args.in_channels, args.head)]
+    if args.format == "table":
+        title = (f"{spec.name}: {len(rows)} cuts at {size} px, {args.in_channels} channel(s), "
+                 f"{args.classes} classes, {args.head} head")
+        print_table(
+            title,
+            ["cut", "name", "stage", "channels", "spatial", "params", "MACs", "valid"],
+            [[r["index"], r["name"] + (" *" if r["stage_end"] else ""), r["stage"], r["channels"],
+              "x".join(map(str, r["spatial"])) if r["spatial"] else "-", _fmt_count(r["params"]),
+              _fmt_count(r["macs"]), "yes" if r["valid"] else f"no: {r['reason']}"] for r in rows],
+        )
+        print("* ends a stage (trained in stage 1 of the two-stage search)")
+    else:
+        if args.format == "csv":
+            for r in rows:
+                r["spatial"] = "x".join(map(str, r["spatial"])) if r["spatial"] else ""
+        write_rows(rows, args.format)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ttl-search",
+        description="Find how much of a pretrained CNN a medical image classifier should keep (TruncatedTL).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("backbones", help="list the registered backbones")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.set_defaults(handler=cmd_backbones)
+
+    p = sub.add_parser("cutoffs", help="list the cut points of a backbone with size, MACs and validity")
+    p.add_argument("backbone", help="a registered backbone (see `ttl-search backbones`)")
+    p.add_argument("--input-size", type=int, default=None, help="input side in pixels (default: the backbone's)")
+    p.add_argument("--classes", type=int, default=2, help="classes of the new head (default 2)")
+    p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
+    p.add_argument("--head", choices=("pool", "flatten"), default="pool", help="new head (default pool)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.set_defaults(handler=cmd_cutoffs)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except TTLSearchError as exc:
+        print(f"ttl-search: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ttl-search: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and friends
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
