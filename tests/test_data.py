@@ -375,6 +375,18 @@ def test_group_split_function() -> None:
         assert abs(labels[part].mean() - labels.mean()) < 0.08
 
 
+def test_tiny_split_fills_every_part() -> None:
+    train, val, test = data_mod._stratified_split(np.array([0, 0, 1, 1]), (0.7, 0.1, 0.2), seed=0)
+    assert len(val) == 1 and len(test) == 1 and sorted(np.array([0, 0, 1, 1])[train]) == [0, 1]
+
+
+def test_too_few_images_for_splits(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "imgs", per_class=1)
+    with pytest.raises(DataError, match="split is empty") as err:
+        load_data(DataConfig(dataset="folder", path=str(root)))
+    assert str(root) in str(err.value)
+
+
 def test_csv_int_labels_and_own_splits(tmp_path: Path) -> None:
     rows = []
     for i in range(12):

@@ -113,6 +113,63 @@ def cmd_cutoffs(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# train
+
+
+def _metric_rows(result: dict) -> list[list[object]]:
+    names = list(result.get("val") or result.get("test") or [])
+    return [[name, f"{result['val'].get(name, float('nan')):.4f}" if result.get("val") else "-",
+             f"{result['test'].get(name, float('nan')):.4f}" if result.get("test") else "-"] for name in names]
+
+
+def print_trial_summary(result: dict) -> None:
+    """A person-readable summary of one trial result (a ``TrialResult.to_dict()``)."""
+    title = (f"{result['backbone']} {result['strategy']} cut {result['cut']} ({result['cut_name']}, stage "
+             f"{result['stage']}): {result['status']}{' - ' + result['reason'] if result['reason'] else ''}")
+    if result.get("val"):
+        print_table(title, ["metric", "validation", "test"], _metric_rows(result))
+    else:
+        print(title)
+    full = result.get("full") or {}
+    lat, full_lat = result.get("latency_ms") or {}, full.get("latency_ms") or {}
+    print_table("cost (truncated vs full model)", ["", "truncated", "full"], [
+        ["parameters", _fmt_count(result["params"]), _fmt_count(full.get("params"))],
+        ["MACs", _fmt_count(result["macs"]), _fmt_count(full.get("macs"))],
+        ["latency batch 1 (ms)", lat.get("batch1", "-"), full_lat.get("batch1", "-")],
+        ["latency batch 64 (ms)", lat.get("batch64", "-"), full_lat.get("batch64", "-")],
+    ])
+    print(f"epochs {result['epochs']} (best {result['best_epoch']}), training {result['train_time_s']:.1f} s "
+          f"on {result['device']}, input {result['input_size']} px x {result['in_channels']} channel(s)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .config import load_config, to_dict
+    from .training import TrialConfig, run_trial
+
+    cfg = load_config(TrialConfig, args.config, args.set)
+    bar = tqdm(total=cfg.max_epochs, desc="epochs", unit="epoch", disable=args.quiet)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        bar.update(1)
+        bar.set_postfix({f"val_{cfg.metric}": f"{metrics[cfg.metric]:.4f}", "val_loss": f"{metrics['loss']:.4f}"})
+
+    try:
+        result = run_trial(cfg, on_epoch=on_epoch).to_dict()
+    finally:
+        bar.close()
+    result["config"] = to_dict(cfg)
+    print_trial_summary(result)
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(json.dumps(result, indent=2))
+        print(f"result written to {args.output}")
+    return 0 if result["status"] == "complete" else 1
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=("pool", "flatten"), default="pool", help="new head (default pool)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.set_defaults(handler=cmd_cutoffs)
+
+    p = sub.add_parser("train", help="run one trial (truncate, fine-tune, evaluate) outside any study")
+    p.add_argument("--config", help="YAML file of trial settings (keys of TrialConfig; data under `data:`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set cut=5 --set data.train_fraction=0.1 (repeatable)")
+    p.add_argument("--output", help="write the JSON result here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_train)
 
     return parser
 

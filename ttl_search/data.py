@@ -514,9 +514,9 @@ def _stratified_split(
     """Split sample indices into ``len(fractions)`` parts, stratified by label and seeded.
 
     ``fractions`` sum to 1. With ``groups``, every group lands in one part (greedy assignment
-    of groups, largest first, to the part whose per-class quota is least filled). Parts are
-    made non-empty by moving one sample (group) from the first part when possible. Returns
-    sorted index arrays.
+    of groups, largest first, to the part whose per-class quota is least filled). An empty part
+    gets one sample (group) from the largest part when that has more than one. Returns sorted
+    index arrays.
     """
     rng = _rng(seed, 1)
     if groups is None:
@@ -538,13 +538,32 @@ def _assign_samples(
         for part in np.argsort(-(raw - counts), kind="stable")[: len(idx) - counts.sum()]:
             counts[part] += 1
         assignment[idx] = np.repeat(np.arange(len(shares)), counts)
-    for part in range(1, len(shares)):
+    for part in range(len(shares)):
         if not (assignment == part).any():
-            donors = [c for c in np.unique(labels) if ((assignment == 0) & (labels == c)).sum() > 1]
-            if donors:
-                cls = max(donors, key=lambda c: ((assignment == 0) & (labels == c)).sum())
-                assignment[rng.choice(np.flatnonzero((assignment == 0) & (labels == cls)))] = part
+            _fill_empty_part(assignment, labels, part, rng)
     return assignment
+
+
+def _fill_empty_part(
+    assignment: np.ndarray, labels: np.ndarray, part: int, rng: np.random.Generator
+) -> None:
+    """Move one sample into empty ``part``: from the largest part (later parts first on ties)
+    that keeps every class it has, else from the largest part with more than one sample."""
+    sizes = np.bincount(assignment, minlength=part + 1)
+    donors = sorted(range(len(sizes)), key=lambda q: (-sizes[q], -q))
+    best: tuple[int, Any] | None = None
+    for donor in donors:
+        if sizes[donor] < 2:
+            break
+        values, counts = np.unique(labels[assignment == donor], return_counts=True)
+        choice = (donor, values[int(np.argmax(counts))])
+        if counts.max() > 1:
+            best = choice
+            break
+        best = best or choice
+    if best is not None:
+        donor, cls = best
+        assignment[rng.choice(np.flatnonzero((assignment == donor) & (labels == cls)))] = part
 
 
 def _assign_groups(
@@ -565,11 +584,12 @@ def _assign_groups(
         part = int(np.argmax(score))
         group_part[g] = part
         filled[part] += counts[g]
-    for part in range(1, len(fractions)):
-        donors = np.flatnonzero(group_part == 0)
-        if not (group_part == part).any() and len(donors) > 1:
-            sizes = counts[donors].sum(axis=1)
-            group_part[donors[int(np.argmin(sizes))]] = part
+    for part in range(len(fractions)):
+        n_groups = np.bincount(group_part, minlength=len(fractions))
+        donor = int(np.argmax(n_groups))
+        if n_groups[part] == 0 and n_groups[donor] > 1:
+            donors = np.flatnonzero(group_part == donor)
+            group_part[donors[int(np.argmin(counts[donors].sum(axis=1)))]] = part
     return group_part[group_idx]
 
 

@@ -8,6 +8,7 @@ size and reports, per cut, the output shape, parameters, MACs and whether the cu
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -118,7 +119,8 @@ def truncate(loaded: LoadedBackbone, cut: int, num_classes: int, head: str = "po
     info = analyze_cuts(spec.name, size, num_classes, loaded.in_channels, head)[cut - 1]
     if not info.valid:
         raise CutError(f"cut {cut} ({info.name}) of {spec.name} is invalid at {size} px input: {info.reason}")
-    features = nn.Sequential(unit_modules(loaded.units[:cut]))
+    # A copy, so that training (or freezing) one truncated model never touches another's units.
+    features = copy.deepcopy(nn.Sequential(unit_modules(loaded.units[:cut])))
     head_module = make_head(head, info.channels, info.spatial, num_classes)
     return TruncatedModel(features, head_module, spec.name, cut, info.name)
 
