@@ -170,6 +170,159 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# studies
+
+
+class StudyProgress:
+    """A progress bar fed by the runner's progress events."""
+
+    def __init__(self, disable: bool = False) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, desc="trials", unit="trial", disable=disable)
+
+    def __call__(self, event: dict) -> None:
+        plan = event.get("plan")
+        if plan is not None and plan.expected_total:
+            self.bar.total = plan.expected_total
+        done = event["complete"] + event["failed"] + event["pruned"]
+        self.bar.n = done
+        phase = plan.phase if plan is not None else ""
+        self.bar.set_postfix({"phase": phase, "running": event["running"], "failed": event["failed"]}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _storage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default=None,
+                   help="study database URL (default: $TTL_SEARCH_STORAGE or sqlite:///ttl-search.db)")
+
+
+def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
+    from .api import best_cut
+
+    best = best_cut(name, storage)
+    if fmt == "json":
+        print(json.dumps(best, indent=2, default=str))
+        return
+    state = "finished" if best["finished"] else "not finished yet"
+    print(f"study {name} ({state}): best cut {best['cut']} ({best['cut_name']}, stage {best['stage']}) of "
+          f"{best['backbone']}, {_fmt_count(best['params'])} parameters "
+          f"(full: {_fmt_count(best['full']['params'])}), {_fmt_count(best['macs'])} MACs")
+    rows = []
+    for metric in best["val"]:
+        cells = []
+        for split in ("val", "test"):
+            mean, sd = best[split].get(metric), best[f"{split}_sd"].get(metric)
+            cells.append("-" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if best["repeats"] > 1 else ""))
+        rows.append([metric, *cells])
+    print_table(f"cut {best['cut']}: mean over {best['repeats']} seed(s)", ["metric", "validation", "test"], rows)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .api import run_study
+    from .study import load_study_config
+
+    extra = {k: v for k, v in (("storage", args.storage), ("ray_address", args.ray_address)) if v}
+    cfg = load_study_config(args.study, args.set, extra)
+    print(f"study {cfg.name}: {cfg.search.strategy} search of {cfg.trial.backbone} on {cfg.trial.data.dataset}")
+    progress = StudyProgress(disable=args.quiet)
+    try:
+        run_study(cfg, progress)
+    finally:
+        progress.close()
+    _print_best(cfg.name, cfg.storage)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .api import resume_study
+    from .config import parse_overrides
+
+    execution = parse_overrides(args.set)
+    if args.ray_address:
+        execution["ray_address"] = args.ray_address
+    progress = StudyProgress(disable=args.quiet)
+    try:
+        resume_study(args.name, args.storage, execution, progress)
+    finally:
+        progress.close()
+    _print_best(args.name, args.storage)
+    return 0
+
+
+def _print_status(name: str, storage: str | None) -> tuple[int, bool]:
+    from .api import open_study, trial_rows
+    from .study import make_sampler
+
+    study, cfg = open_study(name, storage)
+    frame = trial_rows(study, cfg.metric)
+    plan = make_sampler(cfg).plan(study.get_trials(deepcopy=False))
+    metric = cfg.metric
+    rows = []
+    for r in frame.to_dict("records"):
+        fmt = lambda v: "-" if v is None or v != v else f"{v:.4f}"  # noqa: E731
+        rows.append([r["trial"], r["strategy"], r["cut"], r["cut_name"], r["stage"], r["phase"], r["state"],
+                     fmt(r[f"val_{metric}"]), fmt(r[f"test_{metric}"]), _fmt_count(r["params"]),
+                     "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s", r["note"]])
+    print_table(f"study {name}: {cfg.search.strategy} search of {cfg.trial.backbone}; phase {plan.phase or '-'}, "
+                f"{plan.action}", ["trial", "strategy", "cut", "name", "stage", "phase", "state", f"val {metric}",
+                                   f"test {metric}", "params", "duration", "note"], rows)
+    done = sum(1 for r in rows if r[6] in ("COMPLETE", "PRUNED", "FAIL"))
+    running = sum(1 for r in rows if r[6] == "RUNNING")
+    return done, plan.action == "finished" and running == 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    done, finished = _print_status(args.name, args.storage)
+    while args.watch and not finished:
+        time.sleep(args.interval)
+        done, finished = _print_status(args.name, args.storage)
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    _print_best(args.name, args.storage, args.format)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .api import compare_studies
+
+    frame = compare_studies(args.names, args.storage)
+    if args.format == "csv":
+        sys.stdout.write(frame.to_csv(index=False))
+    elif args.format == "markdown":
+        sys.stdout.write(frame.to_markdown(index=False, floatfmt=".4f") + "\n")
+    else:
+        cols = ["study", "strategy", "cut", "cut_name", "chosen", "repeats", "val_auroc", "test_auroc", "test_auprc",
+                "test_accuracy", "params", "macs", "latency_batch1_ms"]
+        def cell(c, v):
+            if v is None or (isinstance(v, float) and v != v):
+                return "-"
+            if c in ("params", "macs"):
+                return _fmt_count(int(v))
+            return f"{v:.4f}" if isinstance(v, float) else v
+        print_table("comparison (means over seeds)", cols,
+                    [[cell(c, r.get(c)) for c in cols] for r in frame.to_dict("records")])
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .api import serve_dashboard
+    from .storage import storage_url
+
+    url = storage_url(args.storage)
+    print(f"optuna-dashboard on http://{args.host}:{args.port} for {url} (Ctrl-C stops it)", flush=True)
+    serve_dashboard(url, args.host, args.port, args.artifacts)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +354,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the JSON result here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("run", help="start a study from a YAML file and run it to the end")
+    p.add_argument("study", help="study YAML (see studies/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set trial.max_epochs=3 --set concurrency=2 (repeatable)")
+    _storage_arg(p)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a study after a crash or interruption")
+    p.add_argument("name", help="study name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change how it runs: concurrency, resources.*, scheduler.*, artifacts")
+    _storage_arg(p)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_resume)
+
+    p = sub.add_parser("status", help="table of a study's trials")
+    p.add_argument("name")
+    _storage_arg(p)
+    p.add_argument("--watch", action="store_true", help="refresh until the study is finished")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("best", help="the chosen cut with its metrics and size")
+    p.add_argument("name")
+    _storage_arg(p)
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(handler=cmd_best)
+
+    p = sub.add_parser("compare", help="studies and strategies side by side")
+    p.add_argument("names", nargs="+", help="study names")
+    _storage_arg(p)
+    p.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study database")
+    _storage_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--artifacts", default=None, help="artifact folder (default: ttl-artifacts beside a SQLite database)")
+    p.set_defaults(handler=cmd_dashboard)
 
     return parser
 

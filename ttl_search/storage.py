@@ -1,0 +1,116 @@
+"""The study database: any SQLAlchemy URL through Optuna's RDBStorage.
+
+SQLite is the default (a file in the working directory) with WAL journaling, ``synchronous=NORMAL``
+and a 30 s busy timeout, so optuna-dashboard can read while the driver writes. PostgreSQL
+(``postgresql+psycopg://...``) is for clusters and shared databases. Only the driver writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from .errors import ConfigError, StudyError, choices
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = "sqlite:///ttl-search.db"
+STORAGE_ENV = "TTL_SEARCH_STORAGE"
+SQLITE_BUSY_TIMEOUT_S = 30
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection, _record) -> None:  # pragma: no cover - exercised via SQLite tests
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.close()
+
+
+def storage_url(url: str | None = None) -> str:
+    """The storage URL to use: explicit, else ``$TTL_SEARCH_STORAGE``, else SQLite in the cwd."""
+    return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for other databases or in-memory SQLite)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def open_storage(url: str | None = None) -> RDBStorage:
+    """Open (and create if needed) the study database at ``url``."""
+    url = storage_url(url)
+    kwargs: dict = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+        path = sqlite_path(url)
+        if path is not None and not path.parent.exists():
+            raise ConfigError(f"storage {url}: folder {path.parent} does not exist")
+    try:
+        return RDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"storage {url} needs a database driver that is not installed ({exc.name}); "
+                          "for PostgreSQL: pip install 'ttl-search[postgres]'") from exc
+    except Exception as exc:  # noqa: BLE001 - connection problems are the user's to fix
+        raise ConfigError(f"cannot open storage {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def study_names(storage: RDBStorage) -> list[str]:
+    return [s.study_name for s in storage.get_all_studies()]
+
+
+def load_study(name: str, storage: RDBStorage, sampler=None) -> optuna.Study:
+    """An existing study; an unknown name lists the studies in the database."""
+    if name not in study_names(storage):
+        names = study_names(storage)
+        raise StudyError(f"no study named {name!r} in {storage.url}; studies there: {choices(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+
+
+def reconcile_running(study: optuna.Study, reason: str) -> list[int]:
+    """Mark trials left RUNNING (by a driver that died) as FAIL with ``reason``.
+
+    Attributes go first: a finished trial no longer accepts them.
+    """
+    fixed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        fixed.append(trial.number)
+    if fixed:
+        log.warning("marked trials %s of study %s as failed: %s", fixed, study.study_name, reason)
+    return fixed
+
+
+def completed(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if t.state == TrialState.COMPLETE]
+
+
+def artifact_store(artifacts: Path):
+    """Optuna's file-system artifact store under ``artifacts/store`` (what optuna-dashboard lists)."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    base = Path(artifacts) / "store"
+    base.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(base)
+
+
+def attach_artifact(artifacts: Path, study_or_trial, path: Path, mimetype: str | None = None) -> str:
+    """Register a file with the study's artifact store; returns the artifact id."""
+    from optuna.artifacts import upload_artifact
+
+    return upload_artifact(artifact_store=artifact_store(artifacts), file_path=str(path), study_or_trial=study_or_trial,
+                           mimetype=mimetype)
