@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ttl_search.data import DataConfig
-from ttl_search.errors import ConfigError, DataError
+from ttl_search.errors import ConfigError, DataError, TTLSearchError
 from ttl_search.training import TrialConfig, run_trial
 
 
@@ -83,7 +83,7 @@ def test_3d_trial_on_adrenalmnist3d(adrenalmnist3d):
     ("device", "tpu", "cpu"),
 ])
 def test_bad_trial_config(key, value, message, breastmnist):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(TTLSearchError, match=message):
         _cfg(breastmnist, **{key: value})
 
 

@@ -15,11 +15,12 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from . import __version__
-from .config import from_dict
+from .config import from_dict, to_dict
 from .errors import ConfigError, StudyError
 from .runner import ProgressCallback, run_search
 from .search import SEARCH_STRATEGY, trial_key
 from .storage import artifact_store, load_study, open_storage, reconcile_running, sqlite_path, storage_url, study_names
+from .training import TrialConfig
 from .study import StudyConfig, make_sampler, resolve_paths, study_config_dict
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,19 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
 def open_study(name: str, storage: str | None = None) -> tuple[optuna.Study, StudyConfig]:
     study = load_study(name, open_storage(storage))
     return study, stored_config(study)
+
+
+def trial_config(cfg: StudyConfig, trial: FrozenTrial) -> TrialConfig:
+    """The exact TrialConfig a stored trial trained with (study config + its cut, strategy, seed)."""
+    values = to_dict(cfg.trial)
+    a = trial.user_attrs
+    if "cut" not in a:
+        raise StudyError(f"trial {trial.number} has no cut (it never started)")
+    values.update(cut=a["cut"], strategy=a.get("strategy", SEARCH_STRATEGY), seed=a.get("seed", cfg.search.seed))
+    for key in ("lr", "weight_decay"):
+        if key in trial.params:
+            values[key] = trial.params[key]
+    return from_dict(TrialConfig, values)
 
 
 def _duration(trial: FrozenTrial) -> float | None:

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import get_backbone, load_backbone
+from .backbones import LoadedBackbone, get_backbone, load_backbone
 from .cost import count_macs, count_params, measure_latency
 from .data import DataConfig, DatasetSplits, TransformConfig, load_data, make_loader
 from .errors import ConfigError, TrialError, choices
 from .metrics import compute_metrics, metric_direction
-from .strategies import build_strategy_model, check_strategy
+from .strategies import StrategyModel, build_strategy_model, check_strategy
 from .truncation import analyze_cuts, input_shape, truncate
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,36 @@ def _data_summary(data: DatasetSplits) -> dict[str, Any]:
             "train": len(data.train), "val": len(data.val), "test": len(data.test), "task": data.task}
 
 
+@dataclass
+class PreparedTrial:
+    """The model of a trial (before training) and how its inputs are made."""
+
+    loaded: LoadedBackbone
+    """The backbone with its pretrained weights."""
+    built: StrategyModel
+    """The model the strategy asks for, with its parameter groups."""
+    transform: TransformConfig
+    """Input size, channels, normalisation and augmentation."""
+
+
+def prepare_trial(cfg: TrialConfig, data: DatasetSplits) -> PreparedTrial:
+    """Build the model and input transform of ``cfg`` for ``data`` (also used to rebuild a
+    trained trial's model from its stored config for analysis and export)."""
+    spec = get_backbone(cfg.backbone)
+    if data.task.startswith("multi-label"):
+        raise ConfigError(f"dataset {data.name} is multi-label; trials support binary-class, multi-class "
+                          "and ordinal-regression tasks")
+    if data.dims != spec.dims:
+        raise ConfigError(f"backbone {spec.name} takes {spec.dims}D input but dataset {data.name} is {data.dims}D")
+    input_size = cfg.input_size or int(data.train.images.shape[-1])
+    in_channels = cfg.in_channels or (3 if spec.dims == 2 else data.channels)
+    loaded = load_backbone(spec.name, _resolve_weights(cfg), in_channels)
+    built = build_strategy_model(loaded, cfg.strategy, cfg.cut, data.num_classes, cfg.head, input_size, cfg.frozen_units)
+    mean = loaded.mean if in_channels == len(loaded.mean) else (float(np.mean(loaded.mean)),)
+    std = loaded.std if in_channels == len(loaded.std) else (float(np.mean(loaded.std)),)
+    return PreparedTrial(loaded, built, TransformConfig(input_size, in_channels, mean, std, cfg.augment, cfg.crop_scale))
+
+
 def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: DatasetSplits | None = None,
               keep_state: bool = False) -> TrialResult:
     """Fine-tune one model and report it. A diverged loss gives a ``failed`` result, not an exception.
@@ -266,24 +296,13 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     torch.set_num_threads(max(1, cfg.threads or os.cpu_count() or 1))
     device = resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
-    spec = get_backbone(cfg.backbone)
     data = data if data is not None else load_data(cfg.data)
-    if data.task.startswith("multi-label"):
-        raise ConfigError(f"dataset {data.name} is multi-label; trials support binary-class, multi-class "
-                          "and ordinal-regression tasks")
-    if data.dims != spec.dims:
-        raise ConfigError(f"backbone {spec.name} takes {spec.dims}D input but dataset {data.name} is {data.dims}D")
-    input_size = cfg.input_size or int(data.train.images.shape[-1])
-    in_channels = cfg.in_channels or (3 if spec.dims == 2 else data.channels)
-
     seed_everything(cfg.seed)
-    loaded = load_backbone(spec.name, _resolve_weights(cfg), in_channels)
-    built = build_strategy_model(loaded, cfg.strategy, cfg.cut, data.num_classes, cfg.head, input_size, cfg.frozen_units)
+    prepared = prepare_trial(cfg, data)
+    spec, built, tcfg = prepared.loaded.spec, prepared.built, prepared.transform
+    input_size, in_channels = tcfg.input_size, tcfg.in_channels
     model = built.model.to(device)
     cut_info = spec.cuts[built.cut - 1]
-    mean = loaded.mean if in_channels == len(loaded.mean) else (float(np.mean(loaded.mean)),)
-    std = loaded.std if in_channels == len(loaded.std) else (float(np.mean(loaded.std)),)
-    tcfg = TransformConfig(input_size, in_channels, mean, std, cfg.augment, cfg.crop_scale)
     train_loader = make_loader(data.train, tcfg, train=True, batch_size=cfg.batch_size, seed=cfg.seed, dims=data.dims)
     val_loader = make_loader(data.val, tcfg, train=False, batch_size=cfg.eval_batch_size, seed=cfg.seed, dims=data.dims)
     test_loader = make_loader(data.test, tcfg, train=False, batch_size=cfg.eval_batch_size, seed=cfg.seed, dims=data.dims)
