@@ -221,6 +221,18 @@ def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
     print_table(f"cut {best['cut']}: mean over {best['repeats']} seed(s)", ["metric", "validation", "test"], rows)
 
 
+def _print_outcome(name: str, storage: str | None) -> int:
+    """After a run: the best cut, or why there is none (exit 1)."""
+    from .errors import StudyError
+
+    try:
+        _print_best(name, storage)
+    except StudyError as exc:
+        print(f"study {name} ended without a completed search trial ({exc}); see `ttl-search status {name}`")
+        return 1
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .api import run_study
     from .study import load_study_config
@@ -233,8 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_study(cfg, progress)
     finally:
         progress.close()
-    _print_best(cfg.name, cfg.storage)
-    return 0
+    return _print_outcome(cfg.name, cfg.storage)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -249,8 +260,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         resume_study(args.name, args.storage, execution, progress)
     finally:
         progress.close()
-    _print_best(args.name, args.storage)
-    return 0
+    return _print_outcome(args.name, args.storage)
 
 
 def _print_status(name: str, storage: str | None) -> tuple[int, bool]:
@@ -319,6 +329,49 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     url = storage_url(args.storage)
     print(f"optuna-dashboard on http://{args.host}:{args.port} for {url} (Ctrl-C stops it)", flush=True)
     serve_dashboard(url, args.host, args.port, args.artifacts)
+    return 0
+
+
+def cmd_svcca(args: argparse.Namespace) -> int:
+    from .analysis import SVCCAOptions, run_svcca
+
+    opts = SVCCAOptions(samples=args.samples, split=args.split, spatial=args.spatial,
+                        positions_per_image=args.positions_per_image, keep=args.keep, baseline=args.baseline,
+                        seed=args.seed)
+    run = run_svcca(args.name, args.storage, args.trial, opts, args.output, attach=not args.no_attach)
+    c = run.context
+    print_table(f"trial {c['trial']} ({c['strategy']}, cut {c['cut']} {c['cut_name']}): pretrained vs fine-tuned on "
+                f"{c['images']} {c['split']} images; {c['spatial_note']}",
+                ["unit", "name", "stage", "SVCCA", "CKA", f"baseline SVCCA ({opts.baseline})", "baseline CKA", "samples"],
+                [[r.unit, r.unit_name, r.stage, f"{r.svcca:.4f}", f"{r.cka:.4f}", f"{r.baseline_svcca:.4f}",
+                  f"{r.baseline_cka:.4f}", r.samples] for r in run.units.itertuples()])
+    for path in run.files.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    report = make_report(args.name, args.storage, args.output, attach=not args.no_attach)
+    for path in report.files.values():
+        print(f"wrote {path}")
+    if report.artifact_ids:
+        print(f"attached {len(report.artifact_ids)} file(s) to study {args.name} (optuna-dashboard lists them)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_trial
+
+    result = export_trial(args.name, args.storage, args.trial, args.output, args.opset)
+    card, v = result.card, result.card["verification"]
+    print(f"exported trial {card['trial']} of study {args.name}: {card['model']['backbone']} cut {card['model']['cut']} "
+          f"({card['model']['cut_name']}), {_fmt_count(card['cost']['params'])} parameters")
+    print(f"checked on {v['samples']} test images: max |probability difference| TorchScript "
+          f"{v['torchscript_max_abs_diff']:.2e}, ONNX {v['onnx_max_abs_diff']:.2e}")
+    for path in result.files.values():
+        print(f"wrote {path}")
     return 0
 
 
@@ -398,6 +451,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--artifacts", default=None, help="artifact folder (default: ttl-artifacts beside a SQLite database)")
     p.set_defaults(handler=cmd_dashboard)
+
+    p = sub.add_parser("svcca", help="SVCCA and CKA: pretrained vs fine-tuned units, unit vs unit, random baseline")
+    p.add_argument("name", help="study name")
+    _storage_arg(p)
+    p.add_argument("--trial", type=int, default=None, help="trial number (default: the chosen cut's best trial)")
+    p.add_argument("--samples", type=int, default=500, help="held-out images to use (default 500, at most the split)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="held-out split (default test)")
+    p.add_argument("--spatial", choices=("positions", "subsample", "pool"), default="subsample",
+                   help="conv maps as samples: every spatial position, a random subsample of positions per image "
+                        "(default), or global average pooling")
+    p.add_argument("--positions-per-image", type=int, default=16, help="subsample: positions per image (default 16)")
+    p.add_argument("--keep", type=float, default=0.99, help="variance the SVD step keeps (default 0.99)")
+    p.add_argument("--baseline", choices=("shuffled", "gaussian"), default="shuffled",
+                   help="random-feature baseline: shuffled samples (default) or Gaussian noise")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample, positions and baseline")
+    p.add_argument("--output", default=None, help="folder (default: <artifacts>/<study>/svcca-trial-N)")
+    p.add_argument("--no-attach", action="store_true", help="do not attach the plots to the study")
+    p.set_defaults(handler=cmd_svcca)
+
+    p = sub.add_parser("report", help="plots and a Markdown summary of a study (attached to it as artifacts)")
+    p.add_argument("name", help="study name")
+    _storage_arg(p)
+    p.add_argument("--output", default=None, help="folder (default: <artifacts>/<study>/report)")
+    p.add_argument("--no-attach", action="store_true", help="do not attach the files to the study")
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("export", help="the chosen (or a given) trial's model as TorchScript and ONNX with a model card")
+    p.add_argument("name", help="study name")
+    _storage_arg(p)
+    p.add_argument("--trial", type=int, default=None, help="trial number (default: the chosen cut's best trial)")
+    p.add_argument("--output", required=True, help="folder for the model files and card")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.set_defaults(handler=cmd_export)
 
     return parser
 

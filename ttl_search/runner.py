@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,8 +63,12 @@ def trainable(config: dict[str, Any]) -> None:
     cfg.threads = max(1, int(config["cpus"]))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tune.report({"epoch": epoch, VAL_KEY: _finite(metrics[cfg.metric], mode), "val_loss": metrics["loss"],
-                     "node_id": node_id})
+        # The last epoch is reported once, with the final result: a scheduler that stops trials
+        # at max_t must not cut a trial off between its last epoch and its test evaluation.
+        if epoch >= cfg.max_epochs:
+            return
+        tune.report({"epoch": epoch, VAL_KEY: _finite(metrics[cfg.metric], mode), "val_raw": metrics[cfg.metric],
+                     "val_loss": metrics["loss"], "node_id": node_id})
 
     try:
         result = run_trial(cfg, on_epoch=on_epoch, keep_state=bool(config.get("checkpoint_path")))
@@ -126,7 +130,11 @@ class LiveTrial:
     """A trial the driver asked Optuna for and handed to Ray Tune."""
 
     trial: optuna.Trial
+    """The Optuna trial (RUNNING until the driver tells its outcome)."""
     started: float
+    """time.time() when it was handed to Ray Tune."""
+    reported: set[int] = field(default_factory=set)
+    """Epochs whose validation metric is already stored as an intermediate value."""
 
 
 class StudySearcher:
@@ -181,9 +189,12 @@ class StudySearcher:
                 live = self.live.get(trial_id)
                 if live is None or result.get("final"):
                     return
-                value = result.get(VAL_KEY)
-                if value is not None and math.isfinite(value):
-                    live.trial.report(float(value), int(result["epoch"]))
+                self._report(live, int(result["epoch"]), result.get("val_raw"))
+
+            def _report(self, live: LiveTrial, epoch: int, value: float | None) -> None:
+                if value is not None and math.isfinite(value) and epoch not in live.reported:
+                    live.trial.report(float(value), epoch)
+                    live.reported.add(epoch)
 
             def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
                 live = self.live.pop(trial_id, None)
@@ -194,7 +205,10 @@ class StudySearcher:
                 if error or result is None:
                     self._fail(trial, "the worker failed (process killed or crashed; see the Ray logs)")
                 elif result.get("final"):
-                    self._finish(trial, json.loads(result["payload"]))
+                    payload = json.loads(result["payload"])
+                    for epoch in payload.get("history", []):
+                        self._report(live, int(epoch["epoch"]), epoch.get(cfg.metric))
+                    self._finish(trial, payload)
                 else:
                     epochs = int(result.get("epoch", 0))
                     trial.set_user_attr("epochs", epochs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import optuna
@@ -17,6 +18,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from .errors import ConfigError, StudyError, choices
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STORAGE = "sqlite:///ttl-search.db"
 STORAGE_ENV = "TTL_SEARCH_STORAGE"
 SQLITE_BUSY_TIMEOUT_S = 30
+SCHEMA_RACE_RETRIES = 3
 
 
 @event.listens_for(Engine, "connect")
@@ -59,13 +62,20 @@ def open_storage(url: str | None = None) -> RDBStorage:
         path = sqlite_path(url)
         if path is not None and not path.parent.exists():
             raise ConfigError(f"storage {url}: folder {path.parent} does not exist")
-    try:
-        return RDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"storage {url} needs a database driver that is not installed ({exc.name}); "
-                          "for PostgreSQL: pip install 'ttl-search[postgres]'") from exc
-    except Exception as exc:  # noqa: BLE001 - connection problems are the user's to fix
-        raise ConfigError(f"cannot open storage {url}: {type(exc).__name__}: {exc}") from exc
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            return RDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"storage {url} needs a database driver that is not installed ({exc.name}); "
+                              "for PostgreSQL: pip install 'ttl-search[postgres]'") from exc
+        except IntegrityError:
+            # Another process (the dashboard, a second driver) created the schema at the same moment.
+            if attempt == SCHEMA_RACE_RETRIES:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as exc:  # noqa: BLE001 - connection problems are the user's to fix
+            raise ConfigError(f"cannot open storage {url}: {type(exc).__name__}: {exc}") from exc
+    raise AssertionError("unreachable")
 
 
 def study_names(storage: RDBStorage) -> list[str]:

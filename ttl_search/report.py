@@ -1,0 +1,667 @@
+"""Study reports: PNG plots and a Markdown summary (matplotlib with the Agg backend).
+
+:func:`make_report` writes, for one study:
+
+- ``metric_vs_cut.png``: validation and test metric of every trained cut (mean ± sd over seeds),
+  backbone stages shaded, the chosen cut and the baselines marked;
+- ``metric_vs_cost.png``: validation metric against parameters, MACs and latency with the Pareto
+  front (models no other model beats on both cost and metric);
+- ``search_order.png``: which cut the search trained when, coloured by phase (stage 1, stage 2,
+  baselines);
+- ``summary.md`` with the results table of TTL next to the baselines (test AUROC, AUPRC, accuracy,
+  parameters, MACs, latency, as in the paper's results table), and ``results.csv``, ``cuts.csv``,
+  ``search_order.csv``.
+
+The PNGs and the summary are attached to the study as Optuna artifacts, so optuna-dashboard lists
+them. This module also draws the plots of :mod:`ttl_search.analysis`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from .errors import StudyError
+
+log = logging.getLogger(__name__)
+
+TABLE_METRICS = ("auroc", "auprc", "accuracy")
+STRATEGY_LABELS = {
+    "ttl": "TruncatedTL", "full": "full fine-tuning", "linear_probe": "linear probe",
+    "lwft": "layer-wise fine-tuning", "transfusion": "TransFusion", "scratch": "from scratch",
+}
+BASELINE_MARKERS = {"full": "D", "linear_probe": "X", "lwft": "P", "transfusion": "h", "scratch": "v"}
+PHASE_COLORS = {"stage1": "#1f77b4", "stage2": "#ff7f0e", "baseline": "#7f7f7f", "tpe": "#2ca02c",
+                "exhaustive": "#9467bd"}
+STATE_MARKERS = {"COMPLETE": "o", "FAIL": "x", "PRUNED": "v", "RUNNING": "*", "WAITING": "."}
+CHOSEN_COLOR = "#d62728"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables from the study
+
+
+def _clean(values: Iterable[Any]) -> list[float]:
+    return [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def _mean_sd(values: Iterable[Any]) -> tuple[float, float]:
+    clean = _clean(values)
+    if not clean:
+        return float("nan"), float("nan")
+    return statistics.fmean(clean), (statistics.stdev(clean) if len(clean) > 1 else 0.0)
+
+
+def cut_metrics(trials: Sequence[FrozenTrial], metric: str, strategy: str | None = "ttl") -> pd.DataFrame:
+    """One row per (strategy, cut) with completed trials: mean and sd over seeds of the
+    validation/test ``metric`` and of the table metrics, size and latency. ``strategy=None``
+    keeps every strategy."""
+    groups: dict[tuple[str, int], list[FrozenTrial]] = {}
+    for t in trials:
+        a = t.user_attrs
+        if t.state != TrialState.COMPLETE or "cut" not in a:
+            continue
+        s = a.get("strategy", "ttl")
+        if strategy is None or s == strategy:
+            groups.setdefault((s, int(a["cut"])), []).append(t)
+    rows = []
+    for (s, cut), ts in sorted(groups.items()):
+        first = ts[0].user_attrs
+        row: dict[str, Any] = {"strategy": s, "cut": cut, "cut_name": first.get("cut_name"),
+                               "stage": first.get("stage"), "n": len(ts),
+                               "seeds": [t.user_attrs.get("seed") for t in ts], "trials": [t.number for t in ts]}
+        for split in ("val", "test"):
+            row[f"{split}_mean"], row[f"{split}_sd"] = _mean_sd(t.user_attrs.get(f"{split}_{metric}") for t in ts)
+        for m in TABLE_METRICS:
+            row[f"test_{m}"], row[f"test_{m}_sd"] = _mean_sd(t.user_attrs.get(f"test_{m}") for t in ts)
+        row.update(params=first.get("params"), macs=first.get("macs"),
+                   latency_batch1_ms=_mean_sd(t.user_attrs.get("latency_batch1_ms") for t in ts)[0],
+                   latency_batch64_ms=_mean_sd(t.user_attrs.get("latency_batch64_ms") for t in ts)[0])
+        rows.append(row)
+    columns = ["strategy", "cut", "cut_name", "stage", "n", "seeds", "trials", "val_mean", "val_sd", "test_mean",
+               "test_sd"] + [f"test_{m}{sd}" for m in TABLE_METRICS for sd in ("", "_sd")] + [
+               "params", "macs", "latency_batch1_ms", "latency_batch64_ms"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def pareto_front(costs: Sequence[float], values: Sequence[float], maximize: bool = True) -> np.ndarray:
+    """Boolean mask of the points no other point dominates (cost no higher and value no worse,
+    one of them strictly). Points with a missing cost or value are never on the front."""
+    c = np.asarray(costs, dtype=float)
+    v = np.asarray(values, dtype=float) * (1 if maximize else -1)
+    ok = np.isfinite(c) & np.isfinite(v)
+    mask = np.zeros(len(c), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = ok & (c <= c[i]) & (v >= v[i]) & ((c < c[i]) | (v > v[i]))
+        mask[i] = not others.any()
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot helpers (shared with the SVCCA plots)
+
+
+def fmt_count(n: Any) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    n = float(n)
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return f"{n:g}"
+
+
+def _stages(cuts: Sequence[dict]) -> list[tuple[int, int, int]]:
+    """(stage, first cut index, last cut index) in order."""
+    out: list[list[int]] = []
+    for c in cuts:
+        if out and out[-1][0] == c["stage"]:
+            out[-1][2] = c["index"]
+        else:
+            out.append([c["stage"], c["index"], c["index"]])
+    return [tuple(s) for s in out]  # type: ignore[misc]
+
+
+def shade_stages(ax, cuts: Sequence[dict], lo: float, hi: float, axis: str = "x") -> None:
+    """Shade backbone stages (alternating bands labelled "stage k") between cut ``lo`` and ``hi``
+    and draw a dashed line after each stage end."""
+    import matplotlib.transforms as mtransforms
+
+    for n, (stage, first, last) in enumerate(_stages(cuts)):
+        if last < lo or first > hi:
+            continue
+        a, b = max(first, lo) - 0.5, min(last, hi) + 0.5
+        color = "#e8eef7" if n % 2 == 0 else "#f7f1e6"
+        if axis == "x":
+            ax.axvspan(a, b, color=color, zorder=0, lw=0)
+            if last <= hi:
+                ax.axvline(last + 0.5, color="#999999", ls=":", lw=1, zorder=1)
+            trans = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+            ax.text((a + b) / 2, 0.985, f"stage {stage}", transform=trans, ha="center", va="top", fontsize=8,
+                    color="#555555")
+        else:
+            ax.axhspan(a, b, color=color, zorder=0, lw=0)
+            if last <= hi:
+                ax.axhline(last + 0.5, color="#999999", ls=":", lw=1, zorder=1)
+            trans = mtransforms.blended_transform_factory(ax.transAxes, ax.transData)
+            ax.text(0.995, (a + b) / 2, f"stage {stage}", transform=trans, ha="right", va="center", fontsize=8,
+                    color="#555555")
+
+
+def cut_ticks(ax, cuts: Sequence[dict], lo: int, hi: int, axis: str = "x") -> None:
+    """Tick every cut as "index name"; cuts that end a stage in bold."""
+    shown = [c for c in cuts if lo <= c["index"] <= hi]
+    many = len(shown) > 12
+    labels = [f"{c['index']} {c['name']}" if many or axis == "y" else f"{c['index']}\n{c['name']}" for c in shown]
+    if axis == "x":
+        ax.set_xticks([c["index"] for c in shown])
+        ax.set_xticklabels(labels, rotation=60 if many else 0, ha="right" if many else "center", fontsize=8)
+        ticks = ax.get_xticklabels()
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+    else:
+        ax.set_yticks([c["index"] for c in shown])
+        ax.set_yticklabels(labels, fontsize=8)
+        ticks = ax.get_yticklabels()
+        ax.set_ylim(lo - 0.5, hi + 0.5)
+    for tick, c in zip(ticks, shown):
+        if c.get("stage_end"):
+            tick.set_fontweight("bold")
+
+
+def _cut_dicts(spec) -> list[dict]:
+    return [{"index": c.index, "name": c.name, "stage": c.stage, "stage_end": c.stage_end} for c in spec.cuts]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Report plots
+
+
+def plot_metric_vs_cut(ttl: pd.DataFrame, baselines: pd.DataFrame, cuts: list[dict], chosen: dict | None,
+                       metric: str, title: str, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 5.2))
+    n_cuts = len(cuts)
+    shade_stages(ax, cuts, 1, n_cuts)
+    label = metric.upper() if metric in ("auroc", "auprc") else metric
+    if len(ttl):
+        ax.errorbar(ttl["cut"], ttl["val_mean"], yerr=ttl["val_sd"], fmt="o-", color="#1f77b4", capsize=3,
+                    label=f"TTL, validation {label}", zorder=3)
+        ax.errorbar(ttl["cut"] + 0.12, ttl["test_mean"], yerr=ttl["test_sd"], fmt="s--", color="#1f77b4",
+                    mfc="white", capsize=3, alpha=0.8, label=f"TTL, test {label}", zorder=3)
+    for r in baselines.itertuples():
+        marker = BASELINE_MARKERS.get(r.strategy, "o")
+        ax.errorbar([r.cut - 0.12], [r.val_mean], yerr=[r.val_sd], fmt=marker, color="#555555", ms=8, capsize=3,
+                    label=f"{STRATEGY_LABELS.get(r.strategy, r.strategy)} (baseline), validation", zorder=4)
+    if chosen:
+        ax.axvline(chosen["cut"], color=CHOSEN_COLOR, lw=1.5, zorder=2)
+        ax.plot([chosen["cut"]], [chosen["val"]], marker="*", ms=18, color=CHOSEN_COLOR, zorder=5, ls="none",
+                label=f"chosen: cut {chosen['cut']} ({chosen['cut_name']})")
+    cut_ticks(ax, cuts, 1, n_cuts)
+    ax.set_xlabel("cut point (index and last kept unit; bold: ends a stage)")
+    ax.set_ylabel(label)
+    seeds = int(ttl["n"].max()) if len(ttl) else 0
+    ax.set_title(f"{title}\nmean over {seeds} seed(s) per cut" + (", bars: ± sd" if seeds > 1 else "")
+                 + "; cuts without a point were not trained by the search", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    return _save(fig, path)
+
+
+def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, direction: str, title: str,
+                        path: Path) -> Path:
+    plt = _pyplot()
+    costs = [("params", "parameters"), ("macs", "MACs per image"), ("latency_batch1_ms", "latency, batch 1 (ms)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), sharey=True)
+    label = metric.upper() if metric in ("auroc", "auprc") else metric
+    maximize = direction == "maximize"
+    cmap = plt.get_cmap("tab10")
+    for ax, (key, name) in zip(axes, costs):
+        data = rows[pd.to_numeric(rows[key], errors="coerce").notna()]
+        if data.empty:
+            ax.text(0.5, 0.5, f"no {name} recorded", transform=ax.transAxes, ha="center")
+            ax.set_xlabel(name)
+            continue
+        x = data[key].astype(float).to_numpy()
+        y = data["val_mean"].astype(float).to_numpy()
+        front = pareto_front(x, y, maximize)
+        order = np.argsort(x[front])
+        fx, fy = x[front][order], y[front][order]
+        ax.step(fx, fy, where="post", color="black", ls="--", lw=1.2, label="Pareto front", zorder=2)
+        for (r, xi, yi, on_front) in zip(data.itertuples(), x, y, front):
+            edge = "black" if on_front else "none"
+            if r.strategy == "ttl":
+                ax.scatter([xi], [yi], color=cmap((int(r.stage) - 1) % 10), s=55, edgecolors=edge, linewidths=1.5,
+                           zorder=3)
+                ax.annotate(str(r.cut), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            else:
+                ax.scatter([xi], [yi], marker=BASELINE_MARKERS.get(r.strategy, "o"), color="#555555", s=70,
+                           edgecolors=edge, linewidths=1.5, zorder=3)
+                ax.annotate(STRATEGY_LABELS.get(r.strategy, r.strategy), (xi, yi), textcoords="offset points",
+                            xytext=(5, -10), fontsize=8, color="#555555")
+        if chosen and chosen.get(key) is not None:
+            ax.scatter([chosen[key]], [chosen["val"]], marker="*", s=300, facecolors="none", edgecolors=CHOSEN_COLOR,
+                       linewidths=1.8, zorder=4)
+        if x.min() > 0:
+            ax.set_xscale("log")
+        ax.set_xlabel(name + " (log scale)" if x.min() > 0 else name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"validation {label} (mean over seeds)")
+    from matplotlib.lines import Line2D
+
+    stages = sorted({int(s) for s in rows.loc[rows["strategy"] == "ttl", "stage"].dropna()})
+    handles = [Line2D([], [], color="black", ls="--", label="Pareto front (black outline: on it)")]
+    handles += [Line2D([], [], marker="o", ls="none", color=cmap((s - 1) % 10), label=f"TTL cut in stage {s} (number = cut)")
+                for s in stages]
+    handles += [Line2D([], [], marker=BASELINE_MARKERS.get(s, "o"), ls="none", color="#555555",
+                       label=STRATEGY_LABELS.get(s, s) + " (baseline)") for s in rows["strategy"].unique() if s != "ttl"]
+    if chosen:
+        handles.append(Line2D([], [], marker="*", ls="none", mfc="none", mec=CHOSEN_COLOR, ms=14,
+                              label=f"chosen cut {chosen['cut']} ({chosen['cut_name']})"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle(f"{title}\nPareto front: models that no other model beats on both cost and "
+                 f"{'higher' if maximize else 'lower'} validation {label}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return _save(fig, path)
+
+
+def search_order_rows(trials: Sequence[FrozenTrial], metric: str) -> pd.DataFrame:
+    rows = []
+    for t in trials:
+        a = t.user_attrs
+        if "cut" not in a:
+            continue
+        rows.append({"trial": t.number, "phase": a.get("phase") or "-", "strategy": a.get("strategy"),
+                     "cut": a.get("cut"), "cut_name": a.get("cut_name"), "stage": a.get("stage"), "seed": a.get("seed"),
+                     "state": t.state.name, f"val_{metric}": a.get(f"val_{metric}"),
+                     "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
+                     "note": a.get("fail_reason") or a.get("stopped_by") or ""})
+    return pd.DataFrame(rows, columns=["trial", "phase", "strategy", "cut", "cut_name", "stage", "seed", "state",
+                                       f"val_{metric}", "started", "note"])
+
+
+def plot_search_order(order: pd.DataFrame, cuts: list[dict], chosen: dict | None, metric: str, title: str,
+                      path: Path) -> Path:
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(order) + 4), 0.32 * len(cuts) + 3.2))
+    shade_stages(ax, cuts, 1, len(cuts), axis="y")
+    key = f"val_{metric}"
+    for r in order.itertuples():
+        color = PHASE_COLORS.get(r.phase, "#8c564b")
+        marker = STATE_MARKERS.get(r.state, "o")
+        ax.scatter([r.trial], [r.cut], color=color, marker=marker, s=90, zorder=3,
+                   edgecolors=CHOSEN_COLOR if chosen and r.trial in chosen.get("trials", []) else "none", linewidths=2)
+        value = getattr(r, key)
+        text = f"{value:.3f}" if isinstance(value, float) and not math.isnan(value) else r.state.lower()
+        if r.strategy != "ttl":
+            text = f"{STRATEGY_LABELS.get(r.strategy, r.strategy)}\n{text}"
+        ax.annotate(text, (r.trial, r.cut), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+    # Link the search's own trials in order.
+    ttl = order[order["strategy"] == "ttl"]
+    ax.plot(ttl["trial"], ttl["cut"], color="#bbbbbb", lw=1, zorder=2)
+    cut_ticks(ax, cuts, 1, len(cuts), axis="y")
+    ax.set_ylim(0.5, len(cuts) + 0.9)  # room for the labels above the top cut
+    ax.set_xticks(list(order["trial"]))
+    ax.set_xlim(order["trial"].min() - 0.7, order["trial"].max() + 0.7)
+    ax.set_xlabel("trial number (order in which the search asked for it)")
+    ax.set_ylabel("cut trained")
+    phases = list(dict.fromkeys(order["phase"]))
+    handles = [Line2D([], [], marker="o", ls="none", color=PHASE_COLORS.get(p, "#8c564b"), label=f"phase {p}")
+               for p in phases]
+    handles += [Line2D([], [], marker=STATE_MARKERS.get(s, "o"), ls="none", color="black", label=s.lower())
+                for s in dict.fromkeys(order["state"]) if s != "COMPLETE"]
+    if chosen:
+        handles.append(Line2D([], [], marker="o", ls="none", mfc="white", mec=CHOSEN_COLOR, mew=2,
+                              label=f"chosen cut {chosen['cut']}"))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"{title}\nnumbers: validation {metric} of each trial; stage 1 trains the stage ends, stage 2 the "
+                 f"cuts inside the best stage", fontsize=10)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def attach_files(study: optuna.Study, cfg, url: str, paths: Sequence[Path]) -> list[str]:
+    """Register files with the study's artifact store (optuna-dashboard lists them); a file
+    identical to one already attached under the same name is not attached again."""
+    from optuna.artifacts import get_all_artifact_meta
+
+    from .api import artifacts_dir
+    from .storage import attach_artifact
+
+    base = artifacts_dir(cfg, url)
+    existing = get_all_artifact_meta(study)
+    ids = []
+    for path in paths:
+        path = Path(path)
+        content = path.read_bytes()
+        same = [m for m in existing if m.filename == path.name and (base / "store" / m.artifact_id).is_file()
+                and (base / "store" / m.artifact_id).read_bytes() == content]
+        if same:
+            ids.append(same[0].artifact_id)
+            continue
+        mimetype = {".png": "image/png", ".md": "text/markdown", ".csv": "text/csv"}.get(path.suffix)
+        ids.append(attach_artifact(base, study, path, mimetype))
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class Report:
+    """What :func:`make_report` wrote."""
+
+    output: Path
+    """Folder of the report."""
+    files: dict[str, Path] = field(default_factory=dict)
+    """Written files by kind."""
+    results: pd.DataFrame | None = None
+    """The results table (TTL's chosen cut and the baselines)."""
+    artifact_ids: list[str] = field(default_factory=list)
+    """Optuna artifact ids of the attached files."""
+
+
+def _pm(mean: Any, sd: Any, n: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    return f"{mean:.4f}" + (f" ± {sd:.4f}" if n > 1 and sd is not None and not math.isnan(sd) else "")
+
+
+def _ms(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def results_table(cm_all: pd.DataFrame, chosen: dict | None) -> pd.DataFrame:
+    """TTL at the chosen cut, then every baseline: test metrics (mean, sd), size and latency."""
+    rows = []
+    if chosen:
+        sel = cm_all[(cm_all["strategy"] == "ttl") & (cm_all["cut"] == chosen["cut"])]
+        rows += [dict(r, method="TruncatedTL (chosen cut)") for r in sel.to_dict("records")]
+    for r in cm_all[cm_all["strategy"] != "ttl"].to_dict("records"):
+        rows.append(dict(r, method=STRATEGY_LABELS.get(r["strategy"], r["strategy"])))
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    keep = ["method", "strategy", "cut", "cut_name", "n", "seeds"] + [
+        f"test_{m}{sd}" for m in TABLE_METRICS for sd in ("", "_sd")] + ["params", "macs", "latency_batch1_ms"]
+    return frame[keep]
+
+
+def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results: pd.DataFrame, ttl: pd.DataFrame,
+              order: pd.DataFrame, files: dict[str, Path]) -> str:
+    metric = cfg.metric
+    trials = study.get_trials(deepcopy=False)
+    states = pd.Series([t.state.name for t in trials]).value_counts().to_dict()
+    a = study.user_attrs
+    lines = [
+        f"# Study `{name}`",
+        "",
+        f"- Backbone `{cfg.trial.backbone}` (weights `{cfg.trial.weights}`), dataset `{cfg.trial.data.dataset}` "
+        f"(size {cfg.trial.data.size}), input {cfg.trial.input_size or cfg.trial.data.size} px.",
+        f"- Search `{cfg.search.strategy}` on validation {metric} ({cfg.resolved_direction}), "
+        f"{cfg.search.repeats} seed(s) per cut; baselines: {', '.join(cfg.baselines) or 'none'}.",
+        f"- Trials: {len(trials)} ({', '.join(f'{k.lower()} {v}' for k, v in states.items()) or 'none'}); "
+        f"created {a.get('created', '-')} with ttl-search {a.get('ttl_search_version', '-')}.",
+        "",
+    ]
+    if chosen:
+        full = chosen.get("full_params")
+        share = f" ({100 * chosen['params'] / full:.1f}% of the full model's {fmt_count(full)})" if full and chosen.get("params") else ""
+        lines += [
+            "## Chosen cut",
+            "",
+            f"Cut **{chosen['cut']}** (`{chosen['cut_name']}`, stage {chosen['stage']}): validation {metric} "
+            f"{_pm(chosen['val'], chosen.get('val_sd'), chosen['n'])}, test {metric} "
+            f"{_pm(chosen['test'], chosen.get('test_sd'), chosen['n'])} over seed(s) {chosen['seeds']}; "
+            f"{fmt_count(chosen.get('params'))} parameters{share}, {fmt_count(chosen.get('macs'))} MACs.",
+            "",
+        ]
+    lines += ["## Results (test split, mean ± sd over seeds)", ""]
+    if results is not None and not results.empty:
+        lines += ["| method | cut | seeds | AUROC | AUPRC | accuracy | parameters | MACs | latency b1 (ms) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in results.to_dict("records"):
+            n = int(r["n"])
+            lines.append(f"| {r['method']} | {r['cut']} ({r['cut_name']}) | {n} | "
+                         + " | ".join(_pm(r[f"test_{m}"], r[f"test_{m}_sd"], n) for m in TABLE_METRICS)
+                         + f" | {fmt_count(r['params'])} | {fmt_count(r['macs'])} | {_ms(r['latency_batch1_ms'])} |")
+        lines.append("")
+        lines.append("Latency: median forward time measured after training, on the trial's device.")
+    else:
+        lines.append("No completed search trial or baseline yet.")
+    lines += ["", "## Every trained cut (TTL)", "",
+              f"| cut | last unit | stage | seeds | val {metric} | test {metric} | parameters | MACs | latency b1 (ms) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in ttl.to_dict("records"):
+        n = int(r["n"])
+        mark = " **(chosen)**" if chosen and r["cut"] == chosen["cut"] else ""
+        lines.append(f"| {r['cut']}{mark} | {r['cut_name']} | {r['stage']} | {n} | {_pm(r['val_mean'], r['val_sd'], n)} | "
+                     f"{_pm(r['test_mean'], r['test_sd'], n)} | {fmt_count(r['params'])} | {fmt_count(r['macs'])} | "
+                     f"{_ms(r['latency_batch1_ms'])} |")
+    lines += [
+        "",
+        "## Plots",
+        "",
+        f"![{metric} by cut]({files['metric_vs_cut_png'].name})",
+        "",
+        f"{metric} of the truncated model at each cut: validation (filled) and test (hollow), mean over seeds with "
+        "± sd bars; shaded bands are the backbone's stages, the red line the chosen cut, grey markers the baselines.",
+        "",
+        f"![{metric} vs cost]({files['metric_vs_cost_png'].name})",
+        "",
+        f"Validation {metric} against parameters, MACs and latency; the dashed line is the Pareto front (no other "
+        "model is both cheaper and better); numbers are cut indices.",
+        "",
+        f"![search order]({files['search_order_png'].name})",
+        "",
+        "Which cut the search trained when (trial order), coloured by phase.",
+        "",
+        "## Search order",
+        "",
+        f"| trial | phase | strategy | cut | state | val {metric} | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    key = f"val_{metric}"
+    for r in order.to_dict("records"):
+        v = r[key]
+        lines.append(f"| {r['trial']} | {r['phase']} | {r['strategy']} | {r['cut']} ({r['cut_name']}) | "
+                     f"{r['state'].lower()} | {'-' if v is None or (isinstance(v, float) and math.isnan(v)) else f'{v:.4f}'} | "
+                     f"{r['note']} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def make_report(name: str, storage: str | None = None, output: str | Path | None = None,
+                attach: bool = True) -> Report:
+    """Plots and a Markdown summary of study ``name`` in ``output`` (default
+    ``<artifacts>/<study>/report``); the plots and summary are attached to the study."""
+    from .api import artifacts_dir, best_cut, open_study
+    from .backbones import get_backbone
+    from .storage import storage_url
+
+    url = storage_url(storage)
+    study, cfg = open_study(name, url)
+    trials = study.get_trials(deepcopy=False)
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        states = ", ".join(f"{t.number}: {t.state.name}" for t in trials) or "no trials at all"
+        raise StudyError(f"study {name!r} has no completed trial ({states}); nothing to report")
+    metric = cfg.metric
+    spec = get_backbone(cfg.trial.backbone)
+    cuts = _cut_dicts(spec)
+    cm_all = cut_metrics(trials, metric, strategy=None)
+    ttl = cm_all[cm_all["strategy"] == "ttl"].reset_index(drop=True)
+    baselines = cm_all[cm_all["strategy"] != "ttl"].reset_index(drop=True)
+    chosen = None
+    try:
+        best = best_cut(name, url)
+    except StudyError:
+        best = None
+    if best is not None:
+        row = ttl[ttl["cut"] == best["cut"]].iloc[0].to_dict()
+        chosen = {"cut": best["cut"], "cut_name": best["cut_name"], "stage": best["stage"], "val": row["val_mean"],
+                  "val_sd": row["val_sd"], "test": row["test_mean"], "test_sd": row["test_sd"], "n": int(row["n"]),
+                  "seeds": row["seeds"], "trials": row["trials"], "params": row["params"], "macs": row["macs"],
+                  "latency_batch1_ms": row["latency_batch1_ms"], "full_params": best["full"]["params"]}
+    out = Path(output) if output else artifacts_dir(cfg, url) / name / "report"
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    label = metric.upper() if metric in ("auroc", "auprc") else metric
+    head = f"study {name}: {spec.name} on {cfg.trial.data.dataset}"
+    files: dict[str, Path] = {}
+    files["metric_vs_cut_png"] = plot_metric_vs_cut(ttl, baselines, cuts, chosen, metric,
+                                                    f"{head}: {label} of the model truncated at each cut",
+                                                    out / "metric_vs_cut.png")
+    files["metric_vs_cost_png"] = plot_metric_vs_cost(cm_all, chosen, metric, cfg.resolved_direction,
+                                                      f"{head}: validation {label} against model cost",
+                                                      out / "metric_vs_cost.png")
+    order = search_order_rows(trials, metric)
+    files["search_order_png"] = plot_search_order(order, cuts, chosen, metric,
+                                                  f"{head}: search order ({cfg.search.strategy})",
+                                                  out / "search_order.png")
+    results = results_table(cm_all, chosen)
+    files["results_csv"] = out / "results.csv"
+    results.to_csv(files["results_csv"], index=False)
+    files["cuts_csv"] = out / "cuts.csv"
+    cm_all.to_csv(files["cuts_csv"], index=False)
+    files["search_order_csv"] = out / "search_order.csv"
+    order.to_csv(files["search_order_csv"], index=False)
+    files["summary_md"] = out / "summary.md"
+    files["summary_md"].write_text(_markdown(name, cfg, study, chosen, results, ttl, order, files))
+    ids = []
+    if attach:
+        ids = attach_files(study, cfg, url, [files["metric_vs_cut_png"], files["metric_vs_cost_png"],
+                                             files["search_order_png"], files["summary_md"]])
+    log.info("report of study %s written to %s", name, out)
+    return Report(out, files, results, ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# SVCCA plots (for ttl_search.analysis)
+
+
+def plot_svcca(units: pd.DataFrame, pairs: pd.DataFrame, coefficients: pd.DataFrame, ctx: dict[str, Any],
+               out: Path) -> dict[str, Path]:
+    """The three SVCCA figures: per unit with the validation metric, coefficient curves, unit pairs."""
+    plt = _pyplot()
+    files: dict[str, Path] = {}
+    cuts = ctx["cuts"]
+    for c in cuts:
+        c["stage_end"] = c["index"] in ctx["stage_ends"]
+    metric = ctx["metric"]
+    label = metric.upper() if metric in ("auroc", "auprc") else metric
+    val = {int(k): v for k, v in ctx["val_by_cut"].items()}
+    hi = max([ctx["cut"]] + list(val))
+    baseline_kind = ctx["options"]["baseline"]
+    who = (f"study {ctx['study']}, trial {ctx['trial']} ({ctx['strategy']} at cut {ctx['cut']} {ctx['cut_name']}, "
+           f"seed {ctx['seed']}), {ctx['backbone']}")
+    sample = f"{ctx['images']} {ctx['split']} images; {ctx['spatial_note']}"
+
+    # (a) + (c): pretrained vs fine-tuned per unit, validation metric on a second axis.
+    fig, ax = plt.subplots(figsize=(max(9, 0.8 * hi + 3), 5.4))
+    shade_stages(ax, cuts, 1, hi)
+    ax.plot(units["unit"], units["svcca"], "o-", color="#1f77b4", label="SVCCA (mean coefficient)", zorder=3)
+    ax.plot(units["unit"], units["cka"], "s-", color="#ff7f0e", label="linear CKA", zorder=3)
+    ax.plot(units["unit"], units["baseline_svcca"], "o:", color="#1f77b4", mfc="white", alpha=0.8,
+            label=f"SVCCA of unrelated features ({baseline_kind} baseline)", zorder=3)
+    ax.plot(units["unit"], units["baseline_cka"], "s:", color="#ff7f0e", mfc="white", alpha=0.8,
+            label=f"CKA of unrelated features ({baseline_kind} baseline)", zorder=3)
+    ax.axvline(ctx["cut"], color=CHOSEN_COLOR, lw=1.2, ls="-", zorder=2,
+               label=f"cut of this model ({ctx['cut']})")
+    ax.set_ylim(-0.03, 1.08)
+    ax.set_ylabel("similarity, pretrained vs fine-tuned\n(1 = unchanged by fine-tuning)")
+    cut_ticks(ax, cuts, 1, hi)
+    ax.set_xlabel("unit (cut index and name; bold: ends a stage)")
+    ax2 = ax.twinx()
+    if val:
+        xs = sorted(val)
+        ax2.errorbar(xs, [val[k]["mean"] for k in xs], yerr=[val[k]["sd"] for k in xs], fmt="^--", color="#2ca02c",
+                     capsize=3, label=f"validation {label} of the model cut here (TTL)", zorder=3)
+    ax2.set_ylabel(f"validation {label} (mean over seeds)", color="#2ca02c")
+    ax2.tick_params(axis="y", colors="#2ca02c")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    ax.set_title(f"How much fine-tuning changed each kept unit\n{who}\n{sample}", fontsize=9)
+    files["units_png"] = _save(fig, out / "svcca_units.png")
+
+    # Sorted SVCCA coefficient curves.
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    n_units = max(1, len(units))
+    tab, vir = plt.get_cmap("tab10"), plt.get_cmap("viridis")
+    for k, r in enumerate(units.itertuples()):
+        color = tab(k) if n_units <= 10 else vir(0.9 * k / (n_units - 1))
+        sel = coefficients[(coefficients["unit"] == r.unit) & (coefficients["comparison"] == "pretrained_vs_finetuned")]
+        ax.plot(sel["rank"], sel["coefficient"], "-", marker=".", color=color, label=f"{r.unit} {r.unit_name}")
+        base = coefficients[(coefficients["unit"] == r.unit) & (coefficients["comparison"] != "pretrained_vs_finetuned")]
+        ax.plot(base["rank"], base["coefficient"], ":", color=color, alpha=0.7,
+                label=f"baseline ({baseline_kind})" if k == n_units - 1 else None)
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel("canonical direction (sorted, strongest first)")
+    ax.set_ylabel("canonical correlation, pretrained vs fine-tuned")
+    ax.grid(alpha=0.3)
+    ax.legend(title="unit\n(solid: pretrained vs fine-tuned,\ndotted: unrelated features)", fontsize=7,
+              title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=2 if n_units > 16 else 1)
+    ax.set_title(f"SVCCA coefficients per unit (SVD keeps {ctx['options']['keep']:.0%} of the variance)\n{who}\n"
+                 f"{sample}", fontsize=9)
+    files["coefficients_png"] = _save(fig, out / "svcca_coefficients.png")
+
+    # (b) unit vs unit of the fine-tuned model.
+    names = [f"{r.unit} {r.unit_name}" for r in units.itertuples()]
+    index = {int(u): i for i, u in enumerate(units["unit"])}
+    side = 0.6 * len(names) + 2.2
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 2 * side + 1), max(4.5, side + 0.6)))
+    for ax, key, title in zip(axes, ("svcca", "cka"), ("SVCCA (mean coefficient)", "linear CKA")):
+        mat = np.full((len(names), len(names)), np.nan)
+        for r in pairs.itertuples():
+            i, j = index[int(r.unit_a)], index[int(r.unit_b)]
+            mat[i, j] = mat[j, i] = getattr(r, key)
+        im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if not np.isnan(mat[i, j]):
+                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if mat[i, j] < 0.6 else "black")
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=7)
+        lo, hi_ = units[f"baseline_{key}"].min(), units[f"baseline_{key}"].max()
+        scale = f"about {lo:.2f}" if f"{lo:.2f}" == f"{hi_:.2f}" else f"{lo:.2f} to {hi_:.2f}"
+        ax.set_title(f"{title}\n(unrelated features score {scale})", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"Similarity between units of the fine-tuned model (1 = same representation)\n{who}\n{sample}; "
+                 "maps of different sizes pooled to the smaller grid" if ctx["options"]["spatial"] != "pool" else
+                 f"Similarity between units of the fine-tuned model (1 = same representation)\n{who}\n{sample}",
+                 fontsize=9)
+    fig.tight_layout()
+    files["pairs_png"] = _save(fig, out / "svcca_unit_pairs.png")
+    return files
