@@ -34,8 +34,8 @@ ENV PATH=/opt/dashboard/bin:$PATH \
     OPTUNA_ARTIFACT_DIR=/data/artifacts/store
 COPY --from=build /opt/dashboard /opt/dashboard
 COPY --chmod=0755 docker/dashboard-entrypoint.sh /usr/local/bin/dashboard-entrypoint
-RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin dashboard
-USER dashboard
+RUN useradd --create-home --uid 1000 --user-group --shell /usr/sbin/nologin dashboard
+USER 1000:1000
 WORKDIR /home/dashboard
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \

@@ -172,12 +172,6 @@ class Baseline:
     """Mean sorted SVCCA coefficient curve."""
 
 
-def _random_partner(y: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    if kind == "shuffled":
-        return y[rng.permutation(y.shape[0])]
-    return rng.standard_normal(y.shape)
-
-
 def random_baseline(x: Any, y: Any, keep: float = 0.99, kind: str = "shuffled", repeats: int = 3,
                     seed: int = 0) -> Baseline:
     """SVCCA and CKA between ``x`` and a random partner of ``y``'s shape.
@@ -198,7 +192,7 @@ def random_baseline(x: Any, y: Any, keep: float = 0.99, kind: str = "shuffled", 
             partner = Reduced(ry.basis[perm], ry.kept, ry.rank, ry.features)
             ycka = y[perm]
         else:
-            ycka = _random_partner(y, kind, rng)
+            ycka = rng.standard_normal(y.shape)
             partner = svd_reduce(ycka, keep)
         result = _svcca_from(rx, partner)
         means.append(result.mean)

@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import __version__
 from .config import from_dict, to_dict
+from .data import ensure_data
 from .errors import ConfigError, StudyError
 from .runner import ProgressCallback, run_search
 from .search import SEARCH_STRATEGY, trial_key
@@ -55,6 +56,7 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
                          "or choose another name (--set name=...)")
     resolve_paths(cfg)
     sampler = make_sampler(cfg)  # validates cuts and baselines before anything is stored
+    ensure_data(cfg.trial.data)
     study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction, sampler=sampler)
     resolved = study_config_dict(cfg)
     resolved["storage"] = url
@@ -86,6 +88,7 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
     cfg = from_dict(StudyConfig, values)
     cfg.storage = url
     sampler = make_sampler(cfg)
+    ensure_data(cfg.trial.data)
     study = load_study(name, store, sampler)
     reconcile_running(study, f"left RUNNING by a driver that stopped; resumed {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
     run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress)

@@ -180,15 +180,17 @@ class StudyProgress:
         from tqdm import tqdm
 
         self.bar = tqdm(total=0, desc="trials", unit="trial", disable=disable)
+        self.phase = ""
 
     def __call__(self, event: dict) -> None:
         plan = event.get("plan")
-        if plan is not None and plan.expected_total:
-            self.bar.total = plan.expected_total
-        done = event["complete"] + event["failed"] + event["pruned"]
-        self.bar.n = done
-        phase = plan.phase if plan is not None else ""
-        self.bar.set_postfix({"phase": phase, "running": event["running"], "failed": event["failed"]}, refresh=False)
+        if plan is not None:
+            self.phase = plan.phase
+            if plan.expected_total:
+                self.bar.total = plan.expected_total
+        self.bar.n = event["complete"] + event["failed"] + event["pruned"]
+        self.bar.set_postfix({"phase": self.phase, "running": event["running"], "failed": event["failed"]},
+                             refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
@@ -493,6 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose == 0:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return args.handler(args)
     except TTLSearchError as exc:

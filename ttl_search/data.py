@@ -927,6 +927,25 @@ def _load_csv(cfg: DataConfig) -> DatasetSplits:
 # --------------------------------------------------------------------------- entry point
 
 
+def ensure_data(cfg: DataConfig) -> str:
+    """Check, without decoding, that the data ``cfg`` names can be read: a MedMNIST file is found
+    (or downloaded) and its md5 verified; a folder or manifest exists. Returns the path.
+
+    A study calls this once in the driver, so a missing file is one clear error before any trial
+    starts (and a download happens once, not in every worker).
+    """
+    if cfg.dataset in (FOLDER, CSV):
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise DataError(f"{path}: not found (data.path for data.dataset={cfg.dataset})")
+        return str(path)
+    entry = medmnist_entry(cfg.dataset, cfg.size)
+    path = _locate_medmnist(cfg, entry)
+    if cfg.verify_md5:
+        _verify_md5(path, entry)
+    return str(path)
+
+
 def load_data(cfg: DataConfig) -> DatasetSplits:
     """Load the train/val/test splits ``cfg`` describes into memory.
 

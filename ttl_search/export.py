@@ -322,7 +322,9 @@ def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, o
         "output": {"name": "logits", "shape": f"N x {data.num_classes}",
                    "probabilities": "softmax(logits, dim=1)", "class_names": list(data.class_names)},
         "data": {"dataset": data.name, "md5": data.md5 or a.get("dataset_md5"), "task": data.task,
-                 "source": data.source, "image_size": cfg.trial.data.size,
+                 "source": data.source,
+                 "stored_image_size": (cfg.trial.data.image_size if cfg.trial.data.dataset in ("folder", "csv")
+                                       else cfg.trial.data.size),
                  "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}},
         "metrics": {
             "selection_metric": cfg.metric,

@@ -303,8 +303,16 @@ def search_order_rows(trials: Sequence[FrozenTrial], metric: str) -> pd.DataFram
                                        f"val_{metric}", "started", "note"])
 
 
+SEARCH_NOTES = {
+    "two_stage": "stage 1 trains the cuts that end a stage, stage 2 the cuts inside the best stage",
+    "exhaustive": "the exhaustive search trains every valid cut",
+    "tpe": "Optuna's TPE picks each next cut from the results so far",
+    "none": "baselines only",
+}
+
+
 def plot_search_order(order: pd.DataFrame, cuts: list[dict], chosen: dict | None, metric: str, title: str,
-                      path: Path) -> Path:
+                      path: Path, search: str = "two_stage") -> Path:
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
@@ -339,8 +347,8 @@ def plot_search_order(order: pd.DataFrame, cuts: list[dict], chosen: dict | None
         handles.append(Line2D([], [], marker="o", ls="none", mfc="white", mec=CHOSEN_COLOR, mew=2,
                               label=f"chosen cut {chosen['cut']}"))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set_title(f"{title}\nnumbers: validation {metric} of each trial; stage 1 trains the stage ends, stage 2 the "
-                 f"cuts inside the best stage", fontsize=10)
+    ax.set_title(f"{title}\nnumbers: validation {metric} of each trial; {SEARCH_NOTES.get(search, search)}",
+                 fontsize=10)
     return _save(fig, path)
 
 
@@ -546,7 +554,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
     order = search_order_rows(trials, metric)
     files["search_order_png"] = plot_search_order(order, cuts, chosen, metric,
                                                   f"{head}: search order ({cfg.search.strategy})",
-                                                  out / "search_order.png")
+                                                  out / "search_order.png", cfg.search.strategy)
     results = results_table(cm_all, chosen)
     files["results_csv"] = out / "results.csv"
     results.to_csv(files["results_csv"], index=False)

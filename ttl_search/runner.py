@@ -265,16 +265,18 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = logging.getLogger("ttl_search").getEffectiveLevel() > logging.INFO
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING if quiet else logging.INFO)
         except Exception as exc:  # noqa: BLE001
             raise StudyError(f"cannot join the Ray cluster at {address}: {type(exc).__name__}: {exc}") from exc
         return True
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING if quiet else logging.INFO)
     return True
 
 
@@ -293,6 +295,10 @@ def check_cluster_resources(cfg: StudyConfig) -> None:
 def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path | None,
                progress: ProgressCallback | None = None) -> None:
     """Run the study's remaining trials on Ray Tune until the sampler's plan is finished."""
+    # Tune's own console output (experiment tables, result paths) is not ours to show; our
+    # progress comes through ``progress`` and the log.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 

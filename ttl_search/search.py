@@ -10,6 +10,7 @@ continues exactly where the database says the study is.
   stage 2 trains the other cuts of the best ``top_k`` stages; then the study is finished.
 - ``exhaustive``: every valid cut.
 - ``tpe``: Optuna's TPE over the cuts (optionally lr and weight decay) with a trial budget.
+- ``none``: no search, only the configured baselines (a sibling study for comparisons).
 
 Failed trials count as not tried and are retried up to ``max_retries`` times; a (strategy, cut,
 repeat) whose retries are spent is given up on. Decisions use the mean over repeats; within

@@ -173,7 +173,7 @@ def resolve_paths(cfg: StudyConfig) -> None:
     data = cfg.trial.data
     if data.path:
         data.path = str(Path(data.path).expanduser().resolve())
-    data.root = str(Path(data.root).expanduser().resolve()) if data.root else str(default_data_root())
+    data.root = str(Path(data.root or default_data_root()).expanduser().resolve())
     if cfg.artifacts:
         cfg.artifacts = str(Path(cfg.artifacts).expanduser().resolve())
 

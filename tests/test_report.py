@@ -1,0 +1,164 @@
+"""Study reports: Pareto front and per-cut tables on constructed trials, and `report` on a real
+debug study with baselines (plots, Markdown table, artifacts)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from ttl_search.errors import StudyError
+from ttl_search.report import cut_metrics, make_report, pareto_front
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def debug_study(tmp_path_factory) -> tuple[str, str]:
+    """The debug study with the full and linear-probe baselines, built once per test session
+    (the analysis, report and export tests share it)."""
+    from conftest import SHARED_DATASETS
+
+    from ttl_search.api import run_study
+    from ttl_search.study import load_study_config
+
+    if not (SHARED_DATASETS / "breastmnist.npz").is_file():
+        pytest.skip(f"real data file {SHARED_DATASETS / 'breastmnist.npz'} is absent")
+    root = tmp_path_factory.getbasetemp() / "issue5-debug-study"
+    url = f"sqlite:///{root / 's.db'}"
+    if not (root / "done").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        run_study(load_study_config(REPO / "studies" / "debug.yaml", [
+            f"storage={url}", f"trial.data.root={SHARED_DATASETS}", "baselines=[full, linear_probe]", "name=debug"]))
+        (root / "done").write_text("built\n")
+    return "debug", url
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return debug_study(tmp_path_factory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def test_pareto_front():
+    costs = [1, 2, 3, 4, 2, float("nan")]
+    values = [0.5, 0.7, 0.6, 0.9, 0.7, 1.0]
+    # 3 is beaten by 2 (cheaper and better); the two cost-2 points tie (neither dominates); NaN is out.
+    assert pareto_front(costs, values).tolist() == [True, True, False, True, True, False]
+    # Minimising (a loss): lower is better.
+    assert pareto_front([1, 2, 3], [0.3, 0.2, 0.25], maximize=False).tolist() == [True, True, False]
+    assert pareto_front([1, 1], [0.5, 0.4]).tolist() == [True, False]
+
+
+def _trial(strategy: str, cut: int, seed: int, val: float, test: float, state=TrialState.COMPLETE):
+    attrs = {"strategy": strategy, "cut": cut, "cut_name": f"u{cut}", "stage": 1 + (cut > 2), "seed": seed,
+             "val_auroc": val, "test_auroc": test, "test_auprc": test / 2, "test_accuracy": 0.5, "params": 100 * cut,
+             "macs": 1000 * cut, "latency_batch1_ms": 0.1 * cut + seed}
+    return create_trial(state=state, value=val if state == TrialState.COMPLETE else None, user_attrs=attrs,
+                        params={}, distributions={})
+
+
+def test_cut_metrics_mean_and_sd_over_seeds():
+    trials = [_trial("ttl", 2, 0, 0.70, 0.60), _trial("ttl", 2, 1, 0.80, 0.64), _trial("ttl", 3, 0, 0.5, 0.4),
+              _trial("full", 3, 0, 0.9, 0.8), _trial("ttl", 1, 0, 0.99, 0.99, state=TrialState.FAIL)]
+    ttl = cut_metrics(trials, "auroc")
+    assert list(ttl["cut"]) == [2, 3]  # the failed trial does not count, the baseline is another strategy
+    two = ttl.iloc[0]
+    assert two["n"] == 2 and two["seeds"] == [0, 1]
+    assert two["val_mean"] == pytest.approx(0.75) and two["val_sd"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
+    assert two["test_auprc"] == pytest.approx(0.31) and two["latency_batch1_ms"] == pytest.approx(0.7)
+    every = cut_metrics(trials, "auroc", strategy=None)
+    assert set(zip(every["strategy"], every["cut"])) == {("ttl", 2), ("ttl", 3), ("full", 3)}
+
+
+# ---------------------------------------------------------------------------------------------
+# On a real study
+
+
+def _png_ok(path: Path) -> None:
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.shape[0] > 300 and img.shape[1] > 500
+    assert img[..., :3].std() > 0.05  # not blank
+
+
+def _cell(mean: float) -> str:
+    return f"{mean:.4f}"
+
+
+def test_report_files_table_and_artifacts(study, tmp_path):
+    from optuna.artifacts import get_all_artifact_meta
+
+    from ttl_search.api import best_cut
+
+    name, url = study
+    report = make_report(name, url, tmp_path)
+    for key in ("metric_vs_cut_png", "metric_vs_cost_png", "search_order_png"):
+        _png_ok(report.files[key])
+    best = best_cut(name, url)
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    by_strategy = {t.user_attrs["strategy"]: t for t in trials if t.user_attrs["strategy"] != "ttl"}
+    assert set(by_strategy) == {"full", "linear_probe"}
+
+    results = pd.read_csv(report.files["results_csv"])
+    assert list(results["strategy"]) == ["ttl", "full", "linear_probe"]
+    assert results.loc[0, "cut"] == best["cut"]
+    assert results.loc[0, "test_auroc"] == pytest.approx(best["test"]["auroc"])
+    assert results.loc[0, "params"] == best["params"]
+    for row in results.iloc[1:].itertuples():
+        t = by_strategy[row.strategy]
+        assert row.test_auroc == pytest.approx(t.user_attrs["test_auroc"])
+        assert row.test_auprc == pytest.approx(t.user_attrs["test_auprc"])
+        assert row.latency_batch1_ms == pytest.approx(t.user_attrs["latency_batch1_ms"])
+
+    md = report.files["summary_md"].read_text()
+    assert "| method | cut | seeds | AUROC | AUPRC | accuracy | parameters | MACs | latency b1 (ms) |" in md
+    assert (f"| TruncatedTL (chosen cut) | {best['cut']} ({best['cut_name']}) | 1 | {_cell(best['test']['auroc'])} | "
+            f"{_cell(best['test']['auprc'])} | {_cell(best['test']['accuracy'])} |") in md
+    assert f"| linear probe | 7 (layer3.1) | 1 | {_cell(by_strategy['linear_probe'].user_attrs['test_auroc'])} |" in md
+    assert f"Cut **{best['cut']}** (`{best['cut_name']}`" in md
+    for png in ("metric_vs_cut.png", "metric_vs_cost.png", "search_order.png"):
+        assert f"]({png})" in md
+
+    order = pd.read_csv(report.files["search_order_csv"])
+    assert list(order["trial"]) == [t.number for t in trials]
+    assert list(order["cut"]) == [t.user_attrs["cut"] for t in trials]
+    assert list(order["phase"])[:3] == ["stage1"] * 3
+
+    attached = lambda: [m.filename for m in get_all_artifact_meta(optuna.load_study(study_name=name, storage=url))]  # noqa: E731
+    names = attached()
+    for filename in ("metric_vs_cut.png", "metric_vs_cost.png", "search_order.png", "summary.md"):
+        assert names.count(filename) == 1, names
+    make_report(name, url, tmp_path)  # the same files again: not attached twice
+    assert sorted(attached()) == sorted(names)
+
+
+def test_report_cli_and_errors(study, tmp_path, capsys):
+    from ttl_search.cli import main
+
+    name, url = study
+    assert main(["report", name, "--storage", url, "--output", str(tmp_path), "--no-attach"]) == 0
+    assert "summary.md" in capsys.readouterr().out
+    assert main(["report", "nope", "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no study named 'nope'" in err and "debug" in err
+
+    cfg = dict(optuna.load_study(study_name=name, storage=url).user_attrs["config"], name="no-trials-report")
+    empty = optuna.create_study(study_name="no-trials-report", storage=url, load_if_exists=True)
+    empty.set_user_attr("config", cfg)
+    if not empty.trials:
+        empty.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"cut": 3}, params={}, distributions={}))
+    with pytest.raises(StudyError, match=r"no completed trial \(0: FAIL\)"):
+        make_report("no-trials-report", url, tmp_path / "empty")
