@@ -155,6 +155,7 @@ class StudySearcher:
                 super().__init__()
                 self.live: dict[str, LiveTrial] = {}
                 self.counts = {"complete": 0, "failed": 0, "pruned": 0}
+                self.last_progress: tuple = ()
 
             def suggest(self, trial_id: str) -> dict | None:
                 plan = sampler.plan(study.get_trials(deepcopy=False))
@@ -248,7 +249,11 @@ class StudySearcher:
                 log.warning("trial %d failed: %s", trial.number, reason)
 
             def _progress(self, plan) -> None:
-                if progress is not None:
+                # Tune asks for suggestions many times a second at a barrier: report changes only.
+                state = (plan.phase if plan else None, plan.expected_total if plan else None,
+                         tuple(self.counts.values()), len(self.live))
+                if progress is not None and state != self.last_progress:
+                    self.last_progress = state
                     progress({"plan": plan, **self.counts, "running": len(self.live)})
 
             def save(self, checkpoint_path: str) -> None:  # state lives in the database
@@ -298,7 +303,6 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
     # Tune's own console output (experiment tables, result paths) is not ours to show; our
     # progress comes through ``progress`` and the log.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -318,7 +322,8 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),
             tune_config=tune.TuneConfig(metric=VAL_KEY, mode=mode, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=-1, max_concurrent_trials=cfg.concurrency),
+                                        num_samples=-1, max_concurrent_trials=cfg.concurrency,
+                                        trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{cfg.name}-{int(time.time())}", storage_path=str(tune_dir), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
