@@ -24,7 +24,7 @@ import json
 import logging
 import platform
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -152,10 +152,14 @@ def find_checkpoint(name: str, trial: FrozenTrial, cfg: StudyConfig, url: str) -
                      f"back, or set the study's artifacts folder")
 
 
-def restore_trial(name: str, storage: str | None = None, trial: int | None = None) -> RestoredTrial:
+def restore_trial(name: str, storage: str | None = None, trial: int | None = None,
+                  pretrained: bool = True) -> RestoredTrial:
     """Rebuild trial ``trial`` (default: the chosen cut's best trial) of study ``name`` with its
     fine-tuned weights. Raises :class:`StudyError` for an unknown or unfinished trial, a study
-    without a completed trial, and a missing or unfitting checkpoint."""
+    without a completed trial, and a missing or unfitting checkpoint.
+
+    ``pretrained=False`` skips fetching the pretrained weights (the checkpoint holds every weight
+    of the fine-tuned model; only an analysis against the starting point needs them)."""
     url = storage_url(storage)
     study, cfg = open_study(name, url)
     frozen, summary = select_trial(name, url, study, trial)
@@ -163,7 +167,7 @@ def restore_trial(name: str, storage: str | None = None, trial: int | None = Non
     tcfg = trial_config(cfg, frozen)
     data = load_data(tcfg.data)
     seed_everything(tcfg.seed)  # as run_trial does: random "pretrained" weights come out identical
-    prepared = prepare_trial(tcfg, data)
+    prepared = prepare_trial(tcfg if pretrained else replace(tcfg, weights="none"), data)
     model = prepared.built.model
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -297,7 +301,7 @@ def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, o
         "strategy": a.get("strategy"),
         "model": {
             "backbone": spec.name,
-            "pretrained_weights": restored.prepared.loaded.weights,
+            "pretrained_weights": restored.trial_config.weights,
             "fine_tuned_checkpoint": str(restored.checkpoint),
             "cut": cut,
             "cut_name": a.get("cut_name"),
@@ -438,7 +442,7 @@ def export_trial(name: str, storage: str | None = None, trial: int | None = None
 
     if output is None:
         raise ConfigError("export needs an output folder (--output DIR)")
-    restored = restore_trial(name, storage, trial)
+    restored = restore_trial(name, storage, trial, pretrained=False)
     out = Path(output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     model, tr, spec = restored.model, restored.transform, restored.prepared.loaded.spec

@@ -186,6 +186,33 @@ def cut_ticks(ax, cuts: Sequence[dict], lo: int, hi: int, axis: str = "x") -> No
             tick.set_fontweight("bold")
 
 
+def short_count(v: float) -> str:
+    """Tick label of a count or a time: 2k, 1.5M, 0.5."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
+
+
+def _log_axis(ax, values: np.ndarray) -> None:
+    """Log x axis labelled 2k, 5M...: ticks at powers of ten, also at 2 and 5 times them over
+    short ranges."""
+    from matplotlib import ticker
+
+    ax.set_xscale("log")
+    decades = math.log10(max(values.max(), 1e-12) / max(values.min(), 1e-12))
+    subs = (1.0, 2.0, 5.0) if decades < 2 else (1.0,)
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: short_count(v)))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _headroom(ax, share: float = 0.1) -> None:
+    """Room above the data for the stage labels."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + share * (high - low))
+
+
 def _cut_dicts(spec) -> list[dict]:
     return [{"index": c.index, "name": c.name, "stage": c.stage, "stage_end": c.stage_end} for c in spec.cuts]
 
@@ -221,6 +248,7 @@ def plot_metric_vs_cut(ttl: pd.DataFrame, baselines: pd.DataFrame, cuts: list[di
         ax.plot([chosen["cut"]], [chosen["val"]], marker="*", ms=18, color=CHOSEN_COLOR, zorder=5, ls="none",
                 label=f"chosen: cut {chosen['cut']} ({chosen['cut_name']})")
     cut_ticks(ax, cuts, 1, n_cuts)
+    _headroom(ax)
     ax.set_xlabel("cut point (index and last kept unit; bold: ends a stage)")
     ax.set_ylabel(label)
     seeds = int(ttl["n"].max()) if len(ttl) else 0
@@ -266,7 +294,7 @@ def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, di
             ax.scatter([chosen[key]], [chosen["val"]], marker="*", s=300, facecolors="none", edgecolors=CHOSEN_COLOR,
                        linewidths=1.8, zorder=4)
         if x.min() > 0:
-            ax.set_xscale("log")
+            _log_axis(ax, x)
         ax.set_xlabel(name + " (log scale)" if x.min() > 0 else name)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"validation {label} (mean over seeds)")
@@ -613,11 +641,13 @@ def plot_svcca(units: pd.DataFrame, pairs: pd.DataFrame, coefficients: pd.DataFr
         xs = sorted(val)
         ax2.errorbar(xs, [val[k]["mean"] for k in xs], yerr=[val[k]["sd"] for k in xs], fmt="^--", color="#2ca02c",
                      capsize=3, label=f"validation {label} of the model cut here (TTL)", zorder=3)
+        _headroom(ax2, 0.15)
     ax2.set_ylabel(f"validation {label} (mean over seeds)", color="#2ca02c")
     ax2.tick_params(axis="y", colors="#2ca02c")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    below = -0.31 if sum(1 for c in cuts if c["index"] <= hi) > 12 else -0.17  # below rotated tick labels
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, below), ncol=2)
     ax.set_title(f"How much fine-tuning changed each kept unit\n{who}\n{sample}", fontsize=9)
     files["units_png"] = _save(fig, out / "svcca_units.png")
 
