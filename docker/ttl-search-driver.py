@@ -6,9 +6,10 @@ without a raylet waits a minute and fails ("No node info found ... when trying t
 connect to"). This entrypoint therefore
 
 1. joins the cluster at ``$RAY_ADDRESS`` as a node with no CPUs and no GPUs (no trial runs here),
-2. waits until the cluster has ``$TTL_SEARCH_WAIT_CPUS`` CPUs (default 1) for the trials, at most
-   ``$TTL_SEARCH_WAIT_S`` seconds (default 300), so that a driver started together with the
-   workers does not fail its resource check before they have joined,
+2. waits until the cluster has ``$TTL_SEARCH_WAIT_CPUS`` CPUs (default 1) and
+   ``$TTL_SEARCH_WAIT_GPUS`` GPUs (default 0) for the trials, at most ``$TTL_SEARCH_WAIT_S``
+   seconds (default 300), so that a driver started together with the workers does not fail its
+   resource check before they have joined,
 3. runs ``ttl-search ARGS...`` (``run``, ``resume``...), forwarding SIGINT and SIGTERM,
 4. leaves the cluster: it stops exactly the node it started (its process group), nothing else,
 
@@ -84,19 +85,20 @@ def stop_node(pgid: int, grace_s: float = 10.0) -> None:
             return
 
 
-def wait_for_cpus(address: str, cpus: float, timeout_s: float) -> None:
+def wait_for_resources(address: str, cpus: float, gpus: float, timeout_s: float) -> None:
     import ray
 
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            have = ray.cluster_resources().get("CPU", 0.0)
-            if have >= cpus:
-                log(f"the cluster has {have:g} CPUs")
+            total = ray.cluster_resources()
+            have = f"{total.get('CPU', 0.0):g} CPUs and {total.get('GPU', 0.0):g} GPUs"
+            if total.get("CPU", 0.0) >= cpus and total.get("GPU", 0.0) >= gpus:
+                log(f"the cluster has {have}")
                 return
             if time.monotonic() > deadline:
-                log(f"the cluster has {have:g} CPUs after {timeout_s:g} s (waited for {cpus:g}); going on")
+                log(f"the cluster has {have} after {timeout_s:g} s (waited for {cpus:g} and {gpus:g}); going on")
                 return
             time.sleep(2)
     finally:
@@ -113,6 +115,7 @@ def main(argv: list[str]) -> int:
         log("RAY_ADDRESS must be the head's host:port, e.g. ray-head:6379")
         return 2
     wait_cpus = float(os.environ.get("TTL_SEARCH_WAIT_CPUS", "1"))
+    wait_gpus = float(os.environ.get("TTL_SEARCH_WAIT_GPUS", "0"))
     wait_s = float(os.environ.get("TTL_SEARCH_WAIT_S", "300"))
 
     start = [
@@ -137,8 +140,8 @@ def main(argv: list[str]) -> int:
         if starter.wait() != 0:
             log(f"`{' '.join(start)}` failed with exit status {starter.returncode}")
             return 1
-        if wait_cpus > 0:
-            wait_for_cpus(address, wait_cpus, wait_s)
+        if wait_cpus > 0 or wait_gpus > 0:
+            wait_for_resources(address, wait_cpus, wait_gpus, wait_s)
         child = subprocess.Popen(["ttl-search", *argv])
         while True:
             try:

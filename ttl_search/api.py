@@ -15,10 +15,10 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from . import __version__
-from .config import from_dict, to_dict
+from .config import from_dict, merge, to_dict
 from .data import ensure_data
 from .errors import ConfigError, StudyError
-from .runner import ProgressCallback, run_search
+from .runner import ProgressCallback, ray_cluster, run_search
 from .search import SEARCH_STRATEGY, trial_key
 from .storage import artifact_store, load_study, open_storage, reconcile_running, sqlite_path, storage_url, study_names
 from .training import TrialConfig
@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 
 CONFIG_ATTR = "config"
 METRIC_NAMES = ("auroc", "auprc", "pr_auc_trapz", "accuracy", "balanced_accuracy", "f1_macro", "loss")
-EXECUTION_KEYS = ("concurrency", "resources", "ray_address", "storage", "scheduler", "artifacts")
+EXECUTION_KEYS = ("concurrency", "resources.", "ray_address", "storage", "scheduler.", "artifacts",
+                  "trial.data.root", "trial.data.path", "trial.data.download", "trial.device", "trial.amp",
+                  "trial.eval_batch_size", "trial.latency_repeats")
+"""Keys (or key prefixes) ``resume`` may change: where and how trials run, not what they train."""
 
 
 def artifacts_dir(cfg: StudyConfig, url: str) -> Path:
@@ -57,17 +60,19 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
     resolve_paths(cfg)
     sampler = make_sampler(cfg)  # validates cuts and baselines before anything is stored
     ensure_data(cfg.trial.data)
-    study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction, sampler=sampler)
-    resolved = study_config_dict(cfg)
-    resolved["storage"] = url
-    study.set_user_attr(CONFIG_ATTR, resolved)
-    study.set_user_attr("ttl_search_version", __version__)
-    study.set_user_attr("backbone", cfg.trial.backbone)
-    study.set_user_attr("dataset", cfg.trial.data.dataset)
-    study.set_user_attr("search", cfg.search.strategy)
-    study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    log.info("study %s created in %s", cfg.name, url)
-    run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress)
+    with ray_cluster(cfg):  # a cluster that cannot run the trials fails before the study exists
+        study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction,
+                                    sampler=sampler)
+        resolved = study_config_dict(cfg)
+        resolved["storage"] = url
+        study.set_user_attr(CONFIG_ATTR, resolved)
+        study.set_user_attr("ttl_search_version", __version__)
+        study.set_user_attr("backbone", cfg.trial.backbone)
+        study.set_user_attr("dataset", cfg.trial.data.dataset)
+        study.set_user_attr("search", cfg.search.strategy)
+        study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        log.info("study %s created in %s", cfg.name, url)
+        run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress)
     return study
 
 
@@ -81,18 +86,31 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
     values = dict(probe.user_attrs.get(CONFIG_ATTR) or {})
     if not values:
         raise StudyError(f"study {name!r} was not created by ttl-search (no stored config)")
-    for key, value in (execution or {}).items():
-        if key not in EXECUTION_KEYS:
-            raise ConfigError(f"resume can change only {', '.join(EXECUTION_KEYS)}; not {key!r}")
-        values[key] = value
-    cfg = from_dict(StudyConfig, values)
+    for key in _flat_keys(execution or {}):
+        if not key.startswith(EXECUTION_KEYS):
+            raise ConfigError(f"resume can change how a study runs, not what it trains: {key!r} is none of "
+                              f"{', '.join(EXECUTION_KEYS)}")
+    cfg = from_dict(StudyConfig, merge(values, execution or {}))
     cfg.storage = url
+    resolve_paths(cfg)
     sampler = make_sampler(cfg)
     ensure_data(cfg.trial.data)
     study = load_study(name, store, sampler)
-    reconcile_running(study, f"left RUNNING by a driver that stopped; resumed {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
-    run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress)
+    with ray_cluster(cfg):
+        reconcile_running(study, "left RUNNING by a driver that stopped; resumed "
+                                 f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress)
     return study
+
+
+def _flat_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            keys += _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def open_study(name: str, storage: str | None = None) -> tuple[optuna.Study, StudyConfig]:

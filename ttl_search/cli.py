@@ -224,9 +224,14 @@ def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
 
 
 def _print_outcome(name: str, storage: str | None) -> int:
-    """After a run: the best cut, or why there is none (exit 1)."""
+    """After a run: the best cut (the baselines' table for a baselines-only study), or why there
+    is none (exit 1)."""
+    from .api import open_study
     from .errors import StudyError
 
+    _, cfg = open_study(name, storage)
+    if cfg.search.strategy == "none":
+        return cmd_compare(argparse.Namespace(names=[name], storage=storage, format="table"))
     try:
         _print_best(name, storage)
     except StudyError as exc:

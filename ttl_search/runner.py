@@ -16,9 +16,10 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -204,7 +205,8 @@ class StudySearcher:
                 trial = live.trial
                 trial.set_user_attr("driver_duration_s", round(time.time() - live.started, 3))
                 if error or result is None:
-                    self._fail(trial, "the worker failed (process killed or crashed; see the Ray logs)")
+                    self._fail(trial, "the worker failed: its process was killed or crashed, or its node died "
+                                      "(see the Ray logs)")
                 elif result.get("final"):
                     payload = json.loads(result["payload"])
                     for epoch in payload.get("history", []):
@@ -223,9 +225,15 @@ class StudySearcher:
             def _finish(self, trial: optuna.Trial, payload: dict) -> None:
                 for key, value in trial_user_attrs(payload).items():
                     trial.set_user_attr(key, value)
-                if payload.get("checkpoint") and artifacts is not None and Path(payload["checkpoint"]).is_file():
-                    artifact_id = attach_artifact(artifacts, trial, Path(payload["checkpoint"]), "application/octet-stream")
-                    trial.set_user_attr("checkpoint_artifact_id", artifact_id)
+                if payload.get("checkpoint") and artifacts is not None:
+                    if Path(payload["checkpoint"]).is_file():
+                        artifact_id = attach_artifact(artifacts, trial, Path(payload["checkpoint"]),
+                                                      "application/octet-stream")
+                        trial.set_user_attr("checkpoint_artifact_id", artifact_id)
+                    else:
+                        log.warning("trial %d: checkpoint %s was written on node %s and is not visible here; put "
+                                    "`artifacts` on a filesystem every node shares to attach checkpoints",
+                                    trial.number, payload["checkpoint"], payload.get("node_id", "?"))
                 status = payload.get("status")
                 if status == "complete":
                     value = payload["val"].get(cfg.metric)
@@ -278,7 +286,11 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING if quiet else logging.INFO)
         except Exception as exc:  # noqa: BLE001
-            raise StudyError(f"cannot join the Ray cluster at {address}: {type(exc).__name__}: {exc}") from exc
+            raise StudyError(
+                f"cannot join the Ray cluster at {address}: {type(exc).__name__}: {exc}. A Ray driver must run on a "
+                f"node of the cluster: run ttl-search on the head, or first join with "
+                f"`ray start --address={address} --num-cpus=0 --num-gpus=0`"
+            ) from exc
         return True
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING if quiet else logging.INFO)
@@ -306,10 +318,8 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    started_here = init_ray(cfg.ray_address)
     tune_dir = Path(tempfile.mkdtemp(prefix="ttl-search-tune-"))
     try:
-        check_cluster_resources(cfg)
         mode = "max" if cfg.resolved_direction == "maximize" else "min"
         if cfg.scheduler.type == "asha":
             scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.trial.max_epochs,
@@ -330,6 +340,17 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
         tuner.fit()
     finally:
         shutil.rmtree(tune_dir, ignore_errors=True)
+
+
+@contextmanager
+def ray_cluster(cfg: StudyConfig) -> Iterator[None]:
+    """Join (or start) Ray and check it can run the study's trials, before anything is stored;
+    shut Ray down afterwards when it was started here."""
+    started_here = init_ray(cfg.ray_address)
+    try:
+        check_cluster_resources(cfg)
+        yield
+    finally:
         if started_here:
             import ray
 
