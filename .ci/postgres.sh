@@ -9,6 +9,7 @@ bindir() {
   ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
 }
 
+cd /  # runuser as postgres cannot enter root-owned working folders
 case "${1:-start}" in
   start)
     if [ -z "$(bindir)" ]; then

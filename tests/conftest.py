@@ -43,6 +43,23 @@ def shared_datasets_dir() -> Path:
     return SHARED_DATASETS
 
 
+@pytest.fixture(scope="session")
+def study(tmp_path_factory) -> tuple[str, str]:
+    """(name, storage URL) of a finished debug study with the full and linear-probe baselines,
+    built once per test session; the analysis, report and export tests share it."""
+    from ttl_search.api import run_study
+    from ttl_search.study import load_study_config
+
+    shared_file("breastmnist.npz")
+    root = tmp_path_factory.mktemp("debug-study")
+    url = f"sqlite:///{root / 's.db'}"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    run_study(load_study_config(REPO_ROOT / "studies" / "debug.yaml", [
+        f"storage={url}", f"trial.data.root={SHARED_DATASETS}", "baselines=[full, linear_probe]", "name=debug"]))
+    return "debug", url
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +14,6 @@ from ttl_search.analysis import (
 from ttl_search.errors import ConfigError, StudyError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def debug_study(tmp_path_factory) -> tuple[str, str]:
-    """The debug study with the full and linear-probe baselines, built once per test session
-    (the analysis, report and export tests share it)."""
-    from conftest import SHARED_DATASETS
-
-    from ttl_search.api import run_study
-    from ttl_search.study import load_study_config
-
-    if not (SHARED_DATASETS / "breastmnist.npz").is_file():
-        pytest.skip(f"real data file {SHARED_DATASETS / 'breastmnist.npz'} is absent")
-    root = tmp_path_factory.getbasetemp() / "issue5-debug-study"
-    url = f"sqlite:///{root / 's.db'}"
-    if not (root / "done").is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir()
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        run_study(load_study_config(REPO / "studies" / "debug.yaml", [
-            f"storage={url}", f"trial.data.root={SHARED_DATASETS}", "baselines=[full, linear_probe]", "name=debug"]))
-        (root / "done").write_text("built\n")
-    return "debug", url
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    return debug_study(tmp_path_factory)
 
 
 def _rng(seed: int = 0) -> np.random.Generator:

@@ -186,7 +186,7 @@ def test_resume_needs_nothing_but_the_stored_trials(tmp_path):
     first = make_sampler(cfg)
     study = optuna.create_study(study_name="r", storage=url, direction="maximize", sampler=first)
     for _ in range(6):  # stage 1 and two stage-2 trials
-        plan = first.plan(study.get_trials())
+        assert first.plan(study.get_trials()).action == "run"
         trial = study.ask()
         suggest_params(trial, first.candidates, ["ttl"], 1)
         study.tell(trial, stage3_wins(trial.params))
@@ -200,7 +200,7 @@ def test_resume_needs_nothing_but_the_stored_trials(tmp_path):
 
 
 def drive_existing(study, sampler):
-    while (plan := sampler.plan(study.get_trials())).action == "run":
+    while sampler.plan(study.get_trials()).action == "run":
         trial = study.ask()
         suggest_params(trial, sampler.candidates, ["ttl"], 1)
         study.tell(trial, stage3_wins(trial.params))
@@ -212,7 +212,7 @@ def test_tpe_spends_its_budget():
     sampler = make_sampler(cfg)
     assert isinstance(sampler, TPESearch)
     study = optuna.create_study(direction="maximize", sampler=sampler)
-    while (plan := sampler.plan(study.get_trials())).action == "run":
+    while sampler.plan(study.get_trials()).action == "run":
         trial = study.ask()
         params = suggest_params(trial, sampler.candidates, ["ttl"], 1, tune_lr=True)
         assert 1e-5 <= params["lr"] <= 1e-2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence

@@ -287,9 +287,16 @@ def _print_status(name: str, storage: str | None) -> tuple[int, bool]:
     print_table(f"study {name}: {cfg.search.strategy} search of {cfg.trial.backbone}; phase {plan.phase or '-'}, "
                 f"{plan.action}", ["trial", "strategy", "cut", "name", "stage", "phase", "state", f"val {metric}",
                                    f"test {metric}", "params", "duration", "note"], rows)
-    done = sum(1 for r in rows if r[6] in ("COMPLETE", "PRUNED", "FAIL"))
+    done = sum(1 for r in rows if r[6] in ("COMPLETE", "PRUNED"))
     running = sum(1 for r in rows if r[6] == "RUNNING")
-    return done, plan.action == "finished" and running == 0
+    failed = sum(1 for r in rows if r[6] == "FAIL")
+    finished = plan.action == "finished" and running == 0
+    total = max(plan.expected_total, done)
+    width = 30
+    filled = width if finished else int(width * done / total) if total else 0
+    print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} trainings done, {running} running, "
+          f"{failed} failed attempt(s){' - finished' if finished else ''}")
+    return done, finished
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -6,7 +6,6 @@ an optional per-epoch callback, and returns a :class:`TrialResult`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
