@@ -8,7 +8,8 @@ import pytest
 
 from ttl_search.errors import ConfigError, TTLSearchError
 from ttl_search.search import TwoStageSampler
-from ttl_search.study import load_study_config, make_sampler, study_config_dict
+from ttl_search.config import to_dict
+from ttl_search.study import load_study_config, make_sampler
 
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
 
@@ -24,8 +25,8 @@ def test_every_study_file_loads_and_plans(path):
     sampler = make_sampler(cfg)
     plan = sampler.plan([])
     assert plan.action == "run" and plan.job.strategy in ("ttl", *cfg.baselines)
-    again = load_study_config(None, extra=study_config_dict(cfg))
-    assert study_config_dict(again) == study_config_dict(cfg)
+    again = load_study_config(None, extra=to_dict(cfg))
+    assert to_dict(again) == to_dict(cfg)
 
 
 def test_demo_is_a_two_stage_search_of_pretrained_lite0():

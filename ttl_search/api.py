@@ -21,7 +21,7 @@ from .runner import ProgressCallback, ray_cluster, run_search
 from .search import SEARCH_STRATEGY, trial_key
 from .storage import artifact_store, load_study, open_storage, reconcile_running, sqlite_path, storage_url, study_names
 from .training import TrialConfig
-from .study import StudyConfig, make_sampler, resolve_paths, study_config_dict
+from .study import StudyConfig, make_sampler, resolve_paths
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,17 @@ EXECUTION_KEYS = ("concurrency", "resources.", "ray_address", "storage", "schedu
 """Keys (or key prefixes) ``resume`` may change: where and how trials run, not what they train."""
 
 
-def artifacts_dir(cfg: StudyConfig, url: str) -> Path:
-    """Where checkpoints and plots go: ``cfg.artifacts`` or next to a SQLite database."""
-    if cfg.artifacts:
-        return Path(cfg.artifacts).expanduser().resolve()
+def default_artifacts_dir(url: str) -> Path:
+    """``ttl-artifacts`` beside a SQLite database, else in the working directory."""
     db = sqlite_path(url)
     return (db.resolve().parent if db else Path.cwd()) / "ttl-artifacts"
+
+
+def artifacts_dir(cfg: StudyConfig, url: str) -> Path:
+    """Where checkpoints and plots go: ``cfg.artifacts`` or the default for the storage."""
+    if cfg.artifacts:
+        return Path(cfg.artifacts).expanduser().resolve()
+    return default_artifacts_dir(url)
 
 
 def stored_config(study: optuna.Study) -> StudyConfig:
@@ -62,7 +67,7 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
     with ray_cluster(cfg):  # a cluster that cannot run the trials fails before the study exists
         study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction,
                                     sampler=sampler)
-        resolved = study_config_dict(cfg)
+        resolved = to_dict(cfg)
         resolved["storage"] = url
         study.set_user_attr(CONFIG_ATTR, resolved)
         study.set_user_attr("ttl_search_version", __version__)
@@ -181,8 +186,14 @@ def _cut_summary(trials: list[FrozenTrial], metric: str) -> dict[str, Any]:
 def best_cut(name: str, storage: str | None = None) -> dict[str, Any]:
     """The search's chosen cut: best mean validation metric (smaller model within tolerance)."""
     study, cfg = open_study(name, storage)
+    return _best(study, cfg)
+
+
+def _best(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
+    name = study.study_name
     trials = study.get_trials(deepcopy=False)
-    ranking = make_sampler(cfg).ranking(trials, SEARCH_STRATEGY)
+    sampler = make_sampler(cfg)
+    ranking = sampler.ranking(trials, SEARCH_STRATEGY)
     if not ranking:
         raise StudyError(f"study {name!r} has no completed search trial yet")
     cut, _ = ranking[0]
@@ -191,7 +202,7 @@ def best_cut(name: str, storage: str | None = None) -> dict[str, Any]:
     first = chosen[0].user_attrs
     best_trial = max(chosen, key=lambda t: t.value if cfg.resolved_direction == "maximize" else -t.value)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-    plan = make_sampler(cfg).plan(trials)
+    plan = sampler.plan(trials)
     return {
         "study": name, "cut": cut, "cut_name": first.get("cut_name"), "stage": first.get("stage"),
         "backbone": cfg.trial.backbone, "metric": cfg.metric, "direction": cfg.resolved_direction,
@@ -214,7 +225,7 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
                 groups.setdefault((key.strategy, key.cut), []).append(t)
         chosen = None
         try:
-            chosen = best_cut(name, storage)["cut"]
+            chosen = _best(study, cfg)["cut"]
         except StudyError:
             pass
         for (strategy, cut), trials in sorted(groups.items()):
@@ -238,6 +249,6 @@ def serve_dashboard(storage: str | None = None, host: str = "127.0.0.1", port: i
     except ImportError as exc:
         raise ConfigError("the dashboard needs optuna-dashboard: pip install 'ttl-search[dashboard]'") from exc
     url = storage_url(storage)
-    base = Path(artifacts) if artifacts else (sqlite_path(url).resolve().parent if sqlite_path(url) else Path.cwd()) / "ttl-artifacts"
+    base = Path(artifacts) if artifacts else default_artifacts_dir(url)
     store = artifact_store(base) if base.exists() or artifacts else None
     run_server(open_storage(url), host=host, port=port, artifact_store=store)

@@ -202,6 +202,14 @@ def _storage_arg(p: argparse.ArgumentParser) -> None:
                    help="study database URL (default: $TTL_SEARCH_STORAGE or sqlite:///ttl-search.db)")
 
 
+def _execution_args(p: argparse.ArgumentParser, set_help: str) -> None:
+    """Options shared by the commands that drive a study (run, resume)."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    _storage_arg(p)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
     from .api import best_cut
 
@@ -424,20 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="start a study from a YAML file and run it to the end")
     p.add_argument("study", help="study YAML (see studies/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set trial.max_epochs=3 --set concurrency=2 (repeatable)")
-    _storage_arg(p)
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS or a local Ray)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _execution_args(p, "override a setting, e.g. --set trial.max_epochs=3 --set concurrency=2 (repeatable)")
     p.set_defaults(handler=cmd_run)
 
     p = sub.add_parser("resume", help="continue a study after a crash or interruption")
     p.add_argument("name", help="study name")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change how it runs: concurrency, resources.*, scheduler.*, artifacts")
-    _storage_arg(p)
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _execution_args(p, "change how it runs: concurrency, resources.*, scheduler.*, artifacts, trial.data.root ...")
     p.set_defaults(handler=cmd_resume)
 
     p = sub.add_parser("status", help="table of a study's trials")

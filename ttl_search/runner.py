@@ -138,139 +138,136 @@ class LiveTrial:
     """Epochs whose validation metric is already stored as an intermediate value."""
 
 
-class StudySearcher:
-    """Factory for the Ray Tune ``Searcher`` (built lazily so importing this module needs no Ray)."""
+def make_searcher(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path | None,
+                  progress: ProgressCallback | None = None):
+    """The Ray Tune ``Searcher`` of a study (built lazily so importing this module needs no Ray)."""
+    from ray.tune.search import Searcher
 
-    @staticmethod
-    def create(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path | None,
-               progress: ProgressCallback | None = None):
-        from ray.tune.search import Searcher
+    candidates = cut_candidates(cfg)
+    by_index = {c.index: c for c in candidates}
+    strategies = trial_strategies(cfg)
+    mode = "max" if cfg.resolved_direction == "maximize" else "min"
 
-        candidates = cut_candidates(cfg)
-        by_index = {c.index: c for c in candidates}
-        strategies = trial_strategies(cfg)
-        mode = "max" if cfg.resolved_direction == "maximize" else "min"
+    class _Searcher(Searcher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: dict[str, LiveTrial] = {}
+            self.counts = {"complete": 0, "failed": 0, "pruned": 0}
+            self.last_progress: tuple = ()
 
-        class _Searcher(Searcher):
-            def __init__(self) -> None:
-                super().__init__()
-                self.live: dict[str, LiveTrial] = {}
-                self.counts = {"complete": 0, "failed": 0, "pruned": 0}
-                self.last_progress: tuple = ()
+        def suggest(self, trial_id: str) -> dict | None:
+            plan = sampler.plan(study.get_trials(deepcopy=False))
+            self._progress(plan)
+            if plan.action == "wait":
+                return None
+            if plan.action == "finished":
+                return Searcher.FINISHED
+            trial = study.ask()
+            params = suggest_params(trial, candidates, strategies, cfg.search.repeats, cfg.search.tune_lr)
+            return self._launch(trial_id, trial, params, by_index[params["cut"]], sampler.phase_of(trial.number))
 
-            def suggest(self, trial_id: str) -> dict | None:
-                plan = sampler.plan(study.get_trials(deepcopy=False))
-                self._progress(plan)
-                if plan.action == "wait":
-                    return None
-                if plan.action == "finished":
-                    return Searcher.FINISHED
-                trial = study.ask()
-                params = suggest_params(trial, candidates, strategies, cfg.search.repeats, cfg.search.tune_lr)
-                return self._launch(trial_id, trial, params, by_index[params["cut"]], sampler.phase_of(trial.number))
+        def _launch(self, trial_id: str, trial: optuna.Trial, params: dict, cut: CutCandidate, phase: str) -> dict:
+            seed = cfg.search.seed + params["repeat"]
+            trial_dict = to_dict(cfg.trial)
+            trial_dict.update(cut=cut.index, strategy=params["strategy"], seed=seed)
+            for key in ("lr", "weight_decay"):
+                if key in params:
+                    trial_dict[key] = params[key]
+            for key, value in {"cut": cut.index, "cut_name": cut.name, "stage": cut.stage, "phase": phase,
+                               "strategy": params["strategy"], "seed": seed, "repeat": params["repeat"],
+                               "ray_trial_id": trial_id}.items():
+                trial.set_user_attr(key, value)
+            self.live[trial_id] = LiveTrial(trial, time.time())
+            checkpoint = str(artifacts / cfg.name / f"trial-{trial.number}.pt") if artifacts else None
+            log.info("trial %d: %s cut %d (%s, stage %d, %s), seed %d", trial.number, params["strategy"], cut.index,
+                     cut.name, cut.stage, phase, seed)
+            return {"trial": trial_dict, "cpus": cfg.resources.cpus, "mode": mode, "number": trial.number,
+                    "checkpoint_path": checkpoint}
 
-            def _launch(self, trial_id: str, trial: optuna.Trial, params: dict, cut: CutCandidate, phase: str) -> dict:
-                seed = cfg.search.seed + params["repeat"]
-                trial_dict = to_dict(cfg.trial)
-                trial_dict.update(cut=cut.index, strategy=params["strategy"], seed=seed)
-                for key in ("lr", "weight_decay"):
-                    if key in params:
-                        trial_dict[key] = params[key]
-                for key, value in {"cut": cut.index, "cut_name": cut.name, "stage": cut.stage, "phase": phase,
-                                   "strategy": params["strategy"], "seed": seed, "repeat": params["repeat"],
-                                   "ray_trial_id": trial_id}.items():
-                    trial.set_user_attr(key, value)
-                self.live[trial_id] = LiveTrial(trial, time.time())
-                checkpoint = str(artifacts / cfg.name / f"trial-{trial.number}.pt") if artifacts else None
-                log.info("trial %d: %s cut %d (%s, stage %d, %s), seed %d", trial.number, params["strategy"], cut.index,
-                         cut.name, cut.stage, phase, seed)
-                return {"trial": trial_dict, "cpus": cfg.resources.cpus, "mode": mode, "number": trial.number,
-                        "checkpoint_path": checkpoint}
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            live = self.live.get(trial_id)
+            if live is None or result.get("final"):
+                return
+            self._report(live, int(result["epoch"]), result.get("val_raw"))
 
-            def on_trial_result(self, trial_id: str, result: dict) -> None:
-                live = self.live.get(trial_id)
-                if live is None or result.get("final"):
-                    return
-                self._report(live, int(result["epoch"]), result.get("val_raw"))
+        def _report(self, live: LiveTrial, epoch: int, value: float | None) -> None:
+            if value is not None and math.isfinite(value) and epoch not in live.reported:
+                live.trial.report(float(value), epoch)
+                live.reported.add(epoch)
 
-            def _report(self, live: LiveTrial, epoch: int, value: float | None) -> None:
-                if value is not None and math.isfinite(value) and epoch not in live.reported:
-                    live.trial.report(float(value), epoch)
-                    live.reported.add(epoch)
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            live = self.live.pop(trial_id, None)
+            if live is None:
+                return
+            trial = live.trial
+            trial.set_user_attr("driver_duration_s", round(time.time() - live.started, 3))
+            if error or result is None:
+                self._fail(trial, "the worker failed: its process was killed or crashed, or its node died "
+                                  "(see the Ray logs)")
+            elif result.get("final"):
+                payload = json.loads(result["payload"])
+                for epoch in payload.get("history", []):
+                    self._report(live, int(epoch["epoch"]), epoch.get(cfg.metric))
+                self._finish(trial, payload)
+            else:
+                epochs = int(result.get("epoch", 0))
+                trial.set_user_attr("epochs", epochs)
+                trial.set_user_attr("node_id", result.get("node_id"))
+                trial.set_user_attr("stopped_by", "scheduler")
+                study.tell(trial, state=TrialState.PRUNED)
+                self.counts["pruned"] += 1
+                log.info("trial %d pruned by the scheduler after %d epochs", trial.number, epochs)
+            self._progress(None)
 
-            def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-                live = self.live.pop(trial_id, None)
-                if live is None:
-                    return
-                trial = live.trial
-                trial.set_user_attr("driver_duration_s", round(time.time() - live.started, 3))
-                if error or result is None:
-                    self._fail(trial, "the worker failed: its process was killed or crashed, or its node died "
-                                      "(see the Ray logs)")
-                elif result.get("final"):
-                    payload = json.loads(result["payload"])
-                    for epoch in payload.get("history", []):
-                        self._report(live, int(epoch["epoch"]), epoch.get(cfg.metric))
-                    self._finish(trial, payload)
+        def _finish(self, trial: optuna.Trial, payload: dict) -> None:
+            for key, value in trial_user_attrs(payload).items():
+                trial.set_user_attr(key, value)
+            if payload.get("checkpoint") and artifacts is not None:
+                if Path(payload["checkpoint"]).is_file():
+                    artifact_id = attach_artifact(artifacts, trial, Path(payload["checkpoint"]),
+                                                  "application/octet-stream")
+                    trial.set_user_attr("checkpoint_artifact_id", artifact_id)
                 else:
-                    epochs = int(result.get("epoch", 0))
-                    trial.set_user_attr("epochs", epochs)
-                    trial.set_user_attr("node_id", result.get("node_id"))
-                    trial.set_user_attr("stopped_by", "scheduler")
-                    study.tell(trial, state=TrialState.PRUNED)
-                    self.counts["pruned"] += 1
-                    log.info("trial %d pruned by the scheduler after %d epochs", trial.number, epochs)
-                self._progress(None)
+                    log.warning("trial %d: checkpoint %s was written on node %s and is not visible here; put "
+                                "`artifacts` on a filesystem every node shares to attach checkpoints",
+                                trial.number, payload["checkpoint"], payload.get("node_id", "?"))
+            status = payload.get("status")
+            if status == "complete":
+                value = payload["val"].get(cfg.metric)
+                if value is None or not math.isfinite(value):
+                    self._fail(trial, f"validation {cfg.metric} is undefined (single-class validation split?)")
+                    return
+                study.tell(trial, float(value))
+                self.counts["complete"] += 1
+                log.info("trial %d complete: val %s %.4f", trial.number, cfg.metric, value)
+            elif status == "pruned":
+                trial.set_user_attr("stopped_by", payload.get("reason", ""))
+                study.tell(trial, state=TrialState.PRUNED)
+                self.counts["pruned"] += 1
+            else:
+                self._fail(trial, payload.get("reason") or "failed")
 
-            def _finish(self, trial: optuna.Trial, payload: dict) -> None:
-                for key, value in trial_user_attrs(payload).items():
-                    trial.set_user_attr(key, value)
-                if payload.get("checkpoint") and artifacts is not None:
-                    if Path(payload["checkpoint"]).is_file():
-                        artifact_id = attach_artifact(artifacts, trial, Path(payload["checkpoint"]),
-                                                      "application/octet-stream")
-                        trial.set_user_attr("checkpoint_artifact_id", artifact_id)
-                    else:
-                        log.warning("trial %d: checkpoint %s was written on node %s and is not visible here; put "
-                                    "`artifacts` on a filesystem every node shares to attach checkpoints",
-                                    trial.number, payload["checkpoint"], payload.get("node_id", "?"))
-                status = payload.get("status")
-                if status == "complete":
-                    value = payload["val"].get(cfg.metric)
-                    if value is None or not math.isfinite(value):
-                        self._fail(trial, f"validation {cfg.metric} is undefined (single-class validation split?)")
-                        return
-                    study.tell(trial, float(value))
-                    self.counts["complete"] += 1
-                    log.info("trial %d complete: val %s %.4f", trial.number, cfg.metric, value)
-                elif status == "pruned":
-                    trial.set_user_attr("stopped_by", payload.get("reason", ""))
-                    study.tell(trial, state=TrialState.PRUNED)
-                    self.counts["pruned"] += 1
-                else:
-                    self._fail(trial, payload.get("reason") or "failed")
+        def _fail(self, trial: optuna.Trial, reason: str) -> None:
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            self.counts["failed"] += 1
+            log.warning("trial %d failed: %s", trial.number, reason)
 
-            def _fail(self, trial: optuna.Trial, reason: str) -> None:
-                trial.set_user_attr("fail_reason", reason)
-                study.tell(trial, state=TrialState.FAIL)
-                self.counts["failed"] += 1
-                log.warning("trial %d failed: %s", trial.number, reason)
+        def _progress(self, plan) -> None:
+            # Tune asks for suggestions many times a second at a barrier: report changes only.
+            state = (plan.phase if plan else None, plan.expected_total if plan else None,
+                     tuple(self.counts.values()), len(self.live))
+            if progress is not None and state != self.last_progress:
+                self.last_progress = state
+                progress({"plan": plan, **self.counts, "running": len(self.live)})
 
-            def _progress(self, plan) -> None:
-                # Tune asks for suggestions many times a second at a barrier: report changes only.
-                state = (plan.phase if plan else None, plan.expected_total if plan else None,
-                         tuple(self.counts.values()), len(self.live))
-                if progress is not None and state != self.last_progress:
-                    self.last_progress = state
-                    progress({"plan": plan, **self.counts, "running": len(self.live)})
+        def save(self, checkpoint_path: str) -> None:  # state lives in the database
+            pass
 
-            def save(self, checkpoint_path: str) -> None:  # state lives in the database
-                pass
+        def restore(self, checkpoint_path: str) -> None:
+            pass
 
-            def restore(self, checkpoint_path: str) -> None:
-                pass
-
-        return _Searcher()
+    return _Searcher()
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -327,7 +324,7 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
                                       reduction_factor=cfg.scheduler.reduction_factor)
         else:
             scheduler = FIFOScheduler()
-        searcher = StudySearcher.create(study, sampler, cfg, artifacts, progress)
+        searcher = make_searcher(study, sampler, cfg, artifacts, progress)
         resources = {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),

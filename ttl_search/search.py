@@ -106,11 +106,11 @@ class Ledger:
     pruned: set[Key] = field(default_factory=set)
 
     @classmethod
-    def from_trials(cls, trials: Iterable[FrozenTrial], exclude: int | None = None) -> "Ledger":
+    def from_trials(cls, trials: Iterable[FrozenTrial]) -> "Ledger":
         ledger = cls()
         for t in trials:
             key = trial_key(t)
-            if key is None or t.number == exclude:
+            if key is None:
                 continue
             if t.state == TrialState.COMPLETE and t.value is not None:
                 ledger.complete[key].append(float(t.value))

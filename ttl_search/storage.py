@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -103,10 +103,6 @@ def reconcile_running(study: optuna.Study, reason: str) -> list[int]:
     if fixed:
         log.warning("marked trials %s of study %s as failed: %s", fixed, study.study_name, reason)
     return fixed
-
-
-def completed(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    return [t for t in trials if t.state == TrialState.COMPLETE]
 
 
 def artifact_store(artifacts: Path):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .backbones import get_backbone, stage_ends
-from .config import from_dict, load_config, to_dict
+from .config import load_config
 from .errors import ConfigError, choices
 from .metrics import metric_direction
 from .search import (
@@ -153,14 +153,6 @@ def validate_study_config(cfg: StudyConfig) -> None:
 def load_study_config(path: str | Path | None, overrides: Sequence[str] = (), extra: dict[str, Any] | None = None) -> StudyConfig:
     """Defaults < YAML file < ``extra`` < ``key=value`` overrides."""
     return load_config(StudyConfig, path, overrides, extra)
-
-
-def study_config_from_dict(values: dict[str, Any]) -> StudyConfig:
-    return from_dict(StudyConfig, values)
-
-
-def study_config_dict(cfg: StudyConfig) -> dict[str, Any]:
-    return to_dict(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

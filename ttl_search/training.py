@@ -23,7 +23,7 @@ from .cost import count_macs, count_params, measure_latency
 from .data import DataConfig, DatasetSplits, TransformConfig, load_data, make_loader
 from .errors import ConfigError, TrialError, choices
 from .metrics import compute_metrics, metric_direction
-from .strategies import StrategyModel, build_strategy_model, check_strategy
+from .strategies import StrategyModel, build_strategy_model, check_strategy, count_trainable
 from .truncation import analyze_cuts, input_shape, truncate
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     result = TrialResult(
         status="complete", backbone=spec.name, strategy=cfg.strategy, cut=built.cut, cut_name=cut_info.name,
         stage=cut_info.stage, seed=cfg.seed, params=count_params(model),
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        trainable_params=count_trainable(model),
         input_size=input_size, in_channels=in_channels, device=str(device), data=_data_summary(data),
     )
     log.info("trial %s %s cut %d (%s) on %s: %s", spec.name, cfg.strategy, built.cut, cut_info.name, device, data.summary())
