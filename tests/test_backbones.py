@@ -170,3 +170,33 @@ def test_r3d_18_takes_one_channel_volumes():
     with torch.no_grad():
         out = loaded.model.eval()(torch.randn(1, 1, 16, 32, 32))
     assert out.shape == (1, 400)
+
+
+@pytest.mark.parametrize("name", bb.backbone_names())
+def test_one_channel_input_equals_gray_replicated_to_rgb(name):
+    """Every registered backbone takes 1-channel input (whatever class its first conv is: timm's
+    Conv2dSame in EfficientNet-Lite0) and the adapted model sees a gray image as the RGB model
+    sees it replicated three times."""
+    torch.manual_seed(0)
+    rgb = bb.load_backbone(name, None)
+    gray = bb.load_backbone(name, None, in_channels=1)
+    gray.model.load_state_dict({k: v.sum(1, keepdim=True) if v.shape != w.shape else v
+                                for (k, v), w in zip(rgb.model.state_dict().items(), gray.model.state_dict().values())})
+    conv = gray.model.get_submodule(rgb.spec.first_conv)
+    assert type(conv) is type(rgb.model.get_submodule(rgb.spec.first_conv)) and conv.in_channels == 1
+    shape = (2, 1, 16, 32, 32) if rgb.spec.dims == 3 else (2, 1, 64, 64)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        expected = rgb.model.eval()(x.expand(-1, 3, *shape[2:]))
+        # float32 rounding only (random-init deep nets reach outputs in the thousands)
+        assert (gray.model.eval()(x) - expected).abs().max() <= 1e-5 * expected.abs().max() + 1e-5
+
+
+def test_efficientnet_lite0_imagenet_weights_take_one_channel():
+    rgb = bb.load_backbone("efficientnet_lite0", "imagenet")
+    gray = bb.load_backbone("efficientnet_lite0", "imagenet", in_channels=1)
+    assert gray.model.conv_stem.weight.shape[1] == 1
+    assert torch.allclose(gray.model.conv_stem.weight, rgb.model.conv_stem.weight.sum(1, keepdim=True))
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(gray.model.eval()(x), rgb.model.eval()(x.expand(-1, 3, -1, -1)), atol=1e-4)

@@ -8,8 +8,9 @@ from optuna.trial import TrialState
 
 from ttl_search.errors import ConfigError
 from ttl_search.search import (
-    ExhaustiveSampler, Ledger, TPESearch, TwoStageSampler, choose_best, rank_cuts, suggest_params,
+    ExhaustiveSampler, Key, Ledger, TPESearch, TwoStageSampler, choose_best, job_distributions, rank_cuts, suggest_params,
 )
+from ttl_search.runner import copy_twin
 from ttl_search.study import StudyConfig, cut_candidates, make_sampler
 from ttl_search.training import TrialConfig
 from ttl_search.data import DataConfig
@@ -167,7 +168,7 @@ def test_exhaustive_and_baselines():
 
 def test_baselines_fill_the_stage_barrier():
     cfg = _study_cfg(backbone="test_cnn", input_size=28)
-    cfg.baselines = ["full"]
+    cfg.baselines = ["full", "linear_probe"]
     sampler = make_sampler(cfg)
     study = optuna.create_study(direction="maximize", sampler=sampler)
     kinds = []
@@ -175,9 +176,54 @@ def test_baselines_fill_the_stage_barrier():
         plan = sampler.plan(study.get_trials(deepcopy=False))
         kinds.append((plan.job.strategy, plan.phase))
         trial = study.ask()
-        suggest_params(trial, sampler.candidates, ["ttl", "full"], 1)
-    assert kinds == [("ttl", "stage1")] * 3 + [("full", "stage1")]
+        suggest_params(trial, sampler.candidates, ["ttl", "full", "linear_probe"], 1)
+    # full fine-tuning waits for TTL at the last cut, which is running and is the same model
+    assert kinds == [("ttl", "stage1")] * 3 + [("linear_probe", "stage1")]
     assert sampler.plan(study.get_trials(deepcopy=False)).action == "wait"
+
+
+@pytest.mark.parametrize("first", ["ttl", "full"])
+def test_full_fine_tuning_and_ttl_at_the_last_cut_are_trained_once(first):
+    """Full fine-tuning is TTL at the last cut with the same seed: whichever completes first
+    answers for the other (the plan names it to copy), and neither starts while the other runs."""
+    cfg = _study_cfg(backbone="test_cnn", input_size=28, strategy="exhaustive", repeats=2)
+    cfg.baselines = ["full"]
+    sampler = make_sampler(cfg)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    strategies = ["ttl", "full"]
+    dists = job_distributions(sampler.candidates, strategies, 2)
+    study.add_trial(optuna.trial.create_trial(params={"strategy": first, "cut": 7, "repeat": 1},
+                                              distributions=dists, state=TrialState.RUNNING))
+    other = "full" if first == "ttl" else "ttl"
+    trained, copied = [], []
+    while (plan := sampler.plan(study.get_trials(deepcopy=False))).action == "run":
+        key = (plan.job.strategy, plan.job.cut, plan.job.repeat)
+        if plan.reuse is not None:
+            copy_twin(study, plan, dists)
+            copied.append(key)
+            continue
+        trained.append(key)
+        trial = study.ask()
+        suggest_params(trial, sampler.candidates, strategies, 2)
+        trial.set_user_attr("seed", plan.job.repeat)
+        study.tell(trial, 0.5 + plan.job.cut / 100 + plan.job.repeat / 1000)
+    # seed 0: one training at cut 7, the twin copied; seed 1: the running twin blocks its job
+    assert ("ttl", 7, 0) in trained and ("full", 7, 0) not in trained and ("full", 7, 1) not in trained
+    assert copied == [("full", 7, 0)]
+    stored = {(t.params["strategy"], t.params["cut"], t.params["repeat"]): t for t in study.get_trials()}
+    copy, source = stored[("full", 7, 0)], stored[("ttl", 7, 0)]
+    assert copy.params["strategy"] == "full" and copy.value == source.value
+    assert copy.user_attrs["reused_from"] == source.number and copy.user_attrs["seed"] == 0
+    assert copy.user_attrs["phase"] == "baseline"
+
+    running = study.get_trials(states=(TrialState.RUNNING,))[0]
+    study.tell(running.number, 0.75)
+    plan = sampler.plan(study.get_trials(deepcopy=False))
+    assert plan.action == "run" and (plan.job.strategy, plan.job.cut, plan.job.repeat) == (other, 7, 1)
+    assert plan.reuse == running.number
+    copy_twin(study, plan, dists)
+    assert sampler.plan(study.get_trials(deepcopy=False)).action == "finished"
+    assert Ledger.from_trials(study.get_trials()).complete[Key(other, 7, 1)] == [0.75]
 
 
 def test_resume_needs_nothing_but_the_stored_trials(tmp_path):

@@ -103,6 +103,7 @@ def test_status_best_compare_cli(reference):
     assert missing.returncode == 2 and "studies there: ref" in missing.stderr
     again = run("run", str(DEBUG_STUDY), "--set", "name=ref")
     assert again.returncode == 2 and "resume ref" in again.stderr
+    assert "trial/s" not in again.stderr  # no empty progress bar before the error
 
 
 def test_killed_driver_resumes_to_the_same_answer(reference, storage_url, tmp_path, shared_datasets_dir_module):
@@ -246,3 +247,51 @@ def test_gpus_on_a_cluster_without_any_fail_fast(tmp_path, shared_datasets_dir_m
     assert rc == 2
     assert "resources.gpus=0.5" in log.read_text() and "0 GPUs" in log.read_text()
     assert time.time() - start < 90
+
+
+def test_first_run_reads_cleanly(tmp_path, shared_datasets_dir_module):
+    """The README's main command as a new user runs it (no RAY_AUTH_MODE set, progress bar on):
+    no Ray token notice, the bar counts both running trials, and the chosen cut is printed once."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", TTL_SEARCH_DATA=str(shared_datasets_dir_module))
+    proc = subprocess.run([sys.executable, "-m", "ttl_search", "run", str(DEBUG_STUDY), "--set", "trial.max_epochs=3"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Token authentication" not in out
+    assert "running=2" in proc.stderr  # concurrency 2: two trials at once, both counted
+    assert "0trial [" not in proc.stderr  # the bar starts with its total, never empty
+    assert proc.stdout.count("best cut") == 1
+    assert (tmp_path / "ttl-search.db").is_file()
+
+
+def test_full_baseline_reuses_ttl_at_the_last_cut_and_counts_show_trainable(study, capsys):
+    """The debug study with baselines full and linear_probe: full fine-tuning is not trained again
+    (TTL at cut 7 is the same model with the same seed), and every table shows trainable
+    parameters next to the total."""
+    from ttl_search.api import compare_studies, open_study
+    from ttl_search.cli import main
+
+    name, url = study
+    ts = open_study(name, url)[0].get_trials()
+    full = [t for t in ts if t.params.get("strategy") == "full"]
+    ttl_last = [t for t in ts if t.params.get("strategy") == "ttl" and t.params["cut"] == 7]
+    assert len(full) == 1 and len(ttl_last) == 1 and full[0].state == TrialState.COMPLETE
+    source = ttl_last[0]
+    assert full[0].user_attrs["reused_from"] == source.number and full[0].value == source.value
+    for key in ("val_auroc", "test_auroc", "params", "trainable_params", "checkpoint", "seed"):
+        assert full[0].user_attrs[key] == source.user_attrs[key], key
+    assert full[0].user_attrs["duration_s"] == 0.0
+
+    probe = next(t for t in ts if t.params.get("strategy") == "linear_probe")
+    total, trainable = probe.user_attrs["params"], probe.user_attrs["trainable_params"]
+    assert trainable < total
+    frame = compare_studies([name], url)
+    row = frame[frame.strategy == "linear_probe"].iloc[0]
+    assert (row.params, row.trainable_params) == (total, trainable)
+
+    assert main(["status", name, "--storage", url]) == 0
+    status = capsys.readouterr().out
+    assert "trainable" in status and f"same model as trial {source.number}" in status
+    assert main(["best", name, "--storage", url, "--format", "json"]) == 0
+    assert "trainable_params" in json.loads(capsys.readouterr().out)

@@ -150,11 +150,16 @@ def trial_rows(study: optuna.Study, metric: str) -> pd.DataFrame:
             "trial": t.number, "strategy": a.get("strategy"), "cut": a.get("cut"), "cut_name": a.get("cut_name"),
             "stage": a.get("stage"), "phase": a.get("phase"), "seed": a.get("seed"), "state": t.state.name,
             f"val_{metric}": a.get(f"val_{metric}"), f"test_{metric}": a.get(f"test_{metric}"),
-            "params": a.get("params"), "macs": a.get("macs"), "epochs": a.get("epochs"),
-            "duration_s": _duration(t), "node_id": (a.get("node_id") or "")[:8],
-            "note": a.get("fail_reason") or a.get("stopped_by") or "",
+            "params": a.get("params"), "trainable_params": a.get("trainable_params"), "macs": a.get("macs"),
+            "epochs": a.get("epochs"), "duration_s": _duration(t), "node_id": (a.get("node_id") or "")[:8],
+            "note": a.get("fail_reason") or a.get("stopped_by") or _reuse_note(a),
         })
     return pd.DataFrame(rows)
+
+
+def _reuse_note(attrs: dict[str, Any]) -> str:
+    source = attrs.get("reused_from")
+    return "" if source is None else f"same model as trial {source}: stored, not trained again"
 
 
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
@@ -174,7 +179,7 @@ def _cut_summary(trials: list[FrozenTrial], metric: str) -> dict[str, Any]:
                 out[split][name], out[f"{split}_sd"][name] = mean, sd
     first = trials[0].user_attrs
     out.update({
-        "params": first.get("params"), "macs": first.get("macs"),
+        "params": first.get("params"), "trainable_params": first.get("trainable_params"), "macs": first.get("macs"),
         "latency_batch1_ms": _mean_sd([t.user_attrs.get("latency_batch1_ms") for t in trials])[0],
         "latency_batch64_ms": _mean_sd([t.user_attrs.get("latency_batch64_ms") for t in trials])[0],
         "trials": [t.number for t in trials], "seeds": [t.user_attrs.get("seed") for t in trials],
@@ -236,7 +241,8 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
                 for metric in ("auroc", "auprc", "accuracy"):
                     row[f"{split}_{metric}"] = summary[split].get(metric)
                     row[f"{split}_{metric}_sd"] = summary[f"{split}_sd"].get(metric)
-            row.update(params=summary["params"], macs=summary["macs"], latency_batch1_ms=summary["latency_batch1_ms"])
+            row.update(params=summary["params"], trainable_params=summary["trainable_params"], macs=summary["macs"],
+                       latency_batch1_ms=summary["latency_batch1_ms"])
             rows.append(row)
     return pd.DataFrame(rows)
 

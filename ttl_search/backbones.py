@@ -14,6 +14,7 @@ the 3D video ResNet ``r3d_18``, and tiny ``test_*`` networks for tests and debug
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -282,14 +283,11 @@ def adapt_first_conv(model: nn.Module, path: str, in_channels: int) -> None:
         repeat = math.ceil(in_channels / weight.shape[1])
         new_weight = weight.repeat(1, repeat, *[1] * (weight.dim() - 2))[:, :in_channels]
         new_weight = new_weight * (weight.shape[1] / in_channels)
-    new_conv = type(conv)(
-        in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
-    )
-    with torch.no_grad():
-        new_conv.weight.copy_(new_weight)
-        if conv.bias is not None:
-            new_conv.bias.copy_(conv.bias)
+    # A copy keeps whatever the layer's class adds to a plain convolution (timm's Conv2dSame pads
+    # "same" at run time, and its constructor takes other arguments); only the kernel changes.
+    new_conv = copy.deepcopy(conv)
+    new_conv.in_channels = in_channels
+    new_conv.weight = nn.Parameter(new_weight.clone())
     setattr(parent, attr, new_conv)
 
 

@@ -28,6 +28,13 @@ def _fmt_count(n: int | None, unit: str = "") -> str:
     return f"{n}{unit}"
 
 
+def _fmt_params(total: int | None, trainable: int | None) -> str:
+    """``3.38M (2.56k trainable)``; just the total when every parameter trains (or it is unknown)."""
+    if trainable is None or total is None or trainable == total:
+        return _fmt_count(total)
+    return f"{_fmt_count(total)} ({_fmt_count(trainable)} trainable)"
+
+
 def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """Print a table with rich (plain text when stdout is not a terminal)."""
     from rich.console import Console
@@ -53,6 +60,11 @@ def write_rows(rows: list[dict], fmt: str, stream=None) -> None:
         writer.writeheader()
         writer.writerows(rows)
         stream.write(buffer.getvalue())
+
+
+def _int_or_none(value) -> int | None:
+    """A count from a DataFrame cell (NaN where a trial has none)."""
+    return None if value is None or value != value else int(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,16 +186,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 class StudyProgress:
-    """A progress bar fed by the runner's progress events."""
+    """A progress bar fed by the runner's progress events; drawn from the first event on, so a
+    study that fails before its first trial prints no empty bar."""
 
     def __init__(self, disable: bool = False) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=0, desc="trials", unit="trial", disable=disable)
+        self.disable = disable
+        self.bar = None
         self.phase = ""
 
     def __call__(self, event: dict) -> None:
         plan = event.get("plan")
+        if self.bar is None:
+            from tqdm import tqdm
+
+            total = plan.expected_total if plan is not None and plan.expected_total else None
+            self.bar = tqdm(total=total, desc="trials", unit="trial", disable=self.disable)
         if plan is not None:
             self.phase = plan.phase
             if plan.expected_total:
@@ -194,7 +211,8 @@ class StudyProgress:
         self.bar.refresh()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _storage_arg(p: argparse.ArgumentParser) -> None:
@@ -219,7 +237,7 @@ def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
         return
     state = "finished" if best["finished"] else "not finished yet"
     print(f"study {name} ({state}): best cut {best['cut']} ({best['cut_name']}, stage {best['stage']}) of "
-          f"{best['backbone']}, {_fmt_count(best['params'])} parameters "
+          f"{best['backbone']}, {_fmt_params(best['params'], best.get('trainable_params'))} parameters "
           f"(full: {_fmt_count(best['full']['params'])}), {_fmt_count(best['macs'])} MACs")
     rows = []
     for metric in best["val"]:
@@ -290,11 +308,12 @@ def _print_status(name: str, storage: str | None) -> tuple[int, bool]:
     for r in frame.to_dict("records"):
         fmt = lambda v: "-" if v is None or v != v else f"{v:.4f}"  # noqa: E731
         rows.append([r["trial"], r["strategy"], r["cut"], r["cut_name"], r["stage"], r["phase"], r["state"],
-                     fmt(r[f"val_{metric}"]), fmt(r[f"test_{metric}"]), _fmt_count(r["params"]),
+                     fmt(r[f"val_{metric}"]), fmt(r[f"test_{metric}"]), _fmt_count(_int_or_none(r["params"])),
+                     _fmt_count(_int_or_none(r["trainable_params"])),
                      "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s", r["note"]])
     print_table(f"study {name}: {cfg.search.strategy} search of {cfg.trial.backbone}; phase {plan.phase or '-'}, "
                 f"{plan.action}", ["trial", "strategy", "cut", "name", "stage", "phase", "state", f"val {metric}",
-                                   f"test {metric}", "params", "duration", "note"], rows)
+                                   f"test {metric}", "params", "trainable", "duration", "note"], rows)
     done = sum(1 for r in rows if r[6] in ("COMPLETE", "PRUNED"))
     running = sum(1 for r in rows if r[6] == "RUNNING")
     failed = sum(1 for r in rows if r[6] == "FAIL")
@@ -332,11 +351,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         sys.stdout.write(frame.to_markdown(index=False, floatfmt=".4f") + "\n")
     else:
         cols = ["study", "strategy", "cut", "cut_name", "chosen", "repeats", "val_auroc", "test_auroc", "test_auprc",
-                "test_accuracy", "params", "macs", "latency_batch1_ms"]
+                "test_accuracy", "params", "trainable_params", "macs", "latency_batch1_ms"]
         def cell(c, v):
             if v is None or (isinstance(v, float) and v != v):
                 return "-"
-            if c in ("params", "macs"):
+            if c in ("params", "trainable_params", "macs"):
                 return _fmt_count(int(v))
             return f"{v:.4f}" if isinstance(v, float) else v
         print_table("comparison (means over seeds)", cols,

@@ -249,7 +249,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int
             import onnxscript  # noqa: F401
         except ImportError as exc:
             raise ConfigError(f"ONNX export failed with torch's TorchScript-based exporter ({legacy_exc}); the "
-                              "torch.export-based exporter needs onnxscript: pip install onnxscript") from exc
+                              "torch.export-based exporter needs onnxscript: pip install 'ttl-search[export]'") from exc
         batch = torch.export.Dim("batch", min=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

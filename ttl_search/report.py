@@ -3,14 +3,16 @@
 :func:`make_report` writes, for one study:
 
 - ``metric_vs_cut.png``: validation and test metric of every trained cut (mean ± sd over seeds),
-  backbone stages shaded, the chosen cut and the baselines marked;
+  lines only between neighbouring valid cuts that were both trained, backbone stages shaded, the
+  chosen cut and the baselines (validation and test) marked;
 - ``metric_vs_cost.png``: validation metric against parameters, MACs and latency with the Pareto
   front (models no other model beats on both cost and metric);
 - ``search_order.png``: which cut the search trained when, coloured by phase (stage 1, stage 2,
   baselines);
 - ``summary.md`` with the results table of TTL next to the baselines (test AUROC, AUPRC, accuracy,
-  parameters, MACs, latency, as in the paper's results table), and ``results.csv``, ``cuts.csv``,
-  ``search_order.csv``.
+  balanced accuracy, macro F1, parameters and how many of them train, MACs, latency, as in the
+  paper's results table), the table of every trained cut (validation and test), and
+  ``results.csv``, ``cuts.csv``, ``search_order.csv``.
 
 The PNGs and the summary are attached to the study as Optuna artifacts, so optuna-dashboard lists
 them. This module also draws the plots of :mod:`ttl_search.analysis`.
@@ -34,7 +36,12 @@ from .errors import StudyError
 
 log = logging.getLogger(__name__)
 
-TABLE_METRICS = ("auroc", "auprc", "accuracy")
+TABLE_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "f1_macro")
+"""Metrics of the results table (test split) and of ``cut_metrics`` (both splits)."""
+CUT_TABLE_METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
+"""Threshold metrics the table of every trained cut shows beside the study's metric."""
+METRIC_HEADERS = {"auroc": "AUROC", "auprc": "AUPRC", "accuracy": "accuracy",
+                  "balanced_accuracy": "balanced accuracy", "f1_macro": "macro F1"}
 STRATEGY_LABELS = {
     "ttl": "TruncatedTL", "full": "full fine-tuning", "linear_probe": "linear probe",
     "lwft": "layer-wise fine-tuning", "transfusion": "TransFusion", "scratch": "from scratch",
@@ -72,8 +79,8 @@ def _mean_sd(values: Iterable[Any]) -> tuple[float, float]:
 
 def cut_metrics(trials: Sequence[FrozenTrial], metric: str, strategy: str | None = "ttl") -> pd.DataFrame:
     """One row per (strategy, cut) with completed trials: mean and sd over seeds of the
-    validation/test ``metric`` and of the table metrics, size and latency. ``strategy=None``
-    keeps every strategy."""
+    validation/test ``metric`` and of the table metrics (``val_<m>``, ``test_<m>``), size
+    (``params``, ``trainable_params``) and latency. ``strategy=None`` keeps every strategy."""
     groups: dict[tuple[str, int], list[FrozenTrial]] = {}
     for t in trials:
         a = t.user_attrs
@@ -90,15 +97,16 @@ def cut_metrics(trials: Sequence[FrozenTrial], metric: str, strategy: str | None
                                "seeds": [t.user_attrs.get("seed") for t in ts], "trials": [t.number for t in ts]}
         for split in ("val", "test"):
             row[f"{split}_mean"], row[f"{split}_sd"] = _mean_sd(t.user_attrs.get(f"{split}_{metric}") for t in ts)
-        for m in TABLE_METRICS:
-            row[f"test_{m}"], row[f"test_{m}_sd"] = _mean_sd(t.user_attrs.get(f"test_{m}") for t in ts)
-        row.update(params=first.get("params"), macs=first.get("macs"),
+            for m in TABLE_METRICS:
+                row[f"{split}_{m}"], row[f"{split}_{m}_sd"] = _mean_sd(t.user_attrs.get(f"{split}_{m}") for t in ts)
+        row.update(params=first.get("params"), trainable_params=first.get("trainable_params"), macs=first.get("macs"),
                    latency_batch1_ms=_mean_sd(t.user_attrs.get("latency_batch1_ms") for t in ts)[0],
                    latency_batch64_ms=_mean_sd(t.user_attrs.get("latency_batch64_ms") for t in ts)[0])
         rows.append(row)
     columns = ["strategy", "cut", "cut_name", "stage", "n", "seeds", "trials", "val_mean", "val_sd", "test_mean",
-               "test_sd"] + [f"test_{m}{sd}" for m in TABLE_METRICS for sd in ("", "_sd")] + [
-               "params", "macs", "latency_batch1_ms", "latency_batch64_ms"]
+               "test_sd"] + [f"{split}_{m}{sd}" for split in ("val", "test") for m in TABLE_METRICS
+                             for sd in ("", "_sd")] + [
+               "params", "trainable_params", "macs", "latency_batch1_ms", "latency_batch64_ms"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -127,6 +135,18 @@ def fmt_count(n: Any) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{suffix}"
     return f"{n:g}"
+
+
+def partly_trainable(total: Any, trainable: Any) -> bool:
+    """Whether fewer than ``total`` parameters train (False where either count is unknown)."""
+    return fmt_count(total) != "-" and fmt_count(trainable) != "-" and float(trainable) < float(total)
+
+
+def trainable_note(total: Any, trainable: Any) -> str:
+    """", all trainable", ", 2.60k trainable", or "" where either count is unknown."""
+    if fmt_count(total) == "-" or fmt_count(trainable) == "-":
+        return ""
+    return f", {fmt_count(trainable)} trainable" if partly_trainable(total, trainable) else ", all trainable"
 
 
 def _stages(cuts: Sequence[dict]) -> list[tuple[int, int, int]]:
@@ -227,22 +247,65 @@ def _save(fig, path: Path) -> Path:
 # Report plots
 
 
-def plot_metric_vs_cut(ttl: pd.DataFrame, baselines: pd.DataFrame, cuts: list[dict], chosen: dict | None,
-                       metric: str, title: str, path: Path) -> Path:
+def line_segments(trained_cuts: Iterable[int], candidate_cuts: Iterable[int]) -> list[list[int]]:
+    """The trained cuts in runs of neighbours: two trained cuts share a line segment only when no
+    valid cut between them went untrained (``candidate_cuts`` are the valid cuts). A trained cut
+    that is not a candidate stands alone."""
+    position = {cut: i for i, cut in enumerate(sorted(set(candidate_cuts)))}
+    segments: list[list[int]] = []
+    previous: int | None = None
+    for cut in sorted(set(trained_cuts)):
+        here = position.get(cut)
+        if segments and here is not None and previous is not None and here == previous + 1:
+            segments[-1].append(cut)
+        else:
+            segments.append([cut])
+        previous = here
+    return segments
+
+
+BASELINE_SPLITS = (("val", "validation", -0.3), ("test", "test", -0.16))
+"""(split, label, x offset from the baseline's cut) of the baseline points in the metric-vs-cut plot."""
+
+
+def baseline_points(baselines: pd.DataFrame) -> pd.DataFrame:
+    """Points of the baselines in the metric-vs-cut plot: per baseline its validation and its
+    test metric (mean, sd over seeds), just left of its cut."""
+    rows = [{"strategy": r["strategy"], "split": split, "label": label, "x": r["cut"] + offset,
+             "mean": r[f"{split}_mean"], "sd": r[f"{split}_sd"]}
+            for r in baselines.to_dict("records") for split, label, offset in BASELINE_SPLITS]
+    return pd.DataFrame(rows, columns=["strategy", "split", "label", "x", "mean", "sd"])
+
+
+def _plot_segments(ax, ttl: pd.DataFrame, segments: list[list[int]], split: str, offset: float, label: str,
+                   **style: Any) -> None:
+    """One errorbar series per run of neighbouring trained cuts, labelled once."""
+    by_cut = ttl.set_index("cut")
+    for k, segment in enumerate(segments):
+        rows = by_cut.loc[segment]
+        ax.errorbar(np.asarray(segment) + offset, rows[f"{split}_mean"], yerr=rows[f"{split}_sd"], capsize=3,
+                    label=label if k == 0 else None, zorder=3, **style)
+
+
+def plot_metric_vs_cut(ttl: pd.DataFrame, baselines: pd.DataFrame, cuts: list[dict], candidates: Sequence[int],
+                       chosen: dict | None, metric: str, title: str, path: Path) -> Path:
+    """TTL's validation and test metric per trained cut (lines only between neighbouring
+    ``candidates`` that were both trained), the baselines' validation (filled) and test (hollow)
+    metric, and the chosen cut."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 5.2))
     n_cuts = len(cuts)
     shade_stages(ax, cuts, 1, n_cuts)
     label = metric.upper() if metric in ("auroc", "auprc") else metric
     if len(ttl):
-        ax.errorbar(ttl["cut"], ttl["val_mean"], yerr=ttl["val_sd"], fmt="o-", color="#1f77b4", capsize=3,
-                    label=f"TTL, validation {label}", zorder=3)
-        ax.errorbar(ttl["cut"] + 0.12, ttl["test_mean"], yerr=ttl["test_sd"], fmt="s--", color="#1f77b4",
-                    mfc="white", capsize=3, alpha=0.8, label=f"TTL, test {label}", zorder=3)
-    for r in baselines.itertuples():
-        marker = BASELINE_MARKERS.get(r.strategy, "o")
-        ax.errorbar([r.cut - 0.12], [r.val_mean], yerr=[r.val_sd], fmt=marker, color="#555555", ms=8, capsize=3,
-                    label=f"{STRATEGY_LABELS.get(r.strategy, r.strategy)} (baseline), validation", zorder=4)
+        segments = line_segments(ttl["cut"], candidates)
+        _plot_segments(ax, ttl, segments, "val", 0.0, f"TTL, validation {label}", fmt="o-", color="#1f77b4")
+        _plot_segments(ax, ttl, segments, "test", 0.12, f"TTL, test {label}", fmt="s--", color="#1f77b4",
+                       mfc="white", alpha=0.8)
+    for r in baseline_points(baselines).itertuples():
+        ax.errorbar([r.x], [r.mean], yerr=[r.sd], fmt=BASELINE_MARKERS.get(r.strategy, "o"), color="#555555", ms=8,
+                    mfc="white" if r.split == "test" else "#555555", capsize=3, zorder=4,
+                    label=f"{STRATEGY_LABELS.get(r.strategy, r.strategy)} (baseline), {r.label}")
     if chosen:
         ax.axvline(chosen["cut"], color=CHOSEN_COLOR, lw=1.5, zorder=2)
         ax.plot([chosen["cut"]], [chosen["val"]], marker="*", ms=18, color=CHOSEN_COLOR, zorder=5, ls="none",
@@ -253,7 +316,8 @@ def plot_metric_vs_cut(ttl: pd.DataFrame, baselines: pd.DataFrame, cuts: list[di
     ax.set_ylabel(label)
     seeds = int(ttl["n"].max()) if len(ttl) else 0
     ax.set_title(f"{title}\nmean over {seeds} seed(s) per cut" + (", bars: ± sd" if seeds > 1 else "")
-                 + "; cuts without a point were not trained by the search", fontsize=10)
+                 + "; cuts without a point were not trained by the search,\nlines join only neighbouring valid cuts "
+                 "that were both trained", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
     return _save(fig, path)
@@ -281,15 +345,17 @@ def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, di
         ax.step(fx, fy, where="post", color="black", ls="--", lw=1.2, label="Pareto front", zorder=2)
         for (r, xi, yi, on_front) in zip(data.itertuples(), x, y, front):
             edge = "black" if on_front else "none"
+            trainable = (f"\n({fmt_count(r.trainable_params)} trainable)"
+                         if key == "params" and partly_trainable(r.params, r.trainable_params) else "")
             if r.strategy == "ttl":
                 ax.scatter([xi], [yi], color=cmap((int(r.stage) - 1) % 10), s=55, edgecolors=edge, linewidths=1.5,
                            zorder=3)
-                ax.annotate(str(r.cut), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
+                ax.annotate(f"{r.cut}{trainable}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=8)
             else:
                 ax.scatter([xi], [yi], marker=BASELINE_MARKERS.get(r.strategy, "o"), color="#555555", s=70,
                            edgecolors=edge, linewidths=1.5, zorder=3)
-                ax.annotate(STRATEGY_LABELS.get(r.strategy, r.strategy), (xi, yi), textcoords="offset points",
-                            xytext=(5, -10), fontsize=8, color="#555555")
+                ax.annotate(STRATEGY_LABELS.get(r.strategy, r.strategy) + trainable, (xi, yi),
+                            textcoords="offset points", xytext=(5, -3), fontsize=8, color="#555555", va="top")
         if chosen and chosen.get(key) is not None:
             ax.scatter([chosen[key]], [chosen["val"]], marker="*", s=300, facecolors="none", edgecolors=CHOSEN_COLOR,
                        linewidths=1.8, zorder=4)
@@ -432,12 +498,18 @@ def _pm(mean: Any, sd: Any, n: int) -> str:
     return f"{mean:.4f}" + (f" ± {sd:.4f}" if n > 1 and sd is not None and not math.isnan(sd) else "")
 
 
+def _row(cells: Sequence[str]) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def _ms(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
 def results_table(cm_all: pd.DataFrame, chosen: dict | None) -> pd.DataFrame:
-    """TTL at the chosen cut, then every baseline: test metrics (mean, sd), size and latency."""
+    """TTL at the chosen cut, then every baseline: test metrics (mean, sd), size (parameters,
+    trainable parameters, MACs) and latency."""
     rows = []
     if chosen:
         sel = cm_all[(cm_all["strategy"] == "ttl") & (cm_all["cut"] == chosen["cut"])]
@@ -448,7 +520,8 @@ def results_table(cm_all: pd.DataFrame, chosen: dict | None) -> pd.DataFrame:
     if frame.empty:
         return frame
     keep = ["method", "strategy", "cut", "cut_name", "n", "seeds"] + [
-        f"test_{m}{sd}" for m in TABLE_METRICS for sd in ("", "_sd")] + ["params", "macs", "latency_batch1_ms"]
+        f"test_{m}{sd}" for m in TABLE_METRICS for sd in ("", "_sd")] + [
+        "params", "trainable_params", "macs", "latency_batch1_ms"]
     return frame[keep]
 
 
@@ -478,31 +551,41 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
             f"Cut **{chosen['cut']}** (`{chosen['cut_name']}`, stage {chosen['stage']}): validation {metric} "
             f"{_pm(chosen['val'], chosen.get('val_sd'), chosen['n'])}, test {metric} "
             f"{_pm(chosen['test'], chosen.get('test_sd'), chosen['n'])} over seed(s) {chosen['seeds']}; "
-            f"{fmt_count(chosen.get('params'))} parameters{share}, {fmt_count(chosen.get('macs'))} MACs.",
+            f"{fmt_count(chosen.get('params'))} parameters{share}"
+            f"{trainable_note(chosen.get('params'), chosen.get('trainable_params'))}, "
+            f"{fmt_count(chosen.get('macs'))} MACs.",
             "",
         ]
     lines += ["## Results (test split, mean ± sd over seeds)", ""]
     if results is not None and not results.empty:
-        lines += ["| method | cut | seeds | AUROC | AUPRC | accuracy | parameters | MACs | latency b1 (ms) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        header = ["method", "cut", "seeds"] + [METRIC_HEADERS[m] for m in TABLE_METRICS] + [
+            "parameters", "trainable", "MACs", "latency b1 (ms)"]
+        lines += [_row(header), "|" + "---|" * len(header)]
         for r in results.to_dict("records"):
             n = int(r["n"])
-            lines.append(f"| {r['method']} | {r['cut']} ({r['cut_name']}) | {n} | "
-                         + " | ".join(_pm(r[f"test_{m}"], r[f"test_{m}_sd"], n) for m in TABLE_METRICS)
-                         + f" | {fmt_count(r['params'])} | {fmt_count(r['macs'])} | {_ms(r['latency_batch1_ms'])} |")
+            lines.append(_row([r["method"], f"{r['cut']} ({r['cut_name']})", str(n)]
+                              + [_pm(r[f"test_{m}"], r[f"test_{m}_sd"], n) for m in TABLE_METRICS]
+                              + [fmt_count(r["params"]), fmt_count(r["trainable_params"]), fmt_count(r["macs"]),
+                                 _ms(r["latency_batch1_ms"])]))
         lines.append("")
-        lines.append("Latency: median forward time measured after training, on the trial's device.")
+        lines.append("Trainable: the parameters the method updates (a linear probe trains only its head). "
+                     "Latency: median forward time measured after training, on the trial's device.")
     else:
         lines.append("No completed search trial or baseline yet.")
-    lines += ["", "## Every trained cut (TTL)", "",
-              f"| cut | last unit | stage | seeds | val {metric} | test {metric} | parameters | MACs | latency b1 (ms) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    extra = [m for m in CUT_TABLE_METRICS if m != metric]
+    header = ["cut", "last unit", "stage", "seeds", f"val {metric}", f"test {metric}"] + [
+        f"{split} {METRIC_HEADERS[m]}" for m in extra for split in ("val", "test")] + [
+        "parameters", "trainable", "MACs", "latency b1 (ms)"]
+    lines += ["", "## Every trained cut (TTL)", "", _row(header), "|" + "---|" * len(header)]
     for r in ttl.to_dict("records"):
         n = int(r["n"])
         mark = " **(chosen)**" if chosen and r["cut"] == chosen["cut"] else ""
-        lines.append(f"| {r['cut']}{mark} | {r['cut_name']} | {r['stage']} | {n} | {_pm(r['val_mean'], r['val_sd'], n)} | "
-                     f"{_pm(r['test_mean'], r['test_sd'], n)} | {fmt_count(r['params'])} | {fmt_count(r['macs'])} | "
-                     f"{_ms(r['latency_batch1_ms'])} |")
+        lines.append(_row([f"{r['cut']}{mark}", str(r["cut_name"]), str(r["stage"]), str(n),
+                           _pm(r["val_mean"], r["val_sd"], n), _pm(r["test_mean"], r["test_sd"], n)]
+                          + [_pm(r[f"{split}_{m}"], r[f"{split}_{m}_sd"], n)
+                             for m in extra for split in ("val", "test")]
+                          + [fmt_count(r["params"]), fmt_count(r["trainable_params"]), fmt_count(r["macs"]),
+                             _ms(r["latency_batch1_ms"])]))
     lines += [
         "",
         "## Plots",
@@ -510,12 +593,15 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
         f"![{metric} by cut]({files['metric_vs_cut_png'].name})",
         "",
         f"{metric} of the truncated model at each cut: validation (filled) and test (hollow), mean over seeds with "
-        "± sd bars; shaded bands are the backbone's stages, the red line the chosen cut, grey markers the baselines.",
+        "± sd bars; a line joins two cuts only when they are neighbouring valid cuts and both were trained, so a "
+        "break means a cut in between was not trained. Shaded bands are the backbone's stages, the red line the "
+        "chosen cut, grey markers the baselines (filled: validation, hollow: test).",
         "",
         f"![{metric} vs cost]({files['metric_vs_cost_png'].name})",
         "",
         f"Validation {metric} against parameters, MACs and latency; the dashed line is the Pareto front (no other "
-        "model is both cheaper and better); numbers are cut indices.",
+        "model is both cheaper and better); numbers are cut indices, and the parameters panel says how many "
+        "parameters train where not all do.",
         "",
         f"![search order]({files['search_order_png'].name})",
         "",
@@ -543,6 +629,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
     from .api import artifacts_dir, best_cut, open_study
     from .backbones import get_backbone
     from .storage import storage_url
+    from .study import cut_candidates
 
     url = storage_url(storage)
     study, cfg = open_study(name, url)
@@ -566,14 +653,16 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
         chosen = {"cut": best["cut"], "cut_name": best["cut_name"], "stage": best["stage"], "val": row["val_mean"],
                   "val_sd": row["val_sd"], "test": row["test_mean"], "test_sd": row["test_sd"], "n": int(row["n"]),
                   "seeds": row["seeds"], "trials": row["trials"], "params": row["params"], "macs": row["macs"],
-                  "latency_batch1_ms": row["latency_batch1_ms"], "full_params": best["full"]["params"]}
+                  "trainable_params": row["trainable_params"], "latency_batch1_ms": row["latency_batch1_ms"],
+                  "full_params": best["full"]["params"]}
     out = Path(output) if output else artifacts_dir(cfg, url) / name / "report"
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     label = metric.upper() if metric in ("auroc", "auprc") else metric
     head = f"study {name}: {spec.name} on {cfg.trial.data.dataset}"
     files: dict[str, Path] = {}
-    files["metric_vs_cut_png"] = plot_metric_vs_cut(ttl, baselines, cuts, chosen, metric,
+    candidates = [c.index for c in cut_candidates(cfg)]
+    files["metric_vs_cut_png"] = plot_metric_vs_cut(ttl, baselines, cuts, candidates, chosen, metric,
                                                     f"{head}: {label} of the model truncated at each cut",
                                                     out / "metric_vs_cut.png")
     files["metric_vs_cost_png"] = plot_metric_vs_cost(cm_all, chosen, metric, cfg.resolved_direction,

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
 from .config import from_dict, to_dict
 from .errors import ConfigError, StudyError, TTLSearchError
-from .search import CutCandidate, suggest_params
+from .search import CutCandidate, Plan, job_distributions, suggest_params
 from .storage import attach_artifact
 from .study import StudyConfig, cut_candidates, trial_strategies
 
@@ -126,6 +127,27 @@ def trial_user_attrs(payload: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if v is not None}
 
 
+REUSE_DROPPED_ATTRS = ("ray_trial_id", "driver_duration_s")
+"""Attributes of a twin that describe its own run, not the model, and are not copied."""
+
+
+def copy_twin(study: optuna.Study, plan: Plan, distributions: dict[str, BaseDistribution]) -> None:
+    """Store ``plan.job`` as COMPLETE with the result of the completed trial ``plan.reuse``, which
+    trained the same model with the same seed (full fine-tuning is TTL at the last cut)."""
+    source = next(t for t in study.get_trials(deepcopy=False) if t.number == plan.reuse)
+    job = plan.job
+    attrs = {k: v for k, v in source.user_attrs.items() if k not in REUSE_DROPPED_ATTRS}
+    attrs.update(strategy=job.strategy, phase=job.phase, reused_from=source.number, duration_s=0.0,
+                 train_time_s=0.0)
+    study.add_trial(optuna.trial.create_trial(
+        params={"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat}, distributions=distributions,
+        value=source.value, user_attrs=attrs, intermediate_values=dict(source.intermediate_values),
+        state=TrialState.COMPLETE,
+    ))
+    log.info("%s cut %d seed %s: the same model as trial %d (%s); its result is stored, not trained again",
+             job.strategy, job.cut, attrs.get("seed"), source.number, source.user_attrs.get("strategy"))
+
+
 @dataclass
 class LiveTrial:
     """A trial the driver asked Optuna for and handed to Ray Tune."""
@@ -146,6 +168,7 @@ def make_searcher(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Pat
     candidates = cut_candidates(cfg)
     by_index = {c.index: c for c in candidates}
     strategies = trial_strategies(cfg)
+    distributions = job_distributions(candidates, strategies, cfg.search.repeats)
     mode = "max" if cfg.resolved_direction == "maximize" else "min"
 
     class _Searcher(Searcher):
@@ -157,6 +180,10 @@ def make_searcher(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Pat
 
         def suggest(self, trial_id: str) -> dict | None:
             plan = sampler.plan(study.get_trials(deepcopy=False))
+            while plan.reuse is not None:  # a twin already trained this model: store its copy
+                copy_twin(study, plan, distributions)
+                self.counts["complete"] += 1
+                plan = sampler.plan(study.get_trials(deepcopy=False))
             self._progress(plan)
             if plan.action == "wait":
                 return None
@@ -164,7 +191,9 @@ def make_searcher(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Pat
                 return Searcher.FINISHED
             trial = study.ask()
             params = suggest_params(trial, candidates, strategies, cfg.search.repeats, cfg.search.tune_lr)
-            return self._launch(trial_id, trial, params, by_index[params["cut"]], sampler.phase_of(trial.number))
+            config = self._launch(trial_id, trial, params, by_index[params["cut"]], sampler.phase_of(trial.number))
+            self._progress(plan)  # the new trial counts as running from now on
+            return config
 
         def _launch(self, trial_id: str, trial: optuna.Trial, params: dict, cut: CutCandidate, phase: str) -> dict:
             seed = cfg.search.seed + params["repeat"]
@@ -289,9 +318,28 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
                 f"`ray start --address={address} --num-cpus=0 --num-gpus=0`"
             ) from exc
         return True
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING if quiet else logging.INFO)
+    # Ray turns token authentication on for a new local cluster and announces it with a warning
+    # that would land in the middle of our progress bar; the cluster is ours, so the note is not.
+    with _quiet_logger(RAY_TOKEN_NOTICE_LOGGER):
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING if quiet else logging.INFO)
     return True
+
+
+RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""The logger of Ray's "Token authentication is enabled for this Ray cluster" notice."""
+
+
+@contextmanager
+def _quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise ``name``'s level for the duration of the block."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 def check_cluster_resources(cfg: StudyConfig) -> None:

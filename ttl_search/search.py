@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
@@ -78,6 +78,9 @@ class Plan:
     """Trainings the study will have when it finishes, as far as known now."""
     note: str = ""
     """Why the plan waits or finished."""
+    reuse: int | None = None
+    """Number of a completed trial that already trained ``job``'s model (its twin): store a copy
+    of its result instead of training again."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,17 @@ class Key:
     strategy: str
     cut: int
     repeat: int
+
+
+TWIN_STRATEGIES = {"full": SEARCH_STRATEGY, SEARCH_STRATEGY: "full"}
+"""Strategies that train the same model with the same seed at the same cut: full fine-tuning is
+TTL at the last cut (the only cut ``full`` trains at)."""
+
+
+def twin_key(key: Key) -> Key | None:
+    """The key of the training that gives the same model as ``key``, if any."""
+    other = TWIN_STRATEGIES.get(key.strategy)
+    return Key(other, key.cut, key.repeat) if other else None
 
 
 def trial_key(trial: FrozenTrial) -> Key | None:
@@ -104,6 +118,8 @@ class Ledger:
     running: set[Key] = field(default_factory=set)
     failures: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
     pruned: set[Key] = field(default_factory=set)
+    first_complete: dict[Key, int] = field(default_factory=dict)
+    """Number of the first completed trial of each key."""
 
     @classmethod
     def from_trials(cls, trials: Iterable[FrozenTrial]) -> "Ledger":
@@ -114,6 +130,7 @@ class Ledger:
                 continue
             if t.state == TrialState.COMPLETE and t.value is not None:
                 ledger.complete[key].append(float(t.value))
+                ledger.first_complete.setdefault(key, t.number)
             elif t.state == TrialState.RUNNING:
                 ledger.running.add(key)
             elif t.state == TrialState.FAIL:
@@ -185,15 +202,16 @@ class PlannedSampler(BaseSampler):
         return [Job(s, c, r, "baseline") for s, c in self.baselines for r in range(self.repeats)]
 
     def plan(self, trials: Sequence[FrozenTrial]) -> Plan:
+        """The next training (or a completed twin to copy), ``wait`` or ``finished``."""
         ledger = Ledger.from_trials(trials)
         jobs, phase, barrier, expected = self.search_jobs(ledger)
         expected += len(self.baseline_jobs())
-        for job in self._open(jobs, ledger):
-            if Key(job.strategy, job.cut, job.repeat) not in ledger.running:
-                return Plan("run", job, phase, expected)
-        for job in self._open(self.baseline_jobs(), ledger):
-            if Key(job.strategy, job.cut, job.repeat) not in ledger.running:
-                return Plan("run", job, phase, expected)
+        for job in self._open([*jobs, *self.baseline_jobs()], ledger):
+            key = Key(job.strategy, job.cut, job.repeat)
+            twin = twin_key(key)
+            if key in ledger.running or twin in ledger.running:
+                continue  # a running twin will answer for this job too
+            return Plan("run", job, phase, expected, reuse=ledger.first_complete.get(twin))
         if ledger.running:
             return Plan("wait", None, phase, expected, "waiting for running trials" + (" (stage barrier)" if barrier else ""))
         return Plan("finished", None, phase, expected, "every planned training is settled")
@@ -315,13 +333,24 @@ class TPESearch(TPESampler):
         return rank_cuts(trials, self.candidates, self.direction, self.tolerance, strategy)
 
 
+def job_distributions(candidates: Sequence[CutCandidate], strategies: Sequence[str],
+                      repeats: int) -> dict[str, BaseDistribution]:
+    """The distributions of a trial's ``strategy``, ``cut`` and ``repeat`` (the same in every trial)."""
+    return {
+        "strategy": CategoricalDistribution(list(strategies)),
+        "cut": CategoricalDistribution([c.index for c in candidates]),
+        "repeat": IntDistribution(0, max(0, repeats - 1)),
+    }
+
+
 def suggest_params(trial: optuna.Trial, candidates: Sequence[CutCandidate], strategies: Sequence[str],
                    repeats: int, tune_lr: bool = False) -> dict[str, Any]:
     """Ask ``trial`` for its parameters with fixed distributions (the same in every trial)."""
+    dists = job_distributions(candidates, strategies, repeats)
     params: dict[str, Any] = {
-        "strategy": trial.suggest_categorical("strategy", list(strategies)),
-        "cut": trial.suggest_categorical("cut", [c.index for c in candidates]),
-        "repeat": trial.suggest_int("repeat", 0, max(0, repeats - 1)),
+        "strategy": trial.suggest_categorical("strategy", dists["strategy"].choices),
+        "cut": trial.suggest_categorical("cut", dists["cut"].choices),
+        "repeat": trial.suggest_int("repeat", dists["repeat"].low, dists["repeat"].high),
     }
     if tune_lr:
         params["lr"] = trial.suggest_float("lr", 1e-5, 1e-2, log=True)
