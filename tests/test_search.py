@@ -10,7 +10,7 @@ from ttl_search.errors import ConfigError
 from ttl_search.search import (
     ExhaustiveSampler, Key, Ledger, TPESearch, TwoStageSampler, choose_best, job_distributions, rank_cuts, suggest_params,
 )
-from ttl_search.runner import copy_twin
+from ttl_search.searcher import copy_twin
 from ttl_search.study import StudyConfig, cut_candidates, make_sampler
 from ttl_search.training import TrialConfig
 from ttl_search.data import DataConfig

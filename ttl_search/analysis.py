@@ -469,11 +469,11 @@ def run_svcca(name: str, storage: str | None = None, trial: int | None = None,
     out = Path(output) if output else artifacts_dir(restored.config, restored.storage) / name / f"svcca-trial-{restored.trial.number}"
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    a = restored.trial.user_attrs
+    r = restored.record
     context = {
-        "study": name, "trial": restored.trial.number, "strategy": a.get("strategy"), "seed": a.get("seed"),
+        "study": name, "trial": restored.trial.number, "strategy": r.strategy, "seed": r.seed,
         "chosen_by_search": restored.chosen, "backbone": spec.name, "weights": restored.prepared.loaded.weights,
-        "cut": cut, "cut_name": a.get("cut_name"), "metric": restored.config.metric,
+        "cut": cut, "cut_name": r.cut_name, "metric": restored.config.metric,
         "dataset": restored.data.name, "split": opts.split, "images": len(sample), "options": asdict(opts),
         "spatial_note": opts.describe(),
         "stage_ends": [c.index for c in spec.cuts if c.stage_end],

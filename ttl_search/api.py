@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import math
-import statistics
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,14 +17,18 @@ from .config import from_dict, merge, to_dict
 from .data import ensure_data
 from .errors import ConfigError, StudyError
 from .runner import ProgressCallback, ray_cluster, run_search
-from .search import SEARCH_STRATEGY, trial_key
+from .record import SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, records, summarize_cut
+from .search import CutCandidate
 from .storage import artifact_store, load_study, open_storage, reconcile_running, sqlite_path, storage_url, study_names
 from .training import TrialConfig
-from .study import StudyConfig, make_sampler, resolve_paths
+from .study import StudyConfig, cut_candidates, make_sampler, resolve_paths
 
 log = logging.getLogger(__name__)
 
 CONFIG_ATTR = "config"
+CANDIDATES_ATTR = "cut_candidates"
+"""Study attribute with the cuts the search may train (index, name, stage, parameters), stored when
+the study is created so that reading it needs no model."""
 METRIC_NAMES = ("auroc", "auprc", "pr_auc_trapz", "accuracy", "balanced_accuracy", "f1_macro", "loss")
 EXECUTION_KEYS = ("concurrency", "resources.", "ray_address", "storage", "scheduler.", "artifacts",
                   "trial.data.root", "trial.data.path", "trial.data.download", "trial.device", "trial.amp",
@@ -62,7 +65,8 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         raise StudyError(f"study {cfg.name!r} already exists in {url}; continue it with `ttl-search resume {cfg.name}` "
                          "or choose another name (--set name=...)")
     resolve_paths(cfg)
-    sampler = make_sampler(cfg)  # validates cuts and baselines before anything is stored
+    candidates = cut_candidates(cfg)
+    sampler = make_sampler(cfg, candidates)  # validates cuts and baselines before anything is stored
     ensure_data(cfg.trial.data)
     with ray_cluster(cfg):  # a cluster that cannot run the trials fails before the study exists
         study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction,
@@ -70,6 +74,7 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         resolved = to_dict(cfg)
         resolved["storage"] = url
         study.set_user_attr(CONFIG_ATTR, resolved)
+        study.set_user_attr(CANDIDATES_ATTR, [asdict(c) for c in candidates])
         study.set_user_attr("ttl_search_version", __version__)
         study.set_user_attr("backbone", cfg.trial.backbone)
         study.set_user_attr("dataset", cfg.trial.data.dataset)
@@ -97,7 +102,7 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
     cfg = from_dict(StudyConfig, merge(values, execution or {}))
     cfg.storage = url
     resolve_paths(cfg)
-    sampler = make_sampler(cfg)
+    sampler = make_sampler(cfg, stored_candidates(probe, cfg))
     ensure_data(cfg.trial.data)
     study = load_study(name, store, sampler)
     with ray_cluster(cfg):
@@ -117,6 +122,20 @@ def _flat_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def stored_candidates(study: optuna.Study, cfg: StudyConfig) -> list[CutCandidate]:
+    """The study's cut candidates as stored when it was created (computed from the config for a
+    study from before they were stored)."""
+    rows = study.user_attrs.get(CANDIDATES_ATTR)
+    if not rows:
+        return cut_candidates(cfg)
+    return [CutCandidate(**row) for row in rows]
+
+
+def study_sampler(study: optuna.Study, cfg: StudyConfig):
+    """The study's sampler, to read its plan and ranking (no model is built)."""
+    return make_sampler(cfg, stored_candidates(study, cfg))
+
+
 def open_study(name: str, storage: str | None = None) -> tuple[optuna.Study, StudyConfig]:
     study = load_study(name, open_storage(storage))
     return study, stored_config(study)
@@ -124,67 +143,37 @@ def open_study(name: str, storage: str | None = None) -> tuple[optuna.Study, Stu
 
 def trial_config(cfg: StudyConfig, trial: FrozenTrial) -> TrialConfig:
     """The exact TrialConfig a stored trial trained with (study config + its cut, strategy, seed)."""
-    values = to_dict(cfg.trial)
-    a = trial.user_attrs
-    if "cut" not in a:
+    record = TrialRecord.from_trial(trial)
+    if record.cut is None:
         raise StudyError(f"trial {trial.number} has no cut (it never started)")
-    values.update(cut=a["cut"], strategy=a.get("strategy", SEARCH_STRATEGY), seed=a.get("seed", cfg.search.seed))
+    values = to_dict(cfg.trial)
+    values.update(cut=record.cut, strategy=record.strategy,
+                  seed=record.seed if record.seed is not None else cfg.search.seed)
     for key in ("lr", "weight_decay"):
-        if key in trial.params:
-            values[key] = trial.params[key]
+        if getattr(record, key) is not None:
+            values[key] = getattr(record, key)
     return from_dict(TrialConfig, values)
-
-
-def _duration(trial: FrozenTrial) -> float | None:
-    if trial.datetime_start and trial.datetime_complete:
-        return round((trial.datetime_complete - trial.datetime_start).total_seconds(), 2)
-    return None
 
 
 def trial_rows(study: optuna.Study, metric: str) -> pd.DataFrame:
     """One row per trial: number, strategy, cut, stage, phase, state, val/test metric, size, time."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
+    for r in records(study.get_trials(deepcopy=False)):
         rows.append({
-            "trial": t.number, "strategy": a.get("strategy"), "cut": a.get("cut"), "cut_name": a.get("cut_name"),
-            "stage": a.get("stage"), "phase": a.get("phase"), "seed": a.get("seed"), "state": t.state.name,
-            f"val_{metric}": a.get(f"val_{metric}"), f"test_{metric}": a.get(f"test_{metric}"),
-            "params": a.get("params"), "trainable_params": a.get("trainable_params"), "macs": a.get("macs"),
-            "epochs": a.get("epochs"), "duration_s": _duration(t), "node_id": (a.get("node_id") or "")[:8],
-            "note": a.get("fail_reason") or a.get("stopped_by") or _reuse_note(a),
+            "trial": r.number, "strategy": r.strategy, "cut": r.cut, "cut_name": r.cut_name, "stage": r.stage,
+            "phase": r.phase, "seed": r.seed, "state": r.state, f"val_{metric}": r.val.get(metric),
+            f"test_{metric}": r.test.get(metric), "params": r.params, "trainable_params": r.trainable_params,
+            "macs": r.macs, "epochs": r.epochs, "duration_s": r.wall_s, "node_id": (r.node_id or "")[:8],
+            "note": r.note,
         })
     return pd.DataFrame(rows)
 
 
-def _reuse_note(attrs: dict[str, Any]) -> str:
-    source = attrs.get("reused_from")
-    return "" if source is None else f"same model as trial {source}: stored, not trained again"
-
-
-def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    clean = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not clean:
-        return None, None
-    return statistics.fmean(clean), (statistics.stdev(clean) if len(clean) > 1 else 0.0)
-
-
-def _cut_summary(trials: list[FrozenTrial], metric: str) -> dict[str, Any]:
-    """Mean (and sd) over repeats of every metric of completed trials of one cut."""
-    out: dict[str, Any] = {"val": {}, "test": {}, "val_sd": {}, "test_sd": {}}
-    for split in ("val", "test"):
-        for name in METRIC_NAMES:
-            mean, sd = _mean_sd([t.user_attrs.get(f"{split}_{name}") for t in trials])
-            if mean is not None:
-                out[split][name], out[f"{split}_sd"][name] = mean, sd
-    first = trials[0].user_attrs
-    out.update({
-        "params": first.get("params"), "trainable_params": first.get("trainable_params"), "macs": first.get("macs"),
-        "latency_batch1_ms": _mean_sd([t.user_attrs.get("latency_batch1_ms") for t in trials])[0],
-        "latency_batch64_ms": _mean_sd([t.user_attrs.get("latency_batch64_ms") for t in trials])[0],
-        "trials": [t.number for t in trials], "seeds": [t.user_attrs.get("seed") for t in trials],
-        "repeats": len(trials),
-    })
+def _summary_dict(summary: CutSummary) -> dict[str, Any]:
+    """A cut summary as ``best`` reports it (JSON-ready)."""
+    out = {k: v for k, v in asdict(summary).items() if k not in ("strategy", "cut", "cut_name", "stage",
+                                                                  "full_params", "full_macs")}
+    out["repeats"] = summary.repeats
     return out
 
 
@@ -197,25 +186,28 @@ def best_cut(name: str, storage: str | None = None) -> dict[str, Any]:
 def _best(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
     name = study.study_name
     trials = study.get_trials(deepcopy=False)
-    sampler = make_sampler(cfg)
+    sampler = study_sampler(study, cfg)
     ranking = sampler.ranking(trials, SEARCH_STRATEGY)
     if not ranking:
         raise StudyError(f"study {name!r} has no completed search trial yet")
     cut, _ = ranking[0]
-    chosen = [t for t in trials if t.state == TrialState.COMPLETE and (k := trial_key(t)) and
-              k.strategy == SEARCH_STRATEGY and k.cut == cut]
-    first = chosen[0].user_attrs
-    best_trial = max(chosen, key=lambda t: t.value if cfg.resolved_direction == "maximize" else -t.value)
+    chosen = completed_by_cut(records(trials), SEARCH_STRATEGY)[(SEARCH_STRATEGY, cut)]
+    summary = summarize_cut(chosen)
+    best_trial = max(chosen, key=lambda r: r.value if cfg.resolved_direction == "maximize" else -r.value)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     plan = sampler.plan(trials)
     return {
-        "study": name, "cut": cut, "cut_name": first.get("cut_name"), "stage": first.get("stage"),
+        "study": name, "cut": cut, "cut_name": summary.cut_name, "stage": summary.stage,
         "backbone": cfg.trial.backbone, "metric": cfg.metric, "direction": cfg.resolved_direction,
-        **_cut_summary(chosen, cfg.metric), "trial": best_trial.number,
+        **_summary_dict(summary), "trial": best_trial.number,
         "finished": plan.action == "finished" and running == 0,
-        "full": {"params": first.get("full_params"), "macs": first.get("full_macs")},
+        "full": {"params": summary.full_params, "macs": summary.full_macs},
         "ranking": [{"cut": c, "mean_val": v} for c, v in ranking],
     }
+
+
+COMPARE_METRICS = ("auroc", "auprc", "accuracy")
+"""Metrics (validation and test, mean and sd) in a comparison."""
 
 
 def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.DataFrame:
@@ -223,26 +215,21 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
     rows = []
     for name in names:
         study, cfg = open_study(name, storage)
-        groups: dict[tuple[str, int], list[FrozenTrial]] = {}
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            key = trial_key(t)
-            if key is not None:
-                groups.setdefault((key.strategy, key.cut), []).append(t)
         chosen = None
         try:
             chosen = _best(study, cfg)["cut"]
         except StudyError:
             pass
-        for (strategy, cut), trials in sorted(groups.items()):
-            summary = _cut_summary(trials, cfg.metric)
-            row = {"study": name, "strategy": strategy, "cut": cut, "cut_name": trials[0].user_attrs.get("cut_name"),
-                   "chosen": strategy == SEARCH_STRATEGY and cut == chosen, "repeats": summary["repeats"]}
+        for (strategy, cut), group in completed_by_cut(records(study.get_trials(deepcopy=False))).items():
+            summary = summarize_cut(group)
+            row = {"study": name, "strategy": strategy, "cut": cut, "cut_name": summary.cut_name,
+                   "chosen": strategy == SEARCH_STRATEGY and cut == chosen, "repeats": summary.repeats}
             for split in ("val", "test"):
-                for metric in ("auroc", "auprc", "accuracy"):
-                    row[f"{split}_{metric}"] = summary[split].get(metric)
-                    row[f"{split}_{metric}_sd"] = summary[f"{split}_sd"].get(metric)
-            row.update(params=summary["params"], trainable_params=summary["trainable_params"], macs=summary["macs"],
-                       latency_batch1_ms=summary["latency_batch1_ms"])
+                for metric in COMPARE_METRICS:
+                    row[f"{split}_{metric}"] = getattr(summary, split).get(metric)
+                    row[f"{split}_{metric}_sd"] = getattr(summary, f"{split}_sd").get(metric)
+            row.update(params=summary.params, trainable_params=summary.trainable_params, macs=summary.macs,
+                       latency_batch1_ms=summary.latency_batch1_ms)
             rows.append(row)
     return pd.DataFrame(rows)
 

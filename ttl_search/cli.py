@@ -15,24 +15,9 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import TTLSearchError
+from .record import fmt_count, fmt_params
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _fmt_count(n: int | None, unit: str = "") -> str:
-    if n is None:
-        return "-"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n}{unit}"
-
-
-def _fmt_params(total: int | None, trainable: int | None) -> str:
-    """``3.38M (2.56k trainable)``; just the total when every parameter trains (or it is unknown)."""
-    if trainable is None or total is None or trainable == total:
-        return _fmt_count(total)
-    return f"{_fmt_count(total)} ({_fmt_count(trainable)} trainable)"
 
 
 def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -112,8 +97,8 @@ def cmd_cutoffs(args: argparse.Namespace) -> int:
             title,
             ["cut", "name", "stage", "channels", "spatial", "params", "MACs", "valid"],
             [[r["index"], r["name"] + (" *" if r["stage_end"] else ""), r["stage"], r["channels"],
-              "x".join(map(str, r["spatial"])) if r["spatial"] else "-", _fmt_count(r["params"]),
-              _fmt_count(r["macs"]), "yes" if r["valid"] else f"no: {r['reason']}"] for r in rows],
+              "x".join(map(str, r["spatial"])) if r["spatial"] else "-", fmt_count(r["params"]),
+              fmt_count(r["macs"]), "yes" if r["valid"] else f"no: {r['reason']}"] for r in rows],
         )
         print("* ends a stage (trained in stage 1 of the two-stage search)")
     else:
@@ -145,8 +130,8 @@ def print_trial_summary(result: dict) -> None:
     full = result.get("full") or {}
     lat, full_lat = result.get("latency_ms") or {}, full.get("latency_ms") or {}
     print_table("cost (truncated vs full model)", ["", "truncated", "full"], [
-        ["parameters", _fmt_count(result["params"]), _fmt_count(full.get("params"))],
-        ["MACs", _fmt_count(result["macs"]), _fmt_count(full.get("macs"))],
+        ["parameters", fmt_count(result["params"]), fmt_count(full.get("params"))],
+        ["MACs", fmt_count(result["macs"]), fmt_count(full.get("macs"))],
         ["latency batch 1 (ms)", lat.get("batch1", "-"), full_lat.get("batch1", "-")],
         ["latency batch 64 (ms)", lat.get("batch64", "-"), full_lat.get("batch64", "-")],
     ])
@@ -237,8 +222,8 @@ def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
         return
     state = "finished" if best["finished"] else "not finished yet"
     print(f"study {name} ({state}): best cut {best['cut']} ({best['cut_name']}, stage {best['stage']}) of "
-          f"{best['backbone']}, {_fmt_params(best['params'], best.get('trainable_params'))} parameters "
-          f"(full: {_fmt_count(best['full']['params'])}), {_fmt_count(best['macs'])} MACs")
+          f"{best['backbone']}, {fmt_params(best['params'], best.get('trainable_params'))} parameters "
+          f"(full: {fmt_count(best['full']['params'])}), {fmt_count(best['macs'])} MACs")
     rows = []
     for metric in best["val"]:
         cells = []
@@ -297,19 +282,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _print_status(name: str, storage: str | None) -> tuple[int, bool]:
-    from .api import open_study, trial_rows
-    from .study import make_sampler
+    from .api import open_study, study_sampler, trial_rows
 
     study, cfg = open_study(name, storage)
     frame = trial_rows(study, cfg.metric)
-    plan = make_sampler(cfg).plan(study.get_trials(deepcopy=False))
+    plan = study_sampler(study, cfg).plan(study.get_trials(deepcopy=False))
     metric = cfg.metric
     rows = []
     for r in frame.to_dict("records"):
         fmt = lambda v: "-" if v is None or v != v else f"{v:.4f}"  # noqa: E731
         rows.append([r["trial"], r["strategy"], r["cut"], r["cut_name"], r["stage"], r["phase"], r["state"],
-                     fmt(r[f"val_{metric}"]), fmt(r[f"test_{metric}"]), _fmt_count(_int_or_none(r["params"])),
-                     _fmt_count(_int_or_none(r["trainable_params"])),
+                     fmt(r[f"val_{metric}"]), fmt(r[f"test_{metric}"]), fmt_count(_int_or_none(r["params"])),
+                     fmt_count(_int_or_none(r["trainable_params"])),
                      "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s", r["note"]])
     print_table(f"study {name}: {cfg.search.strategy} search of {cfg.trial.backbone}; phase {plan.phase or '-'}, "
                 f"{plan.action}", ["trial", "strategy", "cut", "name", "stage", "phase", "state", f"val {metric}",
@@ -356,7 +340,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if v is None or (isinstance(v, float) and v != v):
                 return "-"
             if c in ("params", "trainable_params", "macs"):
-                return _fmt_count(int(v))
+                return fmt_count(int(v))
             return f"{v:.4f}" if isinstance(v, float) else v
         print_table("comparison (means over seeds)", cols,
                     [[cell(c, r.get(c)) for c in cols] for r in frame.to_dict("records")])
@@ -408,7 +392,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export_trial(args.name, args.storage, args.trial, args.output, args.opset)
     card, v = result.card, result.card["verification"]
     print(f"exported trial {card['trial']} of study {args.name}: {card['model']['backbone']} cut {card['model']['cut']} "
-          f"({card['model']['cut_name']}), {_fmt_count(card['cost']['params'])} parameters")
+          f"({card['model']['cut_name']}), {fmt_count(card['cost']['params'])} parameters")
     print(f"checked on {v['samples']} test images: max |probability difference| TorchScript "
           f"{v['torchscript_max_abs_diff']:.2e}, ONNX {v['onnx_max_abs_diff']:.2e}")
     for path in result.files.values():

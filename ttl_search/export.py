@@ -36,10 +36,11 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from .api import METRIC_NAMES, artifacts_dir, best_cut, open_study, trial_config
+from .api import artifacts_dir, best_cut, open_study, trial_config
 from .data import DatasetSplits, Split, TransformConfig, load_data, make_loader
 from .errors import ConfigError, StudyError, choices
 from .metrics import compute_metrics
+from .record import SEARCH_STRATEGY, TrialRecord
 from .storage import storage_url
 from .study import StudyConfig
 from .training import PreparedTrial, TrialConfig, prepare_trial, seed_everything
@@ -94,8 +95,12 @@ class RestoredTrial:
         return self.prepared.transform
 
     @property
+    def record(self) -> TrialRecord:
+        return TrialRecord.from_trial(self.trial)
+
+    @property
     def cut(self) -> int:
-        return int(self.trial.user_attrs["cut"])
+        return int(self.record.cut)
 
 
 def _completed_numbers(trials: list[FrozenTrial]) -> str:
@@ -126,7 +131,7 @@ def select_trial(name: str, storage: str | None, study: optuna.Study, number: in
         raise StudyError(f"study {name!r} has no trial {number}; completed trials: {_completed_numbers(trials)}")
     trial = by_number[number]
     if trial.state != TrialState.COMPLETE:
-        reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("stopped_by") or ""
+        reason = TrialRecord.from_trial(trial).note
         raise StudyError(f"trial {number} of study {name!r} is {trial.state.name}{': ' + reason if reason else ''}; "
                          f"completed trials: {_completed_numbers(trials)}")
     return trial, summary
@@ -136,17 +141,17 @@ def find_checkpoint(name: str, trial: FrozenTrial, cfg: StudyConfig, url: str) -
     """The trial's weights file: its ``checkpoint`` attribute, else its copy in the artifact store,
     else ``<artifacts>/<study>/trial-N.pt``. A clear :class:`StudyError` when none exists."""
     base = artifacts_dir(cfg, url)
-    attrs = trial.user_attrs
+    record = TrialRecord.from_trial(trial)
     candidates: list[Path] = []
-    if attrs.get("checkpoint"):
-        candidates.append(Path(attrs["checkpoint"]))
-    if attrs.get("checkpoint_artifact_id"):
-        candidates.append(base / "store" / str(attrs["checkpoint_artifact_id"]))
+    if record.checkpoint:
+        candidates.append(Path(record.checkpoint))
+    if record.checkpoint_artifact_id:
+        candidates.append(base / "store" / str(record.checkpoint_artifact_id))
     candidates.append(base / name / f"trial-{trial.number}.pt")
     for path in candidates:
         if path.is_file():
             return path
-    stored = "" if attrs.get("checkpoint") else " (the trial recorded no checkpoint)"
+    stored = "" if record.checkpoint else " (the trial recorded no checkpoint)"
     raise StudyError(f"checkpoint of trial {trial.number} of study {name!r} is missing{stored}; looked at "
                      f"{', '.join(str(p) for p in dict.fromkeys(candidates))}. Move the study's artifact folder "
                      f"back, or set the study's artifacts folder")
@@ -274,19 +279,17 @@ def onnx_weight_counts(onnx_model, model: nn.Module) -> dict[str, int]:
 
 def _cut_summary(summary: dict, restored: RestoredTrial) -> dict[str, Any]:
     """Mean ± sd over the seeds of the exported cut (the chosen cut's summary when it is that)."""
-    a = restored.trial.user_attrs
-    if summary and summary.get("cut") == a.get("cut") and a.get("strategy") == "ttl":
+    r = restored.record
+    if summary and summary.get("cut") == r.cut and r.strategy == SEARCH_STRATEGY:
         return {"seeds": summary["seeds"], "trials": summary["trials"], "val": summary["val"],
                 "val_sd": summary["val_sd"], "test": summary["test"], "test_sd": summary["test_sd"]}
-    return {"seeds": [a.get("seed")], "trials": [restored.trial.number],
-            "val": {m: a[f"val_{m}"] for m in METRIC_NAMES if a.get(f"val_{m}") is not None},
-            "test": {m: a[f"test_{m}"] for m in METRIC_NAMES if a.get(f"test_{m}") is not None}}
+    return {"seeds": [r.seed], "trials": [restored.trial.number], "val": r.val, "test": r.test}
 
 
 def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, opset: int,
                verification: dict[str, Any], onnx_weights: dict[str, int]) -> dict[str, Any]:
     """The model card of an exported trial, as plain JSON data."""
-    a = restored.trial.user_attrs
+    r = restored.record
     tcfg, cfg, data, tr = restored.trial_config, restored.config, restored.data, restored.transform
     spec = restored.prepared.loaded.spec
     cut = restored.cut
@@ -298,14 +301,14 @@ def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, o
         "study": restored.name,
         "trial": restored.trial.number,
         "chosen_by_search": restored.chosen,
-        "strategy": a.get("strategy"),
+        "strategy": r.strategy,
         "model": {
             "backbone": spec.name,
             "pretrained_weights": restored.trial_config.weights,
             "fine_tuned_checkpoint": str(restored.checkpoint),
             "cut": cut,
-            "cut_name": a.get("cut_name"),
-            "stage": a.get("stage"),
+            "cut_name": r.cut_name,
+            "stage": r.stage,
             "cuts_of_backbone": len(spec.cuts),
             "kept_units": kept,
             "head": f"{tcfg.head} (global average pooling + linear)" if tcfg.head == "pool" else f"{tcfg.head} + linear",
@@ -325,21 +328,20 @@ def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, o
         },
         "output": {"name": "logits", "shape": f"N x {data.num_classes}",
                    "probabilities": "softmax(logits, dim=1)", "class_names": list(data.class_names)},
-        "data": {"dataset": data.name, "md5": data.md5 or a.get("dataset_md5"), "task": data.task,
+        "data": {"dataset": data.name, "md5": data.md5 or r.dataset_md5, "task": data.task,
                  "source": data.source,
                  "stored_image_size": (cfg.trial.data.image_size if cfg.trial.data.dataset in ("folder", "csv")
                                        else cfg.trial.data.size),
                  "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}},
         "metrics": {
             "selection_metric": cfg.metric,
-            "trial": {"seed": a.get("seed"),
-                      "val": {m: a[f"val_{m}"] for m in METRIC_NAMES if a.get(f"val_{m}") is not None},
-                      "test": {m: a[f"test_{m}"] for m in METRIC_NAMES if a.get(f"test_{m}") is not None}},
+            "trial": {"seed": r.seed, "val": r.val, "test": r.test},
             "cut_over_seeds": _cut_summary(restored.summary, restored),
         },
-        "cost": {"params": a.get("params"), "macs": a.get("macs"), "latency_batch1_ms": a.get("latency_batch1_ms"),
-                 "latency_batch64_ms": a.get("latency_batch64_ms"), "latency_device": a.get("latency_device"),
-                 "full_model_params": a.get("full_params"), "full_model_macs": a.get("full_macs")},
+        "cost": {"params": r.params, "trainable_params": r.trainable_params, "macs": r.macs,
+                 "latency_batch1_ms": r.latency_batch1_ms, "latency_batch64_ms": r.latency_batch64_ms,
+                 "latency_device": r.latency_device, "full_model_params": r.full_params,
+                 "full_model_macs": r.full_macs},
         "files": {
             "torchscript": {"path": files["torchscript"].name, "sha256": _sha256(files["torchscript"]),
                             "method": "torch.jit.trace"},
@@ -475,7 +477,7 @@ def export_trial(name: str, storage: str | None = None, trial: int | None = None
         "torchscript_max_abs_diff": float(np.abs(ts_probs - reference).max()),
         "onnx_max_abs_diff": float(np.abs(onnx_probs - reference).max()),
         "metric": metric, "test_metric_recomputed": recomputed,
-        "test_metric_stored": restored.trial.user_attrs.get(f"test_{metric}"),
+        "test_metric_stored": restored.record.test.get(metric),
     }
     worst = max(verification["torchscript_max_abs_diff"], verification["onnx_max_abs_diff"])
     if worst > 1e-4:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -33,6 +32,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import StudyError
+from .record import completed_by_cut, fmt_count, records, summarize_cut
 
 log = logging.getLogger(__name__)
 
@@ -66,42 +66,28 @@ def _pyplot():
 # Tables from the study
 
 
-def _clean(values: Iterable[Any]) -> list[float]:
-    return [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-
-
-def _mean_sd(values: Iterable[Any]) -> tuple[float, float]:
-    clean = _clean(values)
-    if not clean:
-        return float("nan"), float("nan")
-    return statistics.fmean(clean), (statistics.stdev(clean) if len(clean) > 1 else 0.0)
+def _nan(value: Any) -> float:
+    """A number for a table or plot: NaN where there is none."""
+    return float("nan") if value is None else value
 
 
 def cut_metrics(trials: Sequence[FrozenTrial], metric: str, strategy: str | None = "ttl") -> pd.DataFrame:
     """One row per (strategy, cut) with completed trials: mean and sd over seeds of the
     validation/test ``metric`` and of the table metrics (``val_<m>``, ``test_<m>``), size
     (``params``, ``trainable_params``) and latency. ``strategy=None`` keeps every strategy."""
-    groups: dict[tuple[str, int], list[FrozenTrial]] = {}
-    for t in trials:
-        a = t.user_attrs
-        if t.state != TrialState.COMPLETE or "cut" not in a:
-            continue
-        s = a.get("strategy", "ttl")
-        if strategy is None or s == strategy:
-            groups.setdefault((s, int(a["cut"])), []).append(t)
     rows = []
-    for (s, cut), ts in sorted(groups.items()):
-        first = ts[0].user_attrs
-        row: dict[str, Any] = {"strategy": s, "cut": cut, "cut_name": first.get("cut_name"),
-                               "stage": first.get("stage"), "n": len(ts),
-                               "seeds": [t.user_attrs.get("seed") for t in ts], "trials": [t.number for t in ts]}
+    for (s, cut), group in completed_by_cut(records(trials), strategy).items():
+        summary = summarize_cut(group)
+        row: dict[str, Any] = {"strategy": s, "cut": cut, "cut_name": summary.cut_name, "stage": summary.stage,
+                               "n": summary.repeats, "seeds": summary.seeds, "trials": summary.trials}
         for split in ("val", "test"):
-            row[f"{split}_mean"], row[f"{split}_sd"] = _mean_sd(t.user_attrs.get(f"{split}_{metric}") for t in ts)
+            means, sds = getattr(summary, split), getattr(summary, f"{split}_sd")
+            row[f"{split}_mean"], row[f"{split}_sd"] = _nan(means.get(metric)), _nan(sds.get(metric))
             for m in TABLE_METRICS:
-                row[f"{split}_{m}"], row[f"{split}_{m}_sd"] = _mean_sd(t.user_attrs.get(f"{split}_{m}") for t in ts)
-        row.update(params=first.get("params"), trainable_params=first.get("trainable_params"), macs=first.get("macs"),
-                   latency_batch1_ms=_mean_sd(t.user_attrs.get("latency_batch1_ms") for t in ts)[0],
-                   latency_batch64_ms=_mean_sd(t.user_attrs.get("latency_batch64_ms") for t in ts)[0])
+                row[f"{split}_{m}"], row[f"{split}_{m}_sd"] = _nan(means.get(m)), _nan(sds.get(m))
+        row.update(params=summary.params, trainable_params=summary.trainable_params, macs=summary.macs,
+                   latency_batch1_ms=_nan(summary.latency_batch1_ms),
+                   latency_batch64_ms=_nan(summary.latency_batch64_ms))
         rows.append(row)
     columns = ["strategy", "cut", "cut_name", "stage", "n", "seeds", "trials", "val_mean", "val_sd", "test_mean",
                "test_sd"] + [f"{split}_{m}{sd}" for split in ("val", "test") for m in TABLE_METRICS
@@ -125,16 +111,6 @@ def pareto_front(costs: Sequence[float], values: Sequence[float], maximize: bool
 
 # ---------------------------------------------------------------------------------------------
 # Plot helpers (shared with the SVCCA plots)
-
-
-def fmt_count(n: Any) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "-"
-    n = float(n)
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{suffix}"
-    return f"{n:g}"
 
 
 def partly_trainable(total: Any, trainable: Any) -> bool:
@@ -384,15 +360,13 @@ def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, di
 
 def search_order_rows(trials: Sequence[FrozenTrial], metric: str) -> pd.DataFrame:
     rows = []
-    for t in trials:
-        a = t.user_attrs
-        if "cut" not in a:
+    for r in records(trials):
+        if r.cut is None:
             continue
-        rows.append({"trial": t.number, "phase": a.get("phase") or "-", "strategy": a.get("strategy"),
-                     "cut": a.get("cut"), "cut_name": a.get("cut_name"), "stage": a.get("stage"), "seed": a.get("seed"),
-                     "state": t.state.name, f"val_{metric}": a.get(f"val_{metric}"),
-                     "started": t.datetime_start.isoformat(timespec="seconds") if t.datetime_start else None,
-                     "note": a.get("fail_reason") or a.get("stopped_by") or ""})
+        rows.append({"trial": r.number, "phase": r.phase or "-", "strategy": r.strategy, "cut": r.cut,
+                     "cut_name": r.cut_name, "stage": r.stage, "seed": r.seed, "state": r.state,
+                     f"val_{metric}": r.val.get(metric),
+                     "started": r.started.isoformat(timespec="seconds") if r.started else None, "note": r.note})
     return pd.DataFrame(rows, columns=["trial", "phase", "strategy", "cut", "cut_name", "stage", "seed", "state",
                                        f"val_{metric}", "started", "note"])
 
@@ -626,10 +600,9 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
                 attach: bool = True) -> Report:
     """Plots and a Markdown summary of study ``name`` in ``output`` (default
     ``<artifacts>/<study>/report``); the plots and summary are attached to the study."""
-    from .api import artifacts_dir, best_cut, open_study
+    from .api import artifacts_dir, best_cut, open_study, stored_candidates
     from .backbones import get_backbone
     from .storage import storage_url
-    from .study import cut_candidates
 
     url = storage_url(storage)
     study, cfg = open_study(name, url)
@@ -661,7 +634,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
     label = metric.upper() if metric in ("auroc", "auprc") else metric
     head = f"study {name}: {spec.name} on {cfg.trial.data.dataset}"
     files: dict[str, Path] = {}
-    candidates = [c.index for c in cut_candidates(cfg)]
+    candidates = [c.index for c in stored_candidates(study, cfg)]
     files["metric_vs_cut_png"] = plot_metric_vs_cut(ttl, baselines, cuts, candidates, chosen, metric,
                                                     f"{head}: {label} of the model truncated at each cut",
                                                     out / "metric_vs_cut.png")

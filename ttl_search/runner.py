@@ -1,10 +1,8 @@
-"""Execution on Ray Tune: each training is a Ray Tune trial, the search is our own ``Searcher``.
+"""Execution on Ray Tune: each training is a Ray Tune trial (:func:`trainable`, the worker side),
+the search is our own ``Searcher`` (:mod:`ttl_search.searcher`, the driver side).
 
-The searcher keeps no state beyond the study database: ``suggest`` asks the sampler's plan
-(which reads the stored trials), returns ``None`` at a stage barrier ("ask again later") and
-``Searcher.FINISHED`` when the plan is done. A resume starts a fresh ``Tuner``; nothing of Tune's
-own experiment state is reused. Workers only train and report; the driver (this module's
-searcher) is the only writer of the database.
+A resume starts a fresh ``Tuner``; nothing of Tune's own experiment state is reused. Workers only
+train and report; the driver is the only writer of the database.
 """
 
 from __future__ import annotations
@@ -17,19 +15,14 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
-from optuna.distributions import BaseDistribution
-from optuna.trial import TrialState
 
-from .config import from_dict, to_dict
+from .config import from_dict
 from .errors import ConfigError, StudyError, TTLSearchError
-from .search import CutCandidate, Plan, job_distributions, suggest_params
-from .storage import attach_artifact
-from .study import StudyConfig, cut_candidates, trial_strategies
+from .study import StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,210 +86,6 @@ def trainable(config: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Driver side
-
-
-def trial_user_attrs(payload: dict[str, Any]) -> dict[str, Any]:
-    """Flat user attributes optuna-dashboard shows for a finished trial."""
-    attrs: dict[str, Any] = {}
-    for split in ("val", "test"):
-        for name, value in (payload.get(split) or {}).items():
-            attrs[f"{split}_{name}"] = None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-    latency = payload.get("latency_ms") or {}
-    full = payload.get("full") or {}
-    attrs.update({
-        "params": payload.get("params"),
-        "trainable_params": payload.get("trainable_params"),
-        "macs": payload.get("macs"),
-        "latency_batch1_ms": latency.get("batch1"),
-        "latency_batch64_ms": latency.get("batch64"),
-        "latency_device": latency.get("device"),
-        "full_params": full.get("params"),
-        "full_macs": full.get("macs"),
-        "full_latency_batch1_ms": (full.get("latency_ms") or {}).get("batch1"),
-        "epochs": payload.get("epochs"),
-        "best_epoch": payload.get("best_epoch"),
-        "train_time_s": payload.get("train_time_s"),
-        "node_id": payload.get("node_id"),
-        "duration_s": payload.get("worker_duration_s"),
-        "device": payload.get("device"),
-        "input_size": payload.get("input_size"),
-        "dataset_md5": (payload.get("data") or {}).get("md5"),
-    })
-    if payload.get("checkpoint"):
-        attrs["checkpoint"] = payload["checkpoint"]
-    return {k: v for k, v in attrs.items() if v is not None}
-
-
-REUSE_DROPPED_ATTRS = ("ray_trial_id", "driver_duration_s")
-"""Attributes of a twin that describe its own run, not the model, and are not copied."""
-
-
-def copy_twin(study: optuna.Study, plan: Plan, distributions: dict[str, BaseDistribution]) -> None:
-    """Store ``plan.job`` as COMPLETE with the result of the completed trial ``plan.reuse``, which
-    trained the same model with the same seed (full fine-tuning is TTL at the last cut)."""
-    source = next(t for t in study.get_trials(deepcopy=False) if t.number == plan.reuse)
-    job = plan.job
-    attrs = {k: v for k, v in source.user_attrs.items() if k not in REUSE_DROPPED_ATTRS}
-    attrs.update(strategy=job.strategy, phase=job.phase, reused_from=source.number, duration_s=0.0,
-                 train_time_s=0.0)
-    study.add_trial(optuna.trial.create_trial(
-        params={"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat}, distributions=distributions,
-        value=source.value, user_attrs=attrs, intermediate_values=dict(source.intermediate_values),
-        state=TrialState.COMPLETE,
-    ))
-    log.info("%s cut %d seed %s: the same model as trial %d (%s); its result is stored, not trained again",
-             job.strategy, job.cut, attrs.get("seed"), source.number, source.user_attrs.get("strategy"))
-
-
-@dataclass
-class LiveTrial:
-    """A trial the driver asked Optuna for and handed to Ray Tune."""
-
-    trial: optuna.Trial
-    """The Optuna trial (RUNNING until the driver tells its outcome)."""
-    started: float
-    """time.time() when it was handed to Ray Tune."""
-    reported: set[int] = field(default_factory=set)
-    """Epochs whose validation metric is already stored as an intermediate value."""
-
-
-def make_searcher(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path | None,
-                  progress: ProgressCallback | None = None):
-    """The Ray Tune ``Searcher`` of a study (built lazily so importing this module needs no Ray)."""
-    from ray.tune.search import Searcher
-
-    candidates = cut_candidates(cfg)
-    by_index = {c.index: c for c in candidates}
-    strategies = trial_strategies(cfg)
-    distributions = job_distributions(candidates, strategies, cfg.search.repeats)
-    mode = "max" if cfg.resolved_direction == "maximize" else "min"
-
-    class _Searcher(Searcher):
-        def __init__(self) -> None:
-            super().__init__()
-            self.live: dict[str, LiveTrial] = {}
-            self.counts = {"complete": 0, "failed": 0, "pruned": 0}
-            self.last_progress: tuple = ()
-
-        def suggest(self, trial_id: str) -> dict | None:
-            plan = sampler.plan(study.get_trials(deepcopy=False))
-            while plan.reuse is not None:  # a twin already trained this model: store its copy
-                copy_twin(study, plan, distributions)
-                self.counts["complete"] += 1
-                plan = sampler.plan(study.get_trials(deepcopy=False))
-            self._progress(plan)
-            if plan.action == "wait":
-                return None
-            if plan.action == "finished":
-                return Searcher.FINISHED
-            trial = study.ask()
-            params = suggest_params(trial, candidates, strategies, cfg.search.repeats, cfg.search.tune_lr)
-            config = self._launch(trial_id, trial, params, by_index[params["cut"]], sampler.phase_of(trial.number))
-            self._progress(plan)  # the new trial counts as running from now on
-            return config
-
-        def _launch(self, trial_id: str, trial: optuna.Trial, params: dict, cut: CutCandidate, phase: str) -> dict:
-            seed = cfg.search.seed + params["repeat"]
-            trial_dict = to_dict(cfg.trial)
-            trial_dict.update(cut=cut.index, strategy=params["strategy"], seed=seed)
-            for key in ("lr", "weight_decay"):
-                if key in params:
-                    trial_dict[key] = params[key]
-            for key, value in {"cut": cut.index, "cut_name": cut.name, "stage": cut.stage, "phase": phase,
-                               "strategy": params["strategy"], "seed": seed, "repeat": params["repeat"],
-                               "ray_trial_id": trial_id}.items():
-                trial.set_user_attr(key, value)
-            self.live[trial_id] = LiveTrial(trial, time.time())
-            checkpoint = str(artifacts / cfg.name / f"trial-{trial.number}.pt") if artifacts else None
-            log.info("trial %d: %s cut %d (%s, stage %d, %s), seed %d", trial.number, params["strategy"], cut.index,
-                     cut.name, cut.stage, phase, seed)
-            return {"trial": trial_dict, "cpus": cfg.resources.cpus, "mode": mode, "number": trial.number,
-                    "checkpoint_path": checkpoint}
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            live = self.live.get(trial_id)
-            if live is None or result.get("final"):
-                return
-            self._report(live, int(result["epoch"]), result.get("val_raw"))
-
-        def _report(self, live: LiveTrial, epoch: int, value: float | None) -> None:
-            if value is not None and math.isfinite(value) and epoch not in live.reported:
-                live.trial.report(float(value), epoch)
-                live.reported.add(epoch)
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            live = self.live.pop(trial_id, None)
-            if live is None:
-                return
-            trial = live.trial
-            trial.set_user_attr("driver_duration_s", round(time.time() - live.started, 3))
-            if error or result is None:
-                self._fail(trial, "the worker failed: its process was killed or crashed, or its node died "
-                                  "(see the Ray logs)")
-            elif result.get("final"):
-                payload = json.loads(result["payload"])
-                for epoch in payload.get("history", []):
-                    self._report(live, int(epoch["epoch"]), epoch.get(cfg.metric))
-                self._finish(trial, payload)
-            else:
-                epochs = int(result.get("epoch", 0))
-                trial.set_user_attr("epochs", epochs)
-                trial.set_user_attr("node_id", result.get("node_id"))
-                trial.set_user_attr("stopped_by", "scheduler")
-                study.tell(trial, state=TrialState.PRUNED)
-                self.counts["pruned"] += 1
-                log.info("trial %d pruned by the scheduler after %d epochs", trial.number, epochs)
-            self._progress(None)
-
-        def _finish(self, trial: optuna.Trial, payload: dict) -> None:
-            for key, value in trial_user_attrs(payload).items():
-                trial.set_user_attr(key, value)
-            if payload.get("checkpoint") and artifacts is not None:
-                if Path(payload["checkpoint"]).is_file():
-                    artifact_id = attach_artifact(artifacts, trial, Path(payload["checkpoint"]),
-                                                  "application/octet-stream")
-                    trial.set_user_attr("checkpoint_artifact_id", artifact_id)
-                else:
-                    log.warning("trial %d: checkpoint %s was written on node %s and is not visible here; put "
-                                "`artifacts` on a filesystem every node shares to attach checkpoints",
-                                trial.number, payload["checkpoint"], payload.get("node_id", "?"))
-            status = payload.get("status")
-            if status == "complete":
-                value = payload["val"].get(cfg.metric)
-                if value is None or not math.isfinite(value):
-                    self._fail(trial, f"validation {cfg.metric} is undefined (single-class validation split?)")
-                    return
-                study.tell(trial, float(value))
-                self.counts["complete"] += 1
-                log.info("trial %d complete: val %s %.4f", trial.number, cfg.metric, value)
-            elif status == "pruned":
-                trial.set_user_attr("stopped_by", payload.get("reason", ""))
-                study.tell(trial, state=TrialState.PRUNED)
-                self.counts["pruned"] += 1
-            else:
-                self._fail(trial, payload.get("reason") or "failed")
-
-        def _fail(self, trial: optuna.Trial, reason: str) -> None:
-            trial.set_user_attr("fail_reason", reason)
-            study.tell(trial, state=TrialState.FAIL)
-            self.counts["failed"] += 1
-            log.warning("trial %d failed: %s", trial.number, reason)
-
-        def _progress(self, plan) -> None:
-            # Tune asks for suggestions many times a second at a barrier: report changes only.
-            state = (plan.phase if plan else None, plan.expected_total if plan else None,
-                     tuple(self.counts.values()), len(self.live))
-            if progress is not None and state != self.last_progress:
-                self.last_progress = state
-                progress({"plan": plan, **self.counts, "running": len(self.live)})
-
-        def save(self, checkpoint_path: str) -> None:  # state lives in the database
-            pass
-
-        def restore(self, checkpoint_path: str) -> None:
-            pass
-
-    return _Searcher()
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -363,6 +152,8 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    from .searcher import StudySearcher
+
     tune_dir = Path(tempfile.mkdtemp(prefix="ttl-search-tune-"))
     try:
         mode = "max" if cfg.resolved_direction == "maximize" else "min"
@@ -372,7 +163,7 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
                                       reduction_factor=cfg.scheduler.reduction_factor)
         else:
             scheduler = FIFOScheduler()
-        searcher = make_searcher(study, sampler, cfg, artifacts, progress)
+        searcher = StudySearcher(study, sampler, cfg, artifacts, progress)
         resources = {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),

@@ -19,8 +19,6 @@ repeat) whose retries are spent is given up on. Decisions use the mean over repe
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -31,9 +29,9 @@ from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import ConfigError, choices
+from .record import SEARCH_STRATEGY, mean_sd
 
 SEARCHES = ("two_stage", "exhaustive", "tpe", "none")
-SEARCH_STRATEGY = "ttl"
 
 
 @dataclass(frozen=True)
@@ -144,9 +142,7 @@ class Ledger:
         return key in self.complete or key in self.pruned or self.failures[key] > max_retries
 
     def mean(self, strategy: str, cut: int) -> float | None:
-        values = [v for k, vs in self.complete.items() if k.strategy == strategy and k.cut == cut for v in vs]
-        finite = [v for v in values if not math.isnan(v)]
-        return statistics.fmean(finite) if finite else None
+        return mean_sd(v for k, vs in self.complete.items() if k.strategy == strategy and k.cut == cut for v in vs)[0]
 
 
 def choose_best(scores: dict[int, float], params: dict[int, int], direction: str, tolerance: float) -> list[int]:

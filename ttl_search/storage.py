@@ -120,3 +120,11 @@ def attach_artifact(artifacts: Path, study_or_trial, path: Path, mimetype: str |
 
     return upload_artifact(artifact_store=artifact_store(artifacts), file_path=str(path), study_or_trial=study_or_trial,
                            mimetype=mimetype)
+
+
+def artifact_links(trial) -> dict[str, object]:
+    """The artifact entries of ``trial`` (checkpoint, plots), to list the same files under another
+    trial without copying them (optuna-dashboard reads them from the trial's system attributes)."""
+    from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
+
+    return {k: v for k, v in trial.system_attrs.items() if k.startswith(ARTIFACTS_ATTR_PREFIX)}

@@ -208,9 +208,10 @@ def baseline_cut(cfg: StudyConfig, baseline: str, candidates: Sequence[CutCandid
     return cut
 
 
-def make_sampler(cfg: StudyConfig):
-    """The sampler of the configured search, built from the config alone (no stored state)."""
-    candidates = cut_candidates(cfg)
+def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = None):
+    """The sampler of the configured search, built from the config alone (no stored state) and
+    the study's cut candidates (default: computed from the config, a forward pass per cut)."""
+    candidates = list(candidates) if candidates is not None else cut_candidates(cfg)
     baselines = [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]
     s = cfg.search
     common = dict(direction=cfg.resolved_direction, repeats=s.repeats, max_retries=s.max_retries,

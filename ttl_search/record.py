@@ -1,0 +1,300 @@
+"""One typed record of a stored trial, the only place that knows its attribute keys; the per-cut
+summary of such records; and how counts are written for people.
+
+A trial's identity is its Optuna parameters (``strategy``, ``cut``, ``repeat``, and ``lr`` /
+``weight_decay`` when they are searched); everything else is a user attribute, which
+optuna-dashboard shows as it is stored: flat keys, ``val_<metric>`` and ``test_<metric>`` for the
+metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any, Iterable, Sequence
+
+from optuna.trial import FrozenTrial, TrialState
+
+SPLITS = ("val", "test")
+SEARCH_STRATEGY = "ttl"
+"""The transfer strategy the search trains (TruncatedTL); the others are baselines."""
+
+
+@dataclass
+class TrialRecord:
+    """A trial of a study as ttl-search writes and reads it."""
+
+    number: int = -1
+    """Optuna trial number (-1 before it is stored)."""
+    state: str = "RUNNING"
+    """Optuna state name: RUNNING, COMPLETE, PRUNED, FAIL, WAITING."""
+    value: float | None = None
+    """The objective: the validation metric the search optimises (COMPLETE only)."""
+    strategy: str = SEARCH_STRATEGY
+    """Transfer strategy: ``ttl`` or a baseline."""
+    cut: int | None = None
+    """Cut index (None for a trial killed before it had parameters)."""
+    repeat: int = 0
+    """Seed index (0-based)."""
+    lr: float | None = None
+    """Learning rate, when the search tunes it (else the study's)."""
+    weight_decay: float | None = None
+    """Weight decay, when the search tunes it (else the study's)."""
+    cut_name: str | None = None
+    """Name of the last kept unit."""
+    stage: int | None = None
+    """Backbone stage of the cut."""
+    phase: str | None = None
+    """Search phase: stage1, stage2, exhaustive, tpe or baseline."""
+    seed: int | None = None
+    """Training seed."""
+    val: dict[str, float] = field(default_factory=dict)
+    """Validation metrics of the selected checkpoint."""
+    test: dict[str, float] = field(default_factory=dict)
+    """Test metrics of the selected checkpoint (never used to decide anything)."""
+    params: int | None = None
+    """Parameters of the trained model."""
+    trainable_params: int | None = None
+    """Parameters the strategy trains (a linear probe: the head only)."""
+    macs: int | None = None
+    """Multiply-accumulates of one forward pass."""
+    latency_batch1_ms: float | None = None
+    """Median forward time at batch 1 (ms)."""
+    latency_batch64_ms: float | None = None
+    """Median forward time at batch 64 (ms)."""
+    latency_device: str | None = None
+    """Device the latency was measured on."""
+    full_params: int | None = None
+    """Parameters of the untruncated model with the same head."""
+    full_macs: int | None = None
+    """MACs of the untruncated model."""
+    full_latency_batch1_ms: float | None = None
+    """Batch-1 latency of the untruncated model (ms)."""
+    epochs: int | None = None
+    """Epochs trained."""
+    best_epoch: int | None = None
+    """Epoch of the selected checkpoint."""
+    train_time_s: float | None = None
+    """Seconds spent training (0 for a result copied from a twin)."""
+    duration_s: float | None = None
+    """Seconds the worker spent on the whole trial."""
+    driver_duration_s: float | None = None
+    """Seconds between the driver handing the trial to Ray and storing its outcome."""
+    node_id: str | None = None
+    """Ray node that trained it."""
+    device: str | None = None
+    """Torch device it trained on."""
+    input_size: int | None = None
+    """Input side in pixels."""
+    dataset_md5: str | None = None
+    """md5 of the data file it trained on."""
+    checkpoint: str | None = None
+    """Path of the selected checkpoint (a weights-only state dict)."""
+    checkpoint_artifact_id: str | None = None
+    """Optuna artifact id of the checkpoint."""
+    fail_reason: str | None = None
+    """Why it failed (FAIL)."""
+    stopped_by: str | None = None
+    """What stopped it early (PRUNED): ``scheduler`` or the trial's own reason."""
+    reused_from: int | None = None
+    """Number of the trial whose result this one copies (the same model with the same seed)."""
+    ray_trial_id: str | None = None
+    """Ray Tune's id of the trial."""
+    started: datetime | None = None
+    """When Optuna started it."""
+    completed: datetime | None = None
+    """When it finished."""
+
+    IDENTITY = ("strategy", "cut", "repeat", "lr", "weight_decay")
+    """Fields stored as Optuna parameters, not attributes."""
+    NOT_ATTRS = ("number", "state", "value", "val", "test", "started", "completed") + IDENTITY
+
+    # -- writing -------------------------------------------------------------------------------
+    def to_attrs(self) -> dict[str, Any]:
+        """The user attributes of this record: set fields only, metrics as ``val_*``/``test_*``,
+        identity fields too (optuna-dashboard shows attributes, not only parameters)."""
+        attrs: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name not in self.NOT_ATTRS or f.name in ("strategy", "cut", "repeat"):
+                value = getattr(self, f.name)
+                if value is not None:
+                    attrs[f.name] = value
+        for split in SPLITS:
+            for name, value in getattr(self, split).items():
+                if _finite(value):
+                    attrs[f"{split}_{name}"] = value
+        return attrs
+
+    # -- reading -------------------------------------------------------------------------------
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], **known: Any) -> "TrialRecord":
+        """A record from flat user attributes (unknown keys are ignored) and ``known`` fields."""
+        names = {f.name for f in fields(cls)} - set(cls.NOT_ATTRS)
+        values: dict[str, Any] = {k: v for k, v in attrs.items() if k in names}
+        for split in SPLITS:
+            prefix = f"{split}_"
+            values[split] = {k[len(prefix):]: v for k, v in attrs.items() if k.startswith(prefix) and _finite(v)}
+        for key in ("strategy", "cut", "repeat"):
+            if key in attrs:
+                values[key] = attrs[key]
+        values.update({k: v for k, v in known.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial) -> "TrialRecord":
+        """The record of a stored trial; its parameters are its identity."""
+        p = trial.params
+        return cls.from_attrs(
+            trial.user_attrs, number=trial.number, state=trial.state.name,
+            value=trial.value if trial.state == TrialState.COMPLETE else None,
+            strategy=p.get("strategy"), cut=p.get("cut"), repeat=p.get("repeat"), lr=p.get("lr"),
+            weight_decay=p.get("weight_decay"), started=trial.datetime_start, completed=trial.datetime_complete,
+        )
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "TrialRecord":
+        """The measured part of a record from a worker's result (``TrialResult.to_dict()`` plus
+        ``node_id``, ``worker_duration_s`` and ``checkpoint``)."""
+        latency = payload.get("latency_ms") or {}
+        full = payload.get("full") or {}
+        return cls(
+            val={k: v for k, v in (payload.get("val") or {}).items() if _finite(v)},
+            test={k: v for k, v in (payload.get("test") or {}).items() if _finite(v)},
+            params=payload.get("params"), trainable_params=payload.get("trainable_params"), macs=payload.get("macs"),
+            latency_batch1_ms=latency.get("batch1"), latency_batch64_ms=latency.get("batch64"),
+            latency_device=latency.get("device"), full_params=full.get("params"), full_macs=full.get("macs"),
+            full_latency_batch1_ms=(full.get("latency_ms") or {}).get("batch1"), epochs=payload.get("epochs"),
+            best_epoch=payload.get("best_epoch"), train_time_s=payload.get("train_time_s"),
+            node_id=payload.get("node_id"), duration_s=payload.get("worker_duration_s"), device=payload.get("device"),
+            input_size=payload.get("input_size"), dataset_md5=(payload.get("data") or {}).get("md5"),
+            checkpoint=payload.get("checkpoint") or None,
+        )
+
+    def measured_attrs(self) -> dict[str, Any]:
+        """The attributes a finished training adds (metrics, size, cost, where and how long);
+        not the identity, which the driver stored when it launched the trial."""
+        launch = ("strategy", "cut", "repeat", "cut_name", "stage", "phase", "seed", "ray_trial_id")
+        return {k: v for k, v in self.to_attrs().items() if k not in launch}
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return self.state == TrialState.COMPLETE.name
+
+    @property
+    def wall_s(self) -> float | None:
+        """Seconds from Optuna's start to its completion."""
+        if self.started and self.completed:
+            return round((self.completed - self.started).total_seconds(), 2)
+        return None
+
+    @property
+    def note(self) -> str:
+        """Why it failed, stopped early, or was not trained ("" otherwise)."""
+        if self.fail_reason or self.stopped_by:
+            return self.fail_reason or self.stopped_by or ""
+        if self.reused_from is not None:
+            return f"same model as trial {self.reused_from}: stored, not trained again"
+        return ""
+
+
+def records(trials: Iterable[FrozenTrial]) -> list[TrialRecord]:
+    return [TrialRecord.from_trial(t) for t in trials]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-cut summaries
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def mean_sd(values: Iterable[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample sd of the finite numbers in ``values`` (sd 0 for one; None, None for none)."""
+    clean = [float(v) for v in values if _finite(v)]
+    if not clean:
+        return None, None
+    return statistics.fmean(clean), (statistics.stdev(clean) if len(clean) > 1 else 0.0)
+
+
+@dataclass
+class CutSummary:
+    """The completed trials of one (strategy, cut): metrics as mean and sd over seeds, size, cost."""
+
+    strategy: str
+    cut: int
+    cut_name: str | None
+    stage: int | None
+    trials: list[int]
+    """Trial numbers."""
+    seeds: list[int | None]
+    val: dict[str, float]
+    """Mean validation metrics."""
+    val_sd: dict[str, float]
+    test: dict[str, float]
+    test_sd: dict[str, float]
+    params: int | None
+    trainable_params: int | None
+    macs: int | None
+    latency_batch1_ms: float | None
+    latency_batch64_ms: float | None
+    full_params: int | None
+    full_macs: int | None
+
+    @property
+    def repeats(self) -> int:
+        return len(self.trials)
+
+
+def summarize_cut(group: Sequence[TrialRecord]) -> CutSummary:
+    """Mean and sd over the records of one (strategy, cut) of every metric they carry."""
+    first = group[0]
+    out: dict[str, dict[str, float]] = {"val": {}, "val_sd": {}, "test": {}, "test_sd": {}}
+    for split in SPLITS:
+        names = list(dict.fromkeys(name for r in group for name in getattr(r, split)))
+        for name in names:
+            mean, sd = mean_sd(getattr(r, split).get(name) for r in group)
+            if mean is not None:
+                out[split][name], out[f"{split}_sd"][name] = mean, sd
+    return CutSummary(
+        strategy=first.strategy, cut=first.cut, cut_name=first.cut_name, stage=first.stage,
+        trials=[r.number for r in group], seeds=[r.seed for r in group], **out,
+        params=first.params, trainable_params=first.trainable_params, macs=first.macs,
+        latency_batch1_ms=mean_sd(r.latency_batch1_ms for r in group)[0],
+        latency_batch64_ms=mean_sd(r.latency_batch64_ms for r in group)[0],
+        full_params=first.full_params, full_macs=first.full_macs,
+    )
+
+
+def completed_by_cut(recs: Iterable[TrialRecord], strategy: str | None = None) -> dict[tuple[str, int], list[TrialRecord]]:
+    """Completed records grouped by (strategy, cut), sorted; ``strategy`` keeps only that one."""
+    groups: dict[tuple[str, int], list[TrialRecord]] = {}
+    for r in recs:
+        if r.complete and r.cut is not None and (strategy is None or r.strategy == strategy):
+            groups.setdefault((r.strategy, int(r.cut)), []).append(r)
+    return dict(sorted(groups.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers for people
+
+
+def fmt_count(n: Any, unit: str = "") -> str:
+    """``3.38M``, ``700.99k``, ``250``; ``-`` for unknown (None or NaN)."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    n = float(n)
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def fmt_params(total: Any, trainable: Any) -> str:
+    """``3.38M (2.56k trainable)``; just the total when every parameter trains (or either is unknown)."""
+    if fmt_count(total) == "-" or fmt_count(trainable) == "-" or float(trainable) >= float(total):
+        return fmt_count(total)
+    return f"{fmt_count(total)} ({fmt_count(trainable)} trainable)"
