@@ -448,7 +448,7 @@ def test_lost_worker_node_fails_its_trials_and_the_study_finishes(cluster, worke
     # The exhaustive search (7 cuts, no stage barrier) keeps both nodes busy, so the worker trains
     # again after the first trial completed; 8 epochs: a trial trains long enough to be caught.
     cmd = [sys.executable, "-m", "ttl_search",
-           *study_args(name, shared_datasets_dir, "trial.max_epochs=8", "search.strategy=exhaustive"),
+           *study_args(name, shared_datasets_dir, "trial.max_epochs=8", "search.method=exhaustive"),
            "--storage", postgres_url, "--ray-address", cluster.address]
     started = time.monotonic()
     driver = start_driver(drivers, cmd, tmp_path, _env())
@@ -516,7 +516,7 @@ def test_container_driver_joins_runs_and_leaves(cluster, postgres_url, shared_da
                                          f"--dashboard-agent-listen-port={free_port()} --metrics-export-port={free_port()}")
     # One training: a TPE search with a budget of 1.
     args = ["run", str(DEBUG_STUDY), "--quiet", "--set", f"name={name}", "--set", f"trial.data.root={shared_datasets_dir}",
-            "--set", "search.strategy=tpe", "--set", "search.budget=1", "--set", "trial.max_epochs=1"]
+            "--set", "search.method=tpe", "--set", "search.budget=1", "--set", "trial.max_epochs=1"]
     cmd = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(DRIVER_SCRIPT), *args]
     driver = start_driver(drivers, cmd, tmp_path, env)
     rc = driver.wait(timeout=240)

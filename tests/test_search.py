@@ -157,7 +157,7 @@ def test_invalid_cuts_are_never_proposed():
 
 
 def test_exhaustive_and_baselines():
-    cfg = _study_cfg(backbone="test_cnn", input_size=28, strategy="exhaustive")
+    cfg = _study_cfg(backbone="test_cnn", input_size=28, method="exhaustive")
     cfg.baselines = ["full", "linear_probe", "transfusion"]
     sampler = make_sampler(cfg)
     assert isinstance(sampler, ExhaustiveSampler)
@@ -186,7 +186,7 @@ def test_baselines_fill_the_stage_barrier():
 def test_full_fine_tuning_and_ttl_at_the_last_cut_are_trained_once(first):
     """Full fine-tuning is TTL at the last cut with the same seed: whichever completes first
     answers for the other (the plan names it to copy), and neither starts while the other runs."""
-    cfg = _study_cfg(backbone="test_cnn", input_size=28, strategy="exhaustive", repeats=2)
+    cfg = _study_cfg(backbone="test_cnn", input_size=28, method="exhaustive", repeats=2)
     cfg.baselines = ["full"]
     sampler = make_sampler(cfg)
     study = optuna.create_study(direction="maximize", sampler=sampler)
@@ -254,7 +254,7 @@ def drive_existing(study, sampler):
 
 
 def test_tpe_spends_its_budget():
-    cfg = _study_cfg(backbone="test_cnn", input_size=28, strategy="tpe", budget=6)
+    cfg = _study_cfg(backbone="test_cnn", input_size=28, method="tpe", budget=6)
     sampler = make_sampler(cfg)
     assert isinstance(sampler, TPESearch)
     study = optuna.create_study(direction="maximize", sampler=sampler)
@@ -268,9 +268,9 @@ def test_tpe_spends_its_budget():
 
 
 def test_bad_search_settings():
-    with pytest.raises(ConfigError, match="two_stage, exhaustive, tpe, none"):
-        _study_cfg(strategy="grid").__post_init__()
-    cfg = _study_cfg(backbone="test_cnn", input_size=28, strategy="tpe")
+    with pytest.raises(ConfigError, match="valid methods: two_stage, exhaustive, tpe, none"):
+        _study_cfg(method="grid").__post_init__()
+    cfg = _study_cfg(backbone="test_cnn", input_size=28, method="tpe")
     cfg.baselines = ["full"]
     with pytest.raises(ConfigError, match="sibling study"):
         make_sampler(cfg)

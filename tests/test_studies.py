@@ -182,6 +182,14 @@ def test_killed_worker_is_retried(tmp_path, shared_datasets_dir_module):
     assert not [t for t in ts if t.state == TrialState.RUNNING]
 
 
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5).read()
+        return True
+    except OSError:
+        return False
+
+
 def test_dashboard_serves_a_running_study(tmp_path, shared_datasets_dir_module):
     name = "dash"
     url = f"sqlite:///{tmp_path / 'dash.db'}"
@@ -191,8 +199,15 @@ def test_dashboard_serves_a_running_study(tmp_path, shared_datasets_dir_module):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = start_driver(_study_args(name, url, shared_datasets_dir_module), log)
+    # The dashboard first (it creates the schema), and answering, before the study starts: on a
+    # loaded machine a late dashboard would otherwise miss the whole run.
     dash = start_driver(["dashboard", "--storage", url, "--port", str(port)], tmp_path / "dashboard.log")
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/studies"), dash, timeout=120, what="the dashboard")
+    except BaseException:
+        kill_group(dash)
+        raise
+    proc = start_driver(_study_args(name, url, shared_datasets_dir_module), log)
     seen_with_attrs = False
     try:
         deadline = time.time() + 300
@@ -223,7 +238,7 @@ def test_asha_stopped_trials_are_pruned(tmp_path, shared_datasets_dir_module):
     name = "asha"
     url = f"sqlite:///{tmp_path / 'asha.db'}"
     log = tmp_path / "driver.log"
-    args = _study_args(name, url, shared_datasets_dir_module, "--set", "search.strategy=exhaustive",
+    args = _study_args(name, url, shared_datasets_dir_module, "--set", "search.method=exhaustive",
                        "--set", "scheduler.type=asha", "--set", "scheduler.grace_period=1",
                        "--set", "scheduler.reduction_factor=2", "--set", "trial.max_epochs=4",
                        "--set", "trial.early_stopping=0", "--set", "concurrency=1")

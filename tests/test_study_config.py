@@ -46,7 +46,8 @@ def test_overrides_beat_the_file():
 @pytest.mark.parametrize("override,message", [
     ("serch.repeats=2", "unknown config key 'serch'"),
     ("search.stratgy=tpe", "unknown config key 'search.stratgy'"),
-    ("search.strategy=grid", "two_stage, exhaustive, tpe, none"),
+    ("search.method=grid", "valid methods: two_stage, exhaustive, tpe, none"),
+    ("search.strategy=exhaustive", "'search.strategy' was renamed to 'search.method'"),
     ("trial.backbone=vgg16", "valid backbones"),
     ("baselines=[fine_tune]", "full, linear_probe, lwft, transfusion, scratch"),
     ("scheduler.type=hyperband", "fifo, asha"),
@@ -69,3 +70,16 @@ def test_cut_too_deep_for_the_input_size():
 def test_missing_study_file():
     with pytest.raises(ConfigError, match="not found"):
         load_study_config("studies/nope.yaml")
+
+
+def test_a_stored_config_of_an_earlier_version_still_reads():
+    """Studies created before the rename keep working: their stored ``search.strategy`` is read as
+    ``search.method`` (only a user's own file gets the error)."""
+    from ttl_search.config import from_dict, to_dict
+    from ttl_search.study import StudyConfig, upgrade_stored_config
+
+    stored = to_dict(load_study_config(STUDIES[0].parent / "debug.yaml", ["search.method=exhaustive"]))
+    stored["search"]["strategy"] = stored["search"].pop("method")
+    with pytest.raises(ConfigError, match="renamed to 'search.method'"):
+        from_dict(StudyConfig, stored)
+    assert from_dict(StudyConfig, upgrade_stored_config(stored)).search.method == "exhaustive"

@@ -21,7 +21,7 @@ from .record import SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, 
 from .search import CutCandidate
 from .storage import artifact_store, load_study, open_storage, reconcile_running, sqlite_path, storage_url, study_names
 from .training import TrialConfig
-from .study import StudyConfig, cut_candidates, make_sampler, resolve_paths
+from .study import StudyConfig, cut_candidates, make_sampler, resolve_paths, upgrade_stored_config
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def stored_config(study: optuna.Study) -> StudyConfig:
     values = study.user_attrs.get(CONFIG_ATTR)
     if not isinstance(values, dict):
         raise StudyError(f"study {study.study_name!r} was not created by ttl-search (no stored config)")
-    return from_dict(StudyConfig, values)
+    return from_dict(StudyConfig, upgrade_stored_config(values))
 
 
 def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> optuna.Study:
@@ -78,7 +78,7 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         study.set_user_attr("ttl_search_version", __version__)
         study.set_user_attr("backbone", cfg.trial.backbone)
         study.set_user_attr("dataset", cfg.trial.data.dataset)
-        study.set_user_attr("search", cfg.search.strategy)
+        study.set_user_attr("search", cfg.search.method)
         study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         log.info("study %s created in %s", cfg.name, url)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress)
@@ -92,7 +92,7 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
     url = storage_url(storage)
     store = open_storage(url)
     probe = load_study(name, store)
-    values = dict(probe.user_attrs.get(CONFIG_ATTR) or {})
+    values = upgrade_stored_config(dict(probe.user_attrs.get(CONFIG_ATTR) or {}))
     if not values:
         raise StudyError(f"study {name!r} was not created by ttl-search (no stored config)")
     for key in _flat_keys(execution or {}):

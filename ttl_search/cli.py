@@ -241,7 +241,7 @@ def _print_outcome(name: str, storage: str | None) -> int:
     from .errors import StudyError
 
     _, cfg = open_study(name, storage)
-    if cfg.search.strategy == "none":
+    if cfg.search.method == "none":
         return cmd_compare(argparse.Namespace(names=[name], storage=storage, format="table"))
     try:
         _print_best(name, storage)
@@ -257,7 +257,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     extra = {k: v for k, v in (("storage", args.storage), ("ray_address", args.ray_address)) if v}
     cfg = load_study_config(args.study, args.set, extra)
-    print(f"study {cfg.name}: {cfg.search.strategy} search of {cfg.trial.backbone} on {cfg.trial.data.dataset}")
+    print(f"study {cfg.name}: {cfg.search.method} search of {cfg.trial.backbone} on {cfg.trial.data.dataset}")
     progress = StudyProgress(disable=args.quiet)
     try:
         run_study(cfg, progress)
@@ -295,7 +295,7 @@ def _print_status(name: str, storage: str | None) -> tuple[int, bool]:
                      fmt(r[f"val_{metric}"]), fmt(r[f"test_{metric}"]), fmt_count(_int_or_none(r["params"])),
                      fmt_count(_int_or_none(r["trainable_params"])),
                      "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s", r["note"]])
-    print_table(f"study {name}: {cfg.search.strategy} search of {cfg.trial.backbone}; phase {plan.phase or '-'}, "
+    print_table(f"study {name}: {cfg.search.method} search of {cfg.trial.backbone}; phase {plan.phase or '-'}, "
                 f"{plan.action}", ["trial", "strategy", "cut", "name", "stage", "phase", "state", f"val {metric}",
                                    f"test {metric}", "params", "trainable", "duration", "note"], rows)
     done = sum(1 for r in rows if r[6] in ("COMPLETE", "PRUNED"))

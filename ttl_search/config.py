@@ -98,9 +98,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], values: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``values``; unknown keys raise and list the valid ones."""
+    """Build dataclass ``cls`` from ``values``; unknown keys raise and list the valid ones, and a key
+    the class lists in its ``RENAMED`` (old name -> new name) raises naming the new one."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in values:
+            raise ConfigError(f"config key {prefix + old!r} was renamed to {prefix + new!r}; write "
+                              f"{prefix + new}: {values[old]!r} instead")
     unknown = [k for k in values if k not in names]
     if unknown:
         raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys{' under ' + prefix.rstrip('.') if prefix else ''}: {choices(names)}")

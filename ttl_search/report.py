@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .errors import StudyError
 from .record import completed_by_cut, fmt_count, records, summarize_cut
+from .strategies import BASELINES, STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,8 @@ CUT_TABLE_METRICS = ("accuracy", "balanced_accuracy", "f1_macro")
 """Threshold metrics the table of every trained cut shows beside the study's metric."""
 METRIC_HEADERS = {"auroc": "AUROC", "auprc": "AUPRC", "accuracy": "accuracy",
                   "balanced_accuracy": "balanced accuracy", "f1_macro": "macro F1"}
-STRATEGY_LABELS = {
-    "ttl": "TruncatedTL", "full": "full fine-tuning", "linear_probe": "linear probe",
-    "lwft": "layer-wise fine-tuning", "transfusion": "TransFusion", "scratch": "from scratch",
-}
-BASELINE_MARKERS = {"full": "D", "linear_probe": "X", "lwft": "P", "transfusion": "h", "scratch": "v"}
+STRATEGY_LABELS = {name: s.label for name, s in STRATEGIES.items()}
+BASELINE_MARKERS = {name: s.marker for name, s in STRATEGIES.items() if name in BASELINES}
 PHASE_COLORS = {"stage1": "#1f77b4", "stage2": "#ff7f0e", "baseline": "#7f7f7f", "tpe": "#2ca02c",
                 "exhaustive": "#9467bd"}
 STATE_MARKERS = {"COMPLETE": "o", "FAIL": "x", "PRUNED": "v", "RUNNING": "*", "WAITING": "."}
@@ -510,7 +508,7 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
         "",
         f"- Backbone `{cfg.trial.backbone}` (weights `{cfg.trial.weights}`), dataset `{cfg.trial.data.dataset}` "
         f"(size {cfg.trial.data.size}), input {cfg.trial.input_size or cfg.trial.data.size} px.",
-        f"- Search `{cfg.search.strategy}` on validation {metric} ({cfg.resolved_direction}), "
+        f"- Search `{cfg.search.method}` on validation {metric} ({cfg.resolved_direction}), "
         f"{cfg.search.repeats} seed(s) per cut; baselines: {', '.join(cfg.baselines) or 'none'}.",
         f"- Trials: {len(trials)} ({', '.join(f'{k.lower()} {v}' for k, v in states.items()) or 'none'}); "
         f"created {a.get('created', '-')} with ttl-search {a.get('ttl_search_version', '-')}.",
@@ -643,8 +641,8 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
                                                       out / "metric_vs_cost.png")
     order = search_order_rows(trials, metric)
     files["search_order_png"] = plot_search_order(order, cuts, chosen, metric,
-                                                  f"{head}: search order ({cfg.search.strategy})",
-                                                  out / "search_order.png", cfg.search.strategy)
+                                                  f"{head}: search order ({cfg.search.method})",
+                                                  out / "search_order.png", cfg.search.method)
     results = results_table(cm_all, chosen)
     files["results_csv"] = out / "results.csv"
     results.to_csv(files["results_csv"], index=False)

@@ -22,6 +22,7 @@ import optuna
 
 from .config import from_dict
 from .errors import ConfigError, StudyError, TTLSearchError
+from .schedulers import SCHEDULERS
 from .study import StudyConfig
 
 log = logging.getLogger(__name__)
@@ -150,19 +151,13 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
     # progress comes through ``progress`` and the log.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from .searcher import StudySearcher
 
     tune_dir = Path(tempfile.mkdtemp(prefix="ttl-search-tune-"))
     try:
         mode = "max" if cfg.resolved_direction == "maximize" else "min"
-        if cfg.scheduler.type == "asha":
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.trial.max_epochs,
-                                      grace_period=cfg.scheduler.grace_period,
-                                      reduction_factor=cfg.scheduler.reduction_factor)
-        else:
-            scheduler = FIFOScheduler()
+        scheduler = SCHEDULERS[cfg.scheduler.type].build(cfg.scheduler, cfg.trial.max_epochs)
         searcher = StudySearcher(study, sampler, cfg, artifacts, progress)
         resources = {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
         tuner = tune.Tuner(

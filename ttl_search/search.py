@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
@@ -31,7 +31,6 @@ from optuna.trial import FrozenTrial, TrialState
 from .errors import ConfigError, choices
 from .record import SEARCH_STRATEGY, mean_sd
 
-SEARCHES = ("two_stage", "exhaustive", "tpe", "none")
 
 
 @dataclass(frozen=True)
@@ -354,6 +353,49 @@ def suggest_params(trial: optuna.Trial, candidates: Sequence[CutCandidate], stra
     return params
 
 
+# ---------------------------------------------------------------------------------------------
+# The registry of search methods
+
+SamplerBuilder = Callable[[Sequence[CutCandidate], str, Any, Sequence[tuple[str, int]]], BaseSampler]
+
+
+@dataclass(frozen=True)
+class SearchMethod:
+    """A way to search the cuts, as ``search.method`` names it."""
+
+    name: str
+    """Key in study files."""
+    description: str
+    """One line for help texts and reports."""
+    build: SamplerBuilder
+    """(cut candidates, direction, the study's ``search`` settings, baselines as (strategy, cut))
+    -> the sampler."""
+    takes_baselines: bool = True
+    """Whether it can schedule baselines in the same study."""
+
+
+def _planned(cls: type[PlannedSampler], **extra: Callable[[Any], Any]) -> SamplerBuilder:
+    def build(candidates, direction, s, baselines):
+        return cls(candidates, direction=direction, repeats=s.repeats, max_retries=s.max_retries,
+                   baselines=baselines, tolerance=s.tolerance, **{k: f(s) for k, f in extra.items()})
+    return build
+
+
+def _tpe(candidates, direction, s, baselines) -> TPESearch:
+    return TPESearch(candidates, direction, s.budget, seed=s.seed, max_retries=s.max_retries, tolerance=s.tolerance)
+
+
+SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (
+    SearchMethod("two_stage", "the paper's: stage-end cuts first, then the cuts inside the best stage(s)",
+                 _planned(TwoStageSampler, top_k=lambda s: s.top_k)),
+    SearchMethod("exhaustive", "every valid cut", _planned(ExhaustiveSampler)),
+    SearchMethod("tpe", "Optuna's TPE over the cuts (and optionally lr, weight decay) with a trial budget", _tpe,
+                 takes_baselines=False),
+    SearchMethod("none", "no search: only the baselines (a sibling study for comparisons)",
+                 _planned(BaselinesOnlySampler)),
+)}
+
+
 def check_search(name: str) -> None:
-    if name not in SEARCHES:
-        raise ConfigError(f"unknown search {name!r}; valid searches: {choices(SEARCHES)}")
+    if name not in SEARCH_METHODS:
+        raise ConfigError(f"unknown search method {name!r}; valid methods: {choices(SEARCH_METHODS)}")

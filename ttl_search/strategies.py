@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import nn
 
@@ -21,8 +22,8 @@ from .backbones import LoadedBackbone, TinyBlock, backbone_names, get_backbone, 
 from .errors import ConfigError, choices
 from .truncation import TruncatedModel, check_cut, feature_shape, input_shape, make_head, truncate
 
-STRATEGIES = ("ttl", "full", "linear_probe", "lwft", "transfusion", "scratch")
 TRANSFUSION_FAMILIES = ("resnet", "resnet3d", "tiny")
+"""Backbone families whose units TransFusion can re-create at half width (residual blocks)."""
 
 
 @dataclass
@@ -67,27 +68,32 @@ def build_strategy_model(loaded: LoadedBackbone, strategy: str, cut: int | None,
     check_strategy(strategy)
     spec = loaded.spec
     last = len(spec.cuts)
-    if strategy == "full":
+    if STRATEGIES[strategy].last_cut_only:
         if cut not in (None, last):
-            raise ConfigError(f"strategy 'full' fine-tunes every unit; its cut is {last} for {spec.name}, got {cut}")
+            raise ConfigError(f"strategy {strategy!r} fine-tunes every unit; its cut is {last} for {spec.name}, got {cut}")
         cut = last
     cut = last if cut is None else cut
     check_cut(spec, cut)
+    return STRATEGIES[strategy].build(loaded, cut, num_classes, head, input_size, frozen_units)
 
-    if strategy in ("ttl", "full"):
-        model = truncate(loaded, cut, num_classes, head, input_size)
-        return StrategyModel(model, _groups(("all", model, 1.0)), cut=cut)
-    if strategy == "scratch":
-        fresh = load_backbone(spec.name, None, loaded.in_channels)
-        model = truncate(fresh, cut, num_classes, head, input_size)
-        return StrategyModel(model, _groups(("all", model, 1.0)), cut=cut)
-    if strategy == "linear_probe":
-        model = truncate(loaded, cut, num_classes, head, input_size)
-        _freeze([model.features])
-        return StrategyModel(model, _groups(("head", model.head, 1.0)), frozen=[model.features], cut=cut)
-    if strategy == "lwft":
-        return _lwft(loaded, cut, num_classes, head, input_size, frozen_units)
-    return _transfusion(loaded, cut, num_classes, head, input_size)
+
+def _kept(loaded: LoadedBackbone, cut: int, num_classes: int, head: str, input_size: int | None,
+          frozen_units: int | None) -> StrategyModel:
+    model = truncate(loaded, cut, num_classes, head, input_size)
+    return StrategyModel(model, _groups(("all", model, 1.0)), cut=cut)
+
+
+def _scratch(loaded: LoadedBackbone, cut: int, num_classes: int, head: str, input_size: int | None,
+             frozen_units: int | None) -> StrategyModel:
+    fresh = load_backbone(loaded.spec.name, None, loaded.in_channels)
+    return _kept(fresh, cut, num_classes, head, input_size, frozen_units)
+
+
+def _linear_probe(loaded: LoadedBackbone, cut: int, num_classes: int, head: str, input_size: int | None,
+                  frozen_units: int | None) -> StrategyModel:
+    model = truncate(loaded, cut, num_classes, head, input_size)
+    _freeze([model.features])
+    return StrategyModel(model, _groups(("head", model.head, 1.0)), frozen=[model.features], cut=cut)
 
 
 def default_frozen_units(loaded: LoadedBackbone) -> int:
@@ -140,7 +146,7 @@ def _half_width_unit(unit: nn.Module, in_ch: int) -> nn.Module:
 
 
 def _transfusion(loaded: LoadedBackbone, cut: int, num_classes: int, head: str,
-                 input_size: int | None) -> StrategyModel:
+                 input_size: int | None, frozen_units: int | None = None) -> StrategyModel:
     spec = loaded.spec
     if spec.family not in TRANSFUSION_FAMILIES:
         supported = [n for n in backbone_names() if get_backbone(n).family in TRANSFUSION_FAMILIES]
@@ -157,6 +163,45 @@ def _transfusion(loaded: LoadedBackbone, cut: int, num_classes: int, head: str,
     shape = feature_shape(features, input_shape(spec, size, loaded.in_channels))
     model = TruncatedModel(features, make_head(head, shape[0], tuple(shape[1:]), num_classes), spec.name, cut, kept.cut_name)
     return StrategyModel(model, _groups(("all", model, 1.0)), cut=cut)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry
+
+Builder = Callable[[LoadedBackbone, int, int, str, "int | None", "int | None"], StrategyModel]
+
+
+@dataclass(frozen=True)
+class TransferStrategy:
+    """A transfer strategy: how its model is built, and how reports show it."""
+
+    name: str
+    """Key in study files and trial parameters."""
+    label: str
+    """Name in tables and plots."""
+    marker: str
+    """matplotlib marker of its points in plots (baselines)."""
+    build: Builder
+    """(loaded backbone, cut, classes, head, input size, frozen units) -> model and parameter groups."""
+    families: tuple[str, ...] | None = None
+    """Backbone families it supports (None: every family)."""
+    last_cut_only: bool = False
+    """Whether it always keeps every unit (its cut is the backbone's last)."""
+
+    def supports(self, family: str) -> bool:
+        return self.families is None or family in self.families
+
+
+STRATEGIES: dict[str, TransferStrategy] = {s.name: s for s in (
+    TransferStrategy("ttl", "TruncatedTL", "o", _kept),
+    TransferStrategy("full", "full fine-tuning", "D", _kept, last_cut_only=True),
+    TransferStrategy("linear_probe", "linear probe", "X", _linear_probe),
+    TransferStrategy("lwft", "layer-wise fine-tuning", "P", _lwft),
+    TransferStrategy("transfusion", "TransFusion", "h", _transfusion, families=TRANSFUSION_FAMILIES),
+    TransferStrategy("scratch", "from scratch", "v", _scratch),
+)}
+"""Every transfer strategy by name; all but ``ttl`` can be a study's baseline."""
+BASELINES = tuple(name for name in STRATEGIES if name != "ttl")
 
 
 def fresh_parameters(model: nn.Module) -> list[str]:

@@ -10,28 +10,28 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from .backbones import get_backbone, stage_ends
 from .config import load_config
 from .errors import ConfigError, choices
 from .metrics import metric_direction
-from .search import (
-    BaselinesOnlySampler, CutCandidate, ExhaustiveSampler, TPESearch, TwoStageSampler, check_search,
-)
-from .strategies import STRATEGIES, TRANSFUSION_FAMILIES
+from .schedulers import SCHEDULERS
+from .search import SEARCH_METHODS, CutCandidate, check_search
+from .strategies import BASELINES, STRATEGIES
 from .training import TrialConfig
 from .truncation import analyze_cuts
 
-BASELINES = tuple(s for s in STRATEGIES if s != "ttl")
-SCHEDULERS = ("fifo", "asha")
 
 
 @dataclass
 class SearchConfig:
     """How the cut points are searched."""
 
-    strategy: str = "two_stage"
+    RENAMED: ClassVar[dict[str, str]] = {"strategy": "method"}
+    """Keys of earlier versions: using one is an error that names the new key."""
+
+    method: str = "two_stage"
     """``two_stage`` (the paper), ``exhaustive`` (every valid cut), ``tpe`` (Optuna's TPE with a
     budget) or ``none`` (only the baselines)."""
     top_k: int = 1
@@ -123,7 +123,7 @@ def validate_study_config(cfg: StudyConfig) -> None:
     if cfg.direction not in (None, "maximize", "minimize"):
         raise ConfigError(f"direction {cfg.direction!r} is unknown; valid directions: maximize, minimize")
     cfg.trial.metric = cfg.metric
-    check_search(cfg.search.strategy)
+    check_search(cfg.search.method)
     for key in ("repeats", "budget", "top_k"):
         if getattr(cfg.search, key) < 1:
             raise ConfigError(f"search.{key} must be >= 1, got {getattr(cfg.search, key)}")
@@ -136,10 +136,12 @@ def validate_study_config(cfg: StudyConfig) -> None:
         if b not in cfg.baselines:
             raise ConfigError(f"baseline_cuts: {b!r} is not among baselines ({choices(cfg.baselines) or 'none'})")
     spec = get_backbone(cfg.trial.backbone)
-    if "transfusion" in cfg.baselines and spec.family not in TRANSFUSION_FAMILIES:
-        raise ConfigError(f"baselines: transfusion does not support backbone {spec.name}")
-    if cfg.search.strategy == "none" and not cfg.baselines:
-        raise ConfigError("search.strategy none runs only baselines, but baselines is empty")
+    for b in cfg.baselines:
+        if not STRATEGIES[b].supports(spec.family):
+            raise ConfigError(f"baselines: {b} does not support backbone {spec.name} (it supports the "
+                              f"{choices(STRATEGIES[b].families)} families)")
+    if cfg.search.method == "none" and not cfg.baselines:
+        raise ConfigError("search.method none runs only baselines, but baselines is empty")
     if cfg.concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {cfg.concurrency}")
     if cfg.resources.cpus <= 0 or cfg.resources.gpus < 0:
@@ -148,6 +150,18 @@ def validate_study_config(cfg: StudyConfig) -> None:
         raise ConfigError(f"resources.gpus above 1 must be a whole number, got {cfg.resources.gpus}")
     if cfg.scheduler.type not in SCHEDULERS:
         raise ConfigError(f"scheduler.type {cfg.scheduler.type!r} is unknown; valid schedulers: {choices(SCHEDULERS)}")
+
+
+def upgrade_stored_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A config stored by an earlier version, in today's keys (``search.strategy`` is
+    ``search.method`` now); the user's own files get an error for old keys instead."""
+    search = values.get("search")
+    if isinstance(search, dict):
+        for old, new in SearchConfig.RENAMED.items():
+            if old in search and new not in search:
+                search = {(new if k == old else k): v for k, v in search.items()}
+        values = {**values, "search": search}
+    return values
 
 
 def load_study_config(path: str | Path | None, overrides: Sequence[str] = (), extra: dict[str, Any] | None = None) -> StudyConfig:
@@ -212,23 +226,15 @@ def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = N
     """The sampler of the configured search, built from the config alone (no stored state) and
     the study's cut candidates (default: computed from the config, a forward pass per cut)."""
     candidates = list(candidates) if candidates is not None else cut_candidates(cfg)
+    method = SEARCH_METHODS[cfg.search.method]
+    if cfg.baselines and not method.takes_baselines:
+        raise ConfigError(f"the {method.name} search cannot schedule baselines; run them in a sibling study with "
+                          "search.method none")
     baselines = [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]
-    s = cfg.search
-    common = dict(direction=cfg.resolved_direction, repeats=s.repeats, max_retries=s.max_retries,
-                  baselines=baselines, tolerance=s.tolerance)
-    if s.strategy == "two_stage":
-        return TwoStageSampler(candidates, top_k=s.top_k, **common)
-    if s.strategy == "exhaustive":
-        return ExhaustiveSampler(candidates, **common)
-    if s.strategy == "none":
-        return BaselinesOnlySampler(candidates, **common)
-    if cfg.baselines:
-        raise ConfigError("the tpe search cannot schedule baselines; run them in a sibling study with search.strategy none")
-    return TPESearch(candidates, cfg.resolved_direction, s.budget, seed=s.seed, max_retries=s.max_retries,
-                     tolerance=s.tolerance)
+    return method.build(candidates, cfg.resolved_direction, cfg.search, baselines)
 
 
 def trial_strategies(cfg: StudyConfig) -> list[str]:
     """Values of the ``strategy`` parameter in this study."""
-    return (["ttl"] if cfg.search.strategy != "none" else []) + list(cfg.baselines)
+    return (["ttl"] if cfg.search.method != "none" else []) + list(cfg.baselines)
 
