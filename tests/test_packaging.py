@@ -132,19 +132,29 @@ def _check_output(fmt: str, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def command_args(request) -> dict[str, list[str]]:
+def command_args(request, tmp_path_factory) -> dict[str, list[str]]:
+    from conftest import SHARED_DATASETS
+
     study_name, url = request.getfixturevalue("study")
+    out = tmp_path_factory.mktemp("formats")
     return {
         "backbones": [],
         "cutoffs": ["test_cnn", "--input-size", "32"],
+        "train": ["--set", "backbone=test_cnn", "--set", "weights=none", "--set", "data.dataset=breastmnist",
+                  "--set", f"data.root={SHARED_DATASETS}", "--set", "input_size=28", "--set", "max_epochs=1",
+                  "--set", "data.train_fraction=0.2", "--set", "latency_repeats=1", "--quiet"],
+        "status": [study_name, "--storage", url],
         "best": [study_name, "--storage", url],
         "compare": [study_name, "--storage", url],
+        "svcca": [study_name, "--storage", url, "--samples", "20", "--spatial", "pool", "--output", str(out),
+                  "--no-attach"],
     }
 
 
 def test_every_format_of_every_command(command_args, capsys):
     commands = _format_commands()
     assert set(commands) <= set(command_args), f"add arguments for {set(commands) - set(command_args)} to this test"
+    assert all(formats == ("table", "json", "csv", "markdown") for formats in commands.values()), commands
     for command, formats in commands.items():
         for fmt in formats:
             capsys.readouterr()

@@ -33,18 +33,38 @@ def print_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequen
     Console(width=max(120, len(columns) * 14)).print(table)
 
 
+FORMATS = ("table", "json", "csv", "markdown")
+"""Output formats of every command that prints data."""
+
+
+def _flat(value: object) -> object:
+    """A cell of a CSV or Markdown table: lists joined by spaces."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
 def write_rows(rows: list[dict], fmt: str, stream=None) -> None:
-    """Write dict rows as JSON (a list of objects) or CSV."""
+    """Write dict rows as JSON (a list of objects), CSV or a Markdown table."""
     stream = stream or sys.stdout
     if fmt == "json":
-        json.dump(rows, stream, indent=2)
+        json.dump(rows, stream, indent=2, default=str)
         stream.write("\n")
-    elif fmt == "csv":
+        return
+    flat = [{k: _flat(v) for k, v in row.items()} for row in rows]
+    if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(buffer, fieldnames=list(flat[0]) if flat else [])
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(flat)
         stream.write(buffer.getvalue())
+    elif fmt == "markdown":
+        import pandas as pd
+
+        stream.write(pd.DataFrame(flat).to_markdown(index=False, floatfmt=".4f") + "\n")
+
+
+def _format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="table (for people, the default), json, csv or markdown")
 
 
 def _int_or_none(value) -> int | None:
@@ -76,9 +96,6 @@ def cmd_backbones(args: argparse.Namespace) -> int:
                     [[r["name"], f"{r['dims']}D", r["cuts"], ",".join(map(str, r["stage_ends"])),
                       r["default_input_size"], ", ".join(r["weights"]), r["description"]] for r in rows])
     else:
-        for r in rows:
-            r["stage_ends"] = " ".join(map(str, r["stage_ends"])) if args.format == "csv" else r["stage_ends"]
-            r["weights"] = " ".join(r["weights"]) if args.format == "csv" else r["weights"]
         write_rows(rows, args.format)
     return 0
 
@@ -102,7 +119,7 @@ def cmd_cutoffs(args: argparse.Namespace) -> int:
         )
         print("* ends a stage (trained in stage 1 of the two-stage search)")
     else:
-        if args.format == "csv":
+        if args.format != "json":
             for r in rows:
                 r["spatial"] = "x".join(map(str, r["spatial"])) if r["spatial"] else ""
         write_rows(rows, args.format)
@@ -157,12 +174,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     result["config"] = to_dict(cfg)
-    print_trial_summary(result)
+    if args.format == "table":
+        print_trial_summary(result)
+    elif args.format == "json":
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2, default=str))
+    else:
+        write_rows([{"metric": name, "validation": result["val"].get(name), "test": result["test"].get(name)}
+                    for name in result.get("val") or {}], args.format)
     if args.output:
         from pathlib import Path
 
         Path(args.output).write_text(json.dumps(result, indent=2))
-        print(f"result written to {args.output}")
+        print(f"result written to {args.output}", file=sys.stderr if args.format != "table" else sys.stdout)
     return 0 if result["status"] == "complete" else 1
 
 
@@ -219,6 +242,13 @@ def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
     best = best_cut(name, storage)
     if fmt == "json":
         print(json.dumps(best, indent=2, default=str))
+        return
+    if fmt in ("csv", "markdown"):
+        write_rows([{"study": name, "cut": best["cut"], "cut_name": best["cut_name"], "metric": metric,
+                     "validation": best["val"].get(metric), "validation_sd": best["val_sd"].get(metric),
+                     "test": best["test"].get(metric), "test_sd": best["test_sd"].get(metric),
+                     "repeats": best["repeats"], "params": best["params"],
+                     "trainable_params": best.get("trainable_params")} for metric in best["val"]], fmt)
         return
     state = "finished" if best["finished"] else "not finished yet"
     print(f"study {name} ({state}): best cut {best['cut']} ({best['cut_name']}, stage {best['stage']}) of "
@@ -281,13 +311,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _print_outcome(args.name, args.storage)
 
 
-def _print_status(name: str, storage: str | None) -> tuple[int, bool]:
+def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[int, bool]:
     from .api import open_study, study_sampler, trial_rows
 
     study, cfg = open_study(name, storage)
     frame = trial_rows(study, cfg.metric)
     plan = study_sampler(study, cfg).plan(study.get_trials(deepcopy=False))
     metric = cfg.metric
+    if fmt != "table":
+        records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+        write_rows(records, fmt)
+        running = sum(1 for r in records if r["state"] == "RUNNING")
+        done = sum(1 for r in records if r["state"] in ("COMPLETE", "PRUNED"))
+        return done, plan.action == "finished" and running == 0
     rows = []
     for r in frame.to_dict("records"):
         fmt = lambda v: "-" if v is None or v != v else f"{v:.4f}"  # noqa: E731
@@ -313,10 +349,10 @@ def _print_status(name: str, storage: str | None) -> tuple[int, bool]:
 def cmd_status(args: argparse.Namespace) -> int:
     import time
 
-    done, finished = _print_status(args.name, args.storage)
+    done, finished = _print_status(args.name, args.storage, args.format)
     while args.watch and not finished:
         time.sleep(args.interval)
-        done, finished = _print_status(args.name, args.storage)
+        done, finished = _print_status(args.name, args.storage, args.format)
     return 0
 
 
@@ -329,10 +365,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .api import compare_studies
 
     frame = compare_studies(args.names, args.storage)
-    if args.format == "csv":
-        sys.stdout.write(frame.to_csv(index=False))
-    elif args.format == "markdown":
-        sys.stdout.write(frame.to_markdown(index=False, floatfmt=".4f") + "\n")
+    if args.format != "table":
+        write_rows(frame.astype(object).where(frame.notna(), None).to_dict("records"), args.format)
     else:
         cols = ["study", "strategy", "cut", "cut_name", "chosen", "repeats", "val_auroc", "test_auroc", "test_auprc",
                 "test_accuracy", "params", "trainable_params", "macs", "latency_batch1_ms"]
@@ -365,6 +399,11 @@ def cmd_svcca(args: argparse.Namespace) -> int:
                         seed=args.seed)
     run = run_svcca(args.name, args.storage, args.trial, opts, args.output, attach=not args.no_attach)
     c = run.context
+    if args.format != "table":
+        write_rows(run.units.astype(object).where(run.units.notna(), None).to_dict("records"), args.format)
+        for path in run.files.values():
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
     print_table(f"trial {c['trial']} ({c['strategy']}, cut {c['cut']} {c['cut_name']}): pretrained vs fine-tuned on "
                 f"{c['images']} {c['split']} images; {c['spatial_note']}",
                 ["unit", "name", "stage", "SVCCA", "CKA", f"baseline SVCCA ({opts.baseline})", "baseline CKA", "samples"],
@@ -413,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("backbones", help="list the registered backbones")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _format_arg(p)
     p.set_defaults(handler=cmd_backbones)
 
     p = sub.add_parser("cutoffs", help="list the cut points of a backbone with size, MACs and validity")
@@ -422,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=2, help="classes of the new head (default 2)")
     p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
     p.add_argument("--head", choices=("pool", "flatten"), default="pool", help="new head (default pool)")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _format_arg(p)
     p.set_defaults(handler=cmd_cutoffs)
 
     p = sub.add_parser("train", help="run one trial (truncate, fine-tune, evaluate) outside any study")
@@ -431,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a setting, e.g. --set cut=5 --set data.train_fraction=0.1 (repeatable)")
     p.add_argument("--output", help="write the JSON result here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _format_arg(p)
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("run", help="start a study from a YAML file and run it to the end")
@@ -448,18 +488,19 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_arg(p)
     p.add_argument("--watch", action="store_true", help="refresh until the study is finished")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes with --watch")
+    _format_arg(p)
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("best", help="the chosen cut with its metrics and size")
     p.add_argument("name")
     _storage_arg(p)
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    _format_arg(p)
     p.set_defaults(handler=cmd_best)
 
     p = sub.add_parser("compare", help="studies and strategies side by side")
     p.add_argument("names", nargs="+", help="study names")
     _storage_arg(p)
-    p.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    _format_arg(p)
     p.set_defaults(handler=cmd_compare)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on the study database")
@@ -485,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample, positions and baseline")
     p.add_argument("--output", default=None, help="folder (default: <artifacts>/<study>/svcca-trial-N)")
     p.add_argument("--no-attach", action="store_true", help="do not attach the plots to the study")
+    _format_arg(p)
     p.set_defaults(handler=cmd_svcca)
 
     p = sub.add_parser("report", help="plots and a Markdown summary of a study (attached to it as artifacts)")
