@@ -18,7 +18,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .errors import ConfigError, StudyError, choices
 
@@ -68,14 +68,19 @@ def open_storage(url: str | None = None) -> RDBStorage:
         except ModuleNotFoundError as exc:
             raise ConfigError(f"storage {url} needs a database driver that is not installed ({exc.name}); "
                               "for PostgreSQL: pip install 'ttl-search[postgres]'") from exc
-        except IntegrityError:
-            # Another process (the dashboard, a second driver) created the schema at the same moment.
-            if attempt == SCHEMA_RACE_RETRIES:
-                raise
-            time.sleep(0.5 * (attempt + 1))
         except Exception as exc:  # noqa: BLE001 - connection problems are the user's to fix
+            if _schema_race(exc) and attempt < SCHEMA_RACE_RETRIES:
+                # Another process (the dashboard, a second driver) created the schema at the same moment.
+                time.sleep(0.5 * (attempt + 1))
+                continue
             raise ConfigError(f"cannot open storage {url}: {type(exc).__name__}: {exc}") from exc
     raise AssertionError("unreachable")
+
+
+def _schema_race(exc: Exception) -> bool:
+    """Whether creating the schema failed because another process created it at the same time
+    (a duplicate row, or "table ... already exists" from SQLite and PostgreSQL)."""
+    return isinstance(exc, IntegrityError) or (isinstance(exc, DBAPIError) and "already exists" in str(exc))
 
 
 def study_names(storage: RDBStorage) -> list[str]:
