@@ -168,7 +168,7 @@ def _png_ok(path: Path) -> None:
 
 
 def test_svcca_on_the_chosen_trial(study, tmp_path):
-    from ttl_search.api import best_cut, open_study
+    from ttl_search.results import best_cut, open_study
 
     name, url = study
     best = best_cut(name, url)
@@ -196,7 +196,7 @@ def test_svcca_on_the_chosen_trial(study, tmp_path):
 def test_frozen_backbone_is_identical_to_the_pretrained_one(study, tmp_path):
     """The linear probe never changes its units: a correct rebuild of the pretrained model gives
     exactly 1 at every unit; full fine-tuning does change them."""
-    from ttl_search.api import open_study
+    from ttl_search.results import open_study
 
     name, url = study
     trials = {t.user_attrs["strategy"]: t.number for t in open_study(name, url)[0].trials}

@@ -32,7 +32,7 @@ def _trials(name: str, url: str):
 def test_every_completed_trial_stores_its_checkpoint(study):
     from optuna.artifacts import get_all_artifact_meta
 
-    from ttl_search.api import artifacts_dir, open_study
+    from ttl_search.results import artifacts_dir, open_study
 
     name, url = study
     s, cfg = open_study(name, url)
@@ -66,7 +66,7 @@ def test_restored_trial_reproduces_its_test_metrics(study):
 def test_exported_models_reproduce_the_trial(study, exported):
     import onnxruntime as ort
 
-    from ttl_search.api import best_cut
+    from ttl_search.results import best_cut
     from ttl_search.metrics import compute_metrics
 
     name, url = study
@@ -159,7 +159,7 @@ def test_export_errors(study, tmp_path, capsys):
 
 
 def test_missing_checkpoint(study):
-    from ttl_search.api import artifacts_dir, open_study
+    from ttl_search.results import artifacts_dir, open_study
 
     name, url = study
     s, cfg = open_study(name, url)

@@ -389,7 +389,7 @@ def wait_until(predicate: Callable[[], bool], driver: Driver, timeout: float, wh
 
 def plan_of(name: str, url: str, trials):
     """What the study's own sampler says about the stored trials (``finished`` when done)."""
-    from ttl_search.api import open_study
+    from ttl_search.results import open_study
     from ttl_search.study import make_sampler
 
     _, cfg = open_study(name, url)
@@ -404,7 +404,7 @@ def test_trials_run_on_both_nodes_and_results_are_in_postgres(cluster, worker_no
                                                                drivers, tmp_path):
     from optuna.trial import TrialState
 
-    from ttl_search.api import best_cut
+    from ttl_search.results import best_cut
 
     name = f"mn-{uuid.uuid4().hex[:12]}"
     cmd = [sys.executable, "-m", "ttl_search", *study_args(name, shared_datasets_dir, "trial.max_epochs=2"),

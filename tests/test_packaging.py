@@ -15,6 +15,7 @@ import io
 import json
 import pkgutil
 import re
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -164,3 +165,26 @@ def test_every_format_of_every_command(command_args, capsys):
                 _check_output(fmt, out)
             except Exception as exc:  # noqa: BLE001 - say which command and format
                 raise AssertionError(f"ttl-search {command} --format {fmt}: {exc}\n{out[:2000]}") from exc
+
+
+READ_ONLY = """
+import sys
+from ttl_search.cli import main
+name, url, out = sys.argv[1:4]
+for argv in (["status", name], ["best", name], ["compare", name], ["report", name, "--output", out + "/r", "--no-attach"],
+             ["svcca", name, "--samples", "20", "--spatial", "pool", "--output", out + "/s", "--no-attach"],
+             ["export", name, "--output", out + "/e"]):
+    assert main([*argv, "--storage", url]) == 0, argv
+run_side = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.") or m in ("ttl_search.api",
+                  "ttl_search.runner", "ttl_search.searcher"))
+assert not run_side, run_side
+"""
+
+
+def test_reading_commands_never_import_the_run_side(study, tmp_path):
+    """status, best, compare, report, svcca and export read a study without Ray: not imported, not
+    started (a machine that only reaches the database can read it)."""
+    name, url = study
+    proc = subprocess.run([sys.executable, "-c", READ_ONLY, name, url, str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -126,7 +126,7 @@ def _cell(mean: float) -> str:
 def test_report_files_table_and_artifacts(study, tmp_path):
     from optuna.artifacts import get_all_artifact_meta
 
-    from ttl_search.api import best_cut
+    from ttl_search.results import best_cut
 
     name, url = study
     report = make_report(name, url, tmp_path)

@@ -284,7 +284,7 @@ def test_full_baseline_reuses_ttl_at_the_last_cut_and_counts_show_trainable(stud
     """The debug study with baselines full and linear_probe: full fine-tuning is not trained again
     (TTL at cut 7 is the same model with the same seed), and every table shows trainable
     parameters next to the total."""
-    from ttl_search.api import compare_studies, open_study
+    from ttl_search.results import compare_studies, open_study
     from ttl_search.cli import main
 
     name, url = study
@@ -316,7 +316,7 @@ def test_reading_a_study_builds_no_model(study, tmp_path, monkeypatch, capsys):
     """The cut candidates are stored with the study: status, best, compare and report rank and
     plot stored results without a forward pass of the backbone."""
     import ttl_search.study as study_module
-    from ttl_search.api import CANDIDATES_ATTR, open_study
+    from ttl_search.results import CANDIDATES_ATTR, open_study
     from ttl_search.cli import main
 
     name, url = study

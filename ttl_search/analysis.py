@@ -412,7 +412,7 @@ def run_svcca(name: str, storage: str | None = None, trial: int | None = None,
     """Pretrained vs fine-tuned (every unit up to the cut), unit vs unit (fine-tuned), and the
     random-feature baseline, on a held-out sample of the study's data; writes CSVs and PNGs to
     ``output`` (default ``<artifacts>/<study>/svcca-trial-N``)."""
-    from .api import artifacts_dir
+    from .results import artifacts_dir
     from .data import make_loader
     from .export import restore_trial
     from .report import attach_files, plot_svcca

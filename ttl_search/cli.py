@@ -237,7 +237,7 @@ def _execution_args(p: argparse.ArgumentParser, set_help: str) -> None:
 
 
 def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
-    from .api import best_cut
+    from .results import best_cut
 
     best = best_cut(name, storage)
     if fmt == "json":
@@ -267,7 +267,7 @@ def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
 def _print_outcome(name: str, storage: str | None) -> int:
     """After a run: the best cut (the baselines' table for a baselines-only study), or why there
     is none (exit 1)."""
-    from .api import open_study
+    from .results import open_study
     from .errors import StudyError
 
     _, cfg = open_study(name, storage)
@@ -312,7 +312,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[int, bool]:
-    from .api import open_study, study_sampler, trial_rows
+    from .results import open_study, study_sampler, trial_rows
 
     study, cfg = open_study(name, storage)
     frame = trial_rows(study, cfg.metric)
@@ -362,7 +362,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .api import compare_studies
+    from .results import compare_studies
 
     frame = compare_studies(args.names, args.storage)
     if args.format != "table":
@@ -382,7 +382,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .api import serve_dashboard
+    from .results import serve_dashboard
     from .storage import storage_url
 
     url = storage_url(args.storage)

@@ -36,7 +36,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from .api import artifacts_dir, best_cut, open_study, trial_config
+from .results import artifacts_dir, best_cut, open_study, trial_config
 from .data import DatasetSplits, Split, TransformConfig, load_data, make_loader
 from .errors import ConfigError, StudyError, choices
 from .metrics import compute_metrics

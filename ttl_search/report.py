@@ -427,7 +427,7 @@ def attach_files(study: optuna.Study, cfg, url: str, paths: Sequence[Path]) -> l
     identical to one already attached under the same name is not attached again."""
     from optuna.artifacts import get_all_artifact_meta
 
-    from .api import artifacts_dir
+    from .results import artifacts_dir
     from .storage import attach_artifact
 
     base = artifacts_dir(cfg, url)
@@ -598,7 +598,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
                 attach: bool = True) -> Report:
     """Plots and a Markdown summary of study ``name`` in ``output`` (default
     ``<artifacts>/<study>/report``); the plots and summary are attached to the study."""
-    from .api import artifacts_dir, best_cut, open_study, stored_candidates
+    from .results import artifacts_dir, best_cut, open_study, stored_candidates
     from .backbones import get_backbone
     from .storage import storage_url
 
