@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ttl_search.data import DataConfig
-from ttl_search.training import TrialConfig, run_trial
+from ttl_search.train.trial import TrialConfig, run_trial
 
 
 def main() -> None:

@@ -47,8 +47,8 @@ def shared_datasets_dir() -> Path:
 def study(tmp_path_factory) -> tuple[str, str]:
     """(name, storage URL) of a finished debug study with the full and linear-probe baselines,
     built once per test session; the analysis, report and export tests share it."""
-    from ttl_search.api import run_study
-    from ttl_search.study import load_study_config
+    from ttl_search.run.driver import run_study
+    from ttl_search.search.study import load_study_config
 
     shared_file("breastmnist.npz")
     root = tmp_path_factory.mktemp("debug-study")
@@ -63,6 +63,10 @@ def study(tmp_path_factory) -> tuple[str, str]:
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        if "study" in getattr(item, "fixturenames", ()):  # runs a whole study on a local Ray first
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.integration)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA; none on this machine")

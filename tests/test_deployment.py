@@ -425,8 +425,8 @@ def test_ray_start_flags_exist(config):
 
 def check_ttl_search_command(parser, words: list[str]) -> None:
     """The command parses, its study file exists and its --set overrides are valid keys."""
-    from ttl_search.api import EXECUTION_KEYS
-    from ttl_search.study import load_study_config
+    from ttl_search.run.driver import EXECUTION_KEYS
+    from ttl_search.search.study import load_study_config
 
     args = parser.parse_args(words)  # SystemExit (a failure here) on an unknown command or option
     if args.command == "run":

@@ -133,10 +133,10 @@ def _check_output(fmt: str, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def command_args(request, tmp_path_factory) -> dict[str, list[str]]:
+def command_args(study, tmp_path_factory) -> dict[str, list[str]]:
     from conftest import SHARED_DATASETS
 
-    study_name, url = request.getfixturevalue("study")
+    study_name, url = study
     out = tmp_path_factory.mktemp("formats")
     return {
         "backbones": [],
@@ -175,8 +175,8 @@ for argv in (["status", name], ["best", name], ["compare", name], ["report", nam
              ["svcca", name, "--samples", "20", "--spatial", "pool", "--output", out + "/s", "--no-attach"],
              ["export", name, "--output", out + "/e"]):
     assert main([*argv, "--storage", url]) == 0, argv
-run_side = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.") or m in ("ttl_search.api",
-                  "ttl_search.runner", "ttl_search.searcher"))
+run_side = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.") or m in ("ttl_search.run.driver",
+                  "ttl_search.run.cluster", "ttl_search.run.searcher"))
 assert not run_side, run_side
 """
 
@@ -188,3 +188,31 @@ def test_reading_commands_never_import_the_run_side(study, tmp_path):
     proc = subprocess.run([sys.executable, "-c", READ_ONLY, name, url, str(tmp_path)], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+LAYERS = [("errors",), ("config",), ("models",), ("data",), ("train",), ("search",), ("storage",), ("results",),
+          ("run",), ("analysis", "report", "export"), ("cli", "__main__", "__init__")]
+"""The package's layers in the order data travels; a module imports only from its own layer or
+those before it, and nothing but the CLI imports ``run`` (reading a study never needs Ray)."""
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[0]
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def test_imports_follow_the_data_flow():
+    wrong = []
+    for path in PACKAGE_DIR.rglob("*.py"):
+        parts = path.relative_to(PACKAGE_DIR).with_suffix("").parts
+        package = parts[:-1] if parts[-1] == "__init__" else parts[:-1]
+        here = ".".join(parts)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                base = list(package[: len(package) - (node.level - 1)])
+                target = ".".join(base + ([node.module] if node.module else []))
+                if target and _layer(target) > _layer(here):
+                    wrong.append(f"{here} imports {target}, a later layer")
+                if target.split(".")[0] == "run" and here.split(".")[0] not in ("run", "cli"):
+                    wrong.append(f"{here} imports the run side ({target}); only the CLI's run/resume may")
+    assert not wrong, "\n".join(wrong)

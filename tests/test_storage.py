@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 OPEN = """
 import sys, time
 from ttl_search.storage import open_storage
@@ -16,6 +18,7 @@ open_storage("sqlite:///" + sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_processes_that_create_the_schema_at_once_all_open_it(tmp_path):
     """A dashboard and a driver started at the same moment on a new database both create its
     schema; the one that loses the race ("table studies already exists") retries instead of

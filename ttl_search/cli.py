@@ -15,7 +15,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import TTLSearchError
-from .record import fmt_count, fmt_params
+from .search.record import fmt_count, fmt_params
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -77,7 +77,7 @@ def _int_or_none(value) -> int | None:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from .backbones import get_backbone, backbone_names, stage_ends
+    from .models.backbones import get_backbone, backbone_names, stage_ends
 
     rows = []
     for name in backbone_names():
@@ -101,8 +101,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 def cmd_cutoffs(args: argparse.Namespace) -> int:
-    from .backbones import get_backbone
-    from .truncation import analyze_cuts
+    from .models.backbones import get_backbone
+    from .models.truncation import analyze_cuts
 
     spec = get_backbone(args.backbone)
     size = args.input_size or spec.default_input_size
@@ -160,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import load_config, to_dict
-    from .training import TrialConfig, run_trial
+    from .train.trial import TrialConfig, run_trial
 
     cfg = load_config(TrialConfig, args.config, args.set)
     bar = tqdm(total=cfg.max_epochs, desc="epochs", unit="epoch", disable=args.quiet)
@@ -282,8 +282,8 @@ def _print_outcome(name: str, storage: str | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .api import run_study
-    from .study import load_study_config
+    from .run.driver import run_study
+    from .search.study import load_study_config
 
     extra = {k: v for k, v in (("storage", args.storage), ("ray_address", args.ray_address)) if v}
     cfg = load_study_config(args.study, args.set, extra)
@@ -297,7 +297,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .api import resume_study
+    from .run.driver import resume_study
     from .config import parse_overrides
 
     execution = parse_overrides(args.set)

@@ -95,15 +95,18 @@ def load_study(name: str, storage: RDBStorage, sampler=None) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
 
 
-def reconcile_running(study: optuna.Study, reason: str) -> list[int]:
-    """Mark trials left RUNNING (by a driver that died) as FAIL with ``reason``.
+def reconcile_running(storage: RDBStorage, study: optuna.Study, reason: str) -> list[int]:
+    """Mark trials of ``study`` (in ``storage``) left RUNNING by a driver that died as FAIL with
+    ``reason``, through the storage's public interface.
 
     Attributes go first: a finished trial no longer accepts them.
     """
     fixed = []
+    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
         fixed.append(trial.number)
     if fixed:
         log.warning("marked trials %s of study %s as failed: %s", fixed, study.study_name, reason)

@@ -1,0 +1,121 @@
+"""The driver's Ray Tune searcher and its outcome mapping, called as Ray Tune calls them, without
+starting Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from ttl_search.data import DataConfig
+from ttl_search.run.cluster import RAY_TOKEN_NOTICE_LOGGER, _quiet_logger
+from ttl_search.run.searcher import WORKER_LOST, StudySearcher, trial_outcome
+from ttl_search.search.study import StudyConfig, make_sampler
+from ttl_search.train.trial import TrialConfig
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _final(**payload) -> dict:
+    return {"final": True, "epoch": payload.get("epochs", 1), "payload": json.dumps(payload)}
+
+
+COMPLETE = dict(status="complete", val={"auroc": 0.8, "loss": 0.4}, test={"auroc": 0.7}, params=100,
+                trainable_params=10, epochs=2, checkpoint="/tmp/c.pt", node_id="n1",
+                history=[{"epoch": 1, "auroc": 0.6}, {"epoch": 2, "auroc": float("nan")}])
+
+
+# ---------------------------------------------------------------------------------------------
+# trial_outcome: every way a Tune trial can end
+
+
+def test_a_completed_trial_stores_its_metric_attributes_history_and_checkpoint():
+    out = trial_outcome(_final(**COMPLETE), False, "auroc")
+    assert out.state == TrialState.COMPLETE and out.value == 0.8 and out.reason == ""
+    assert out.attrs["val_auroc"] == 0.8 and out.attrs["test_auroc"] == 0.7 and out.attrs["trainable_params"] == 10
+    assert out.history == ((1, 0.6),)  # non-finite epochs are not intermediate values
+    assert out.record.checkpoint == "/tmp/c.pt" and out.attrs["checkpoint"] == "/tmp/c.pt"
+
+
+@pytest.mark.parametrize("value", [None, float("nan")])
+def test_an_undefined_validation_metric_fails_the_trial(value):
+    out = trial_outcome(_final(**{**COMPLETE, "val": {"auroc": value}}), False, "auroc")
+    assert out.state == TrialState.FAIL and out.value is None
+    assert "validation auroc is undefined" in out.reason and out.attrs["test_auroc"] == 0.7
+
+
+def test_a_trial_that_failed_itself_keeps_its_reason():
+    out = trial_outcome(_final(status="failed", reason="diverged", epochs=3), False, "auroc")
+    assert out.state == TrialState.FAIL and out.reason == "diverged" and out.attrs["epochs"] == 3
+    out = trial_outcome(_final(status="failed"), False, "auroc")
+    assert out.reason == "failed"
+
+
+def test_a_trial_that_stopped_itself_is_pruned():
+    out = trial_outcome(_final(status="pruned", reason="early stop", epochs=2), False, "auroc")
+    assert out.state == TrialState.PRUNED and out.attrs["stopped_by"] == "early stop"
+
+
+def test_a_scheduler_stop_is_pruned_with_its_epochs():
+    out = trial_outcome({"epoch": 2, "val_metric": 0.5, "node_id": "n2"}, False, "auroc")
+    assert out.state == TrialState.PRUNED and out.attrs == {"epochs": 2, "node_id": "n2", "stopped_by": "scheduler"}
+
+
+@pytest.mark.parametrize("result", [None, {"epoch": 1}])
+def test_a_lost_worker_fails_the_trial(result):
+    out = trial_outcome(result, True if result else False, "auroc")
+    assert out.state == TrialState.FAIL and out.reason == WORKER_LOST
+
+
+# ---------------------------------------------------------------------------------------------
+# StudySearcher
+
+
+def _searcher(events: list[dict]) -> tuple[StudySearcher, optuna.Study]:
+    cfg = StudyConfig(name="progress", trial=TrialConfig(backbone="test_cnn", input_size=28,
+                                                         data=DataConfig("breastmnist")), concurrency=2)
+    sampler = make_sampler(cfg)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    return StudySearcher(study, sampler, cfg, None, events.append), study
+
+
+def test_progress_counts_every_launched_trial_as_running():
+    events: list[dict] = []
+    searcher, study = _searcher(events)
+    assert searcher.suggest("a") is not None
+    assert events[-1]["running"] == 1
+    assert searcher.suggest("b") is not None
+    assert events[-1]["running"] == 2 and events[-1]["plan"].phase == "stage1"
+    searcher.on_trial_complete("a", _final(**COMPLETE))
+    assert events[-1]["running"] == 1 and events[-1]["complete"] == 1
+
+
+def test_the_searcher_stores_each_outcome_and_waits_at_the_stage_barrier():
+    searcher, study = _searcher([])
+    configs = {tid: searcher.suggest(tid) for tid in ("a", "b", "c")}
+    assert [c["trial"]["cut"] for c in configs.values()] == [3, 5, 7]  # the stage-end cuts
+    assert searcher.suggest("d") is None  # stage barrier: ask again later
+    searcher.on_trial_result("a", {"epoch": 1, "val_raw": 0.55})
+    searcher.on_trial_complete("a", _final(**COMPLETE))
+    searcher.on_trial_complete("b", {"epoch": 1}, error=True)
+    searcher.on_trial_complete("c", {"epoch": 1, "node_id": "n3"})
+    a, b, c = study.get_trials()
+    assert (a.state, a.value, a.intermediate_values) == (TrialState.COMPLETE, 0.8, {1: 0.55})
+    assert a.user_attrs["ray_trial_id"] == "a" and a.user_attrs["val_auroc"] == 0.8
+    assert (b.state, b.user_attrs["fail_reason"]) == (TrialState.FAIL, WORKER_LOST)
+    assert (c.state, c.user_attrs["stopped_by"]) == (TrialState.PRUNED, "scheduler")
+    assert searcher.counts == {"complete": 1, "failed": 1, "pruned": 1}
+    assert searcher.suggest("e")["trial"]["cut"] == 5  # the failed stage-end cut is retried
+
+
+def test_the_token_notice_logger_is_quiet_only_inside_the_block(caplog):
+    logger = logging.getLogger(RAY_TOKEN_NOTICE_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=RAY_TOKEN_NOTICE_LOGGER):
+        with _quiet_logger(RAY_TOKEN_NOTICE_LOGGER):
+            logger.warning("Token authentication is enabled for this Ray cluster.")
+        assert not caplog.records
+        logger.warning("later warnings still show")
+    assert [r.getMessage() for r in caplog.records] == ["later warnings still show"]

@@ -1,0 +1,312 @@
+"""Real studies: the CLI on a local Ray cluster, SQLite and PostgreSQL, killed drivers and workers,
+the dashboard reading while the study writes, and ASHA pruning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from studyutil import DEBUG_STUDY, complete_keys, kill_group, run_cli, start_driver, trials, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# Short but not instant trials, one thread each, two at a time: deterministic and killable.
+BASE = ["--set", "trial.max_epochs=3", "--set", "concurrency=2", "--quiet"]
+
+
+def _study_args(name: str, url: str, data: Path, *extra: str) -> list[str]:
+    return ["run", str(DEBUG_STUDY), "--storage", url, "--set", f"name={name}", "--set", f"trial.data.root={data}",
+            *BASE, *extra]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+    url = os.environ.get("TTL_SEARCH_TEST_POSTGRES")
+    if not url:
+        pytest.skip("TTL_SEARCH_TEST_POSTGRES is not set (.ci/run starts PostgreSQL and sets it)")
+    return url
+
+
+def _best(name: str, url: str, log: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "ttl_search", "best", name, "--storage", url, "--format", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shared_datasets_dir_module):
+    """An uninterrupted run of the debug study: the answer every resumed run must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    url = f"sqlite:///{tmp / 'ref.db'}"
+    log = tmp / "driver.log"
+    rc = run_cli(_study_args("ref", url, shared_datasets_dir_module), log)
+    assert rc == 0, log.read_text()[-3000:]
+    return {"url": url, "log": log, "best": _best("ref", url, log), "trials": trials("ref", url)}
+
+
+@pytest.fixture(scope="module")
+def shared_datasets_dir_module():
+    from conftest import SHARED_DATASETS
+
+    if not (SHARED_DATASETS / "breastmnist.npz").is_file():
+        pytest.skip(f"real data file {SHARED_DATASETS / 'breastmnist.npz'} is absent")
+    return SHARED_DATASETS
+
+
+def test_debug_study_end_to_end(reference):
+    ts = reference["trials"]
+    assert [t.state for t in ts] == [TrialState.COMPLETE] * len(ts)
+    phases = [t.user_attrs["phase"] for t in ts]
+    assert phases.count("stage1") == 3 and set(phases) <= {"stage1", "stage2"}
+    stage1 = {t.user_attrs["cut"] for t in ts if t.user_attrs["phase"] == "stage1"}
+    assert stage1 == {3, 5, 7}
+    best = reference["best"]
+    assert {"cut", "cut_name", "stage", "val", "test", "params"} <= set(best)
+    assert best["finished"] and best["cut"] in {t.user_attrs["cut"] for t in ts}
+    winner_stage = best["stage"]
+    stage2 = {t.user_attrs["cut"] for t in ts if t.user_attrs["phase"] == "stage2"}
+    assert all(t.user_attrs["stage"] == winner_stage for t in ts if t.user_attrs["phase"] == "stage2")
+    assert stage2 | ({3, 5, 7} & {t.user_attrs["cut"] for t in ts if t.user_attrs["stage"] == winner_stage}) == {
+        c for c in range(1, 8) if {1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 3}[c] == winner_stage}
+    for key in ("cut", "cut_name", "stage", "strategy", "seed", "params", "macs", "latency_batch1_ms", "test_auroc",
+                "node_id", "duration_s", "checkpoint"):
+        assert key in ts[0].user_attrs, key
+    assert ts[0].intermediate_values  # per-epoch validation curve for the dashboard
+
+
+def test_status_best_compare_cli(reference):
+    url = reference["url"]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ttl_search", *a, "--storage", url],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    status = run("status", "ref")
+    assert status.returncode == 0 and "COMPLETE" in status.stdout and "stage1" in status.stdout
+    best = run("best", "ref")
+    assert f"best cut {reference['best']['cut']}" in best.stdout
+    csv_out = run("compare", "ref", "--format", "csv")
+    assert csv_out.stdout.splitlines()[0].startswith("study,strategy,cut")
+    md = run("compare", "ref", "--format", "markdown")
+    assert md.stdout.startswith("| study")
+    missing = run("best", "nope")
+    assert missing.returncode == 2 and "studies there: ref" in missing.stderr
+    again = run("run", str(DEBUG_STUDY), "--set", "name=ref")
+    assert again.returncode == 2 and "resume ref" in again.stderr
+    assert "trial/s" not in again.stderr  # no empty progress bar before the error
+
+
+def test_killed_driver_resumes_to_the_same_answer(reference, storage_url, tmp_path, shared_datasets_dir_module):
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "driver.log"
+    data = shared_datasets_dir_module
+
+    # 1. kill in stage 1: one stage-1 trial complete, others running
+    proc = start_driver(_study_args(name, storage_url, data), log)
+    try:
+        wait_for(lambda: any(t.state == TrialState.COMPLETE for t in trials(name, storage_url))
+                 and any(t.state == TrialState.RUNNING for t in trials(name, storage_url)), proc, what="stage 1 mid-way")
+    finally:
+        kill_group(proc)
+    assert any(t.state == TrialState.RUNNING for t in trials(name, storage_url))
+
+    # 2. resume, and kill again while a stage-2 trial runs
+    resume = ["resume", name, "--storage", storage_url, "--quiet"]
+    proc = start_driver(resume, log)
+    try:
+        wait_for(lambda: any(t.state == TrialState.RUNNING and t.user_attrs.get("phase") == "stage2"
+                             for t in trials(name, storage_url)), proc, what="a stage-2 trial running")
+    finally:
+        kill_group(proc)
+
+    # 3. resume to the end
+    assert run_cli(resume, log) == 0, log.read_text()[-3000:]
+    ts = trials(name, storage_url)
+    keys = complete_keys(ts)
+    assert len(keys) == len(set(keys)), "a cut/seed was completed twice"
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+    failed = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(failed) >= 2 and all("driver that stopped" in t.user_attrs["fail_reason"] for t in failed)
+    assert sorted(keys) == sorted(complete_keys(reference["trials"]))
+    best = _best(name, storage_url, log)
+    assert best["cut"] == reference["best"]["cut"]
+    assert best["val"]["auroc"] == pytest.approx(reference["best"]["val"]["auroc"], abs=1e-9)
+    assert best["test"]["auroc"] == pytest.approx(reference["best"]["test"]["auroc"], abs=1e-9)
+
+
+def _trial_worker_pids(driver_pid: int) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            if "ImplicitFunc" in " ".join(p.cmdline()) or p.name().startswith("ray::ImplicitFunc"):
+                out.append(p.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_killed_worker_is_retried(tmp_path, shared_datasets_dir_module):
+    name = "worker-kill"
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    log = tmp_path / "driver.log"
+    proc = start_driver(_study_args(name, url, shared_datasets_dir_module, "--set", "trial.max_epochs=6",
+                                    "--set", "concurrency=1"), log)
+    try:
+        wait_for(lambda: bool(_trial_worker_pids(proc.pid)) and
+                 any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials(name, url)),
+                 proc, what="a trial in training")
+        victims = _trial_worker_pids(proc.pid)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    ts = trials(name, url)
+    failed = [t for t in ts if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "worker failed" in failed[0].user_attrs["fail_reason"]
+    retried = [t for t in ts if t.state == TrialState.COMPLETE and t.params["cut"] == failed[0].params["cut"]]
+    assert len(retried) == 1
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5).read()
+        return True
+    except OSError:
+        return False
+
+
+def test_dashboard_serves_a_running_study(tmp_path, shared_datasets_dir_module):
+    name = "dash"
+    url = f"sqlite:///{tmp_path / 'dash.db'}"
+    log = tmp_path / "driver.log"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # The dashboard first (it creates the schema), and answering, before the study starts: on a
+    # loaded machine a late dashboard would otherwise miss the whole run.
+    dash = start_driver(["dashboard", "--storage", url, "--port", str(port)], tmp_path / "dashboard.log")
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/studies"), dash, timeout=120, what="the dashboard")
+    except BaseException:
+        kill_group(dash)
+        raise
+    proc = start_driver(_study_args(name, url, shared_datasets_dir_module), log)
+    seen_with_attrs = False
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                studies = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5))
+                ids = [s["study_id"] for s in studies["study_summaries"] if s["study_name"] == name]
+                if ids:
+                    detail = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{ids[0]}", timeout=5))
+                    done = [t for t in detail["trials"] if t["state"] == "Complete"]
+                    if done:
+                        attrs = {a["key"] for a in done[0]["user_attrs"]}
+                        seen_with_attrs = {"cut", "cut_name", "stage", "test_auroc", "params", "node_id"} <= attrs
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        kill_group(dash)
+        if proc.poll() is None:
+            kill_group(proc)
+    text = log.read_text()
+    assert "database is locked" not in text
+    assert seen_with_attrs, "the dashboard never listed a completed trial with its user attributes"
+
+
+def test_asha_stopped_trials_are_pruned(tmp_path, shared_datasets_dir_module):
+    name = "asha"
+    url = f"sqlite:///{tmp_path / 'asha.db'}"
+    log = tmp_path / "driver.log"
+    args = _study_args(name, url, shared_datasets_dir_module, "--set", "search.method=exhaustive",
+                       "--set", "scheduler.type=asha", "--set", "scheduler.grace_period=1",
+                       "--set", "scheduler.reduction_factor=2", "--set", "trial.max_epochs=4",
+                       "--set", "trial.early_stopping=0", "--set", "concurrency=1")
+    assert run_cli(args, log) == 0, log.read_text()[-3000:]
+    ts = trials(name, url)
+    pruned = [t for t in ts if t.state == TrialState.PRUNED]
+    assert pruned, "ASHA stopped no trial"
+    for t in pruned:
+        assert t.user_attrs["epochs"] < 4 and t.user_attrs["stopped_by"] == "scheduler"
+    for t in ts:
+        if t.state == TrialState.COMPLETE:
+            assert t.user_attrs["epochs"] == 4
+    assert len(ts) == 7 and not [t for t in ts if t.state == TrialState.FAIL]
+
+
+def test_gpus_on_a_cluster_without_any_fail_fast(tmp_path, shared_datasets_dir_module):
+    log = tmp_path / "driver.log"
+    start = time.time()
+    rc = run_cli(_study_args("gpu", f"sqlite:///{tmp_path / 'g.db'}", shared_datasets_dir_module,
+                             "--set", "resources.gpus=0.5"), log, timeout=120)
+    assert rc == 2
+    assert "resources.gpus=0.5" in log.read_text() and "0 GPUs" in log.read_text()
+    assert time.time() - start < 90
+
+
+def test_first_run_reads_cleanly(tmp_path, shared_datasets_dir_module):
+    """The README's main command as a new user runs it (no RAY_AUTH_MODE set, progress bar on):
+    no Ray token notice, the bar counts both running trials, and the chosen cut is printed once."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", TTL_SEARCH_DATA=str(shared_datasets_dir_module))
+    proc = subprocess.run([sys.executable, "-m", "ttl_search", "run", str(DEBUG_STUDY), "--set", "trial.max_epochs=3"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Token authentication" not in out
+    assert "running=2" in proc.stderr  # concurrency 2: two trials at once, both counted
+    assert "0trial [" not in proc.stderr  # the bar starts with its total, never empty
+    assert proc.stdout.count("best cut") == 1
+    assert (tmp_path / "ttl-search.db").is_file()
+
+
+def test_full_baseline_reuses_ttl_at_the_last_cut_and_counts_show_trainable(study, capsys):
+    """The debug study with baselines full and linear_probe: full fine-tuning is not trained again
+    (TTL at cut 7 is the same model with the same seed), and every table shows trainable
+    parameters next to the total."""
+    from ttl_search.results import compare_studies, open_study
+    from ttl_search.cli import main
+
+    name, url = study
+    ts = open_study(name, url)[0].get_trials()
+    full = [t for t in ts if t.params.get("strategy") == "full"]
+    ttl_last = [t for t in ts if t.params.get("strategy") == "ttl" and t.params["cut"] == 7]
+    assert len(full) == 1 and len(ttl_last) == 1 and full[0].state == TrialState.COMPLETE
+    source = ttl_last[0]
+    assert full[0].user_attrs["reused_from"] == source.number and full[0].value == source.value
+    for key in ("val_auroc", "test_auroc", "params", "trainable_params", "checkpoint", "seed"):
+        assert full[0].user_attrs[key] == source.user_attrs[key], key
+    assert full[0].user_attrs["duration_s"] == 0.0
+
+    probe = next(t for t in ts if t.params.get("strategy") == "linear_probe")
+    total, trainable = probe.user_attrs["params"], probe.user_attrs["trainable_params"]
+    assert trainable < total
+    frame = compare_studies([name], url)
+    row = frame[frame.strategy == "linear_probe"].iloc[0]
+    assert (row.params, row.trainable_params) == (total, trainable)
+
+    assert main(["status", name, "--storage", url]) == 0
+    status = capsys.readouterr().out
+    assert "trainable" in status and f"same model as trial {source.number}" in status
+    assert main(["best", name, "--storage", url, "--format", "json"]) == 0
+    assert "trainable_params" in json.loads(capsys.readouterr().out)

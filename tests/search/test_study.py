@@ -1,0 +1,85 @@
+"""Study configs: every file in studies/ loads, overrides win, bad keys are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ttl_search.errors import ConfigError, TTLSearchError
+from ttl_search.search.samplers import TwoStageSampler
+from ttl_search.config import to_dict
+from ttl_search.search.study import load_study_config, make_sampler
+
+STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
+
+
+def test_there_are_studies():
+    names = {p.name for p in STUDIES}
+    assert {"debug.yaml", "demo.yaml", "resnet50_pneumonia.yaml", "adrenal3d.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_every_study_file_loads_and_plans(path):
+    cfg = load_study_config(path)
+    sampler = make_sampler(cfg)
+    plan = sampler.plan([])
+    assert plan.action == "run" and plan.job.strategy in ("ttl", *cfg.baselines)
+    again = load_study_config(None, extra=to_dict(cfg))
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_demo_is_a_two_stage_search_of_pretrained_lite0():
+    cfg = load_study_config(Path(STUDIES[0]).parent / "demo.yaml")
+    assert cfg.trial.backbone == "efficientnet_lite0" and cfg.trial.weights == "imagenet"
+    sampler = make_sampler(cfg)
+    assert isinstance(sampler, TwoStageSampler)
+    assert sorted(c.index for c in sampler.representatives.values()) == [2, 4, 6, 9, 12, 16, 18]
+
+
+def test_overrides_beat_the_file():
+    cfg = load_study_config(STUDIES[0].parent / "debug.yaml", ["trial.max_epochs=7", "search.repeats=3", "name=x"])
+    assert cfg.trial.max_epochs == 7 and cfg.search.repeats == 3 and cfg.name == "x"
+    assert cfg.trial.metric == cfg.metric
+
+
+@pytest.mark.parametrize("override,message", [
+    ("serch.repeats=2", "unknown config key 'serch'"),
+    ("search.stratgy=tpe", "unknown config key 'search.stratgy'"),
+    ("search.method=grid", "valid methods: two_stage, exhaustive, tpe, none"),
+    ("search.strategy=exhaustive", "'search.strategy' was renamed to 'search.method'"),
+    ("trial.backbone=vgg16", "valid backbones"),
+    ("baselines=[fine_tune]", "full, linear_probe, lwft, transfusion, scratch"),
+    ("scheduler.type=hyperband", "fifo, asha"),
+    ("metric=dice", "valid metrics"),
+    ("concurrency=0", "concurrency"),
+    ("trial.max_epochs=abc", "trial.max_epochs must be of type int"),
+    ("baseline_cuts={full: 3}", "not among baselines"),
+])
+def test_bad_keys_and_values_are_named(override, message):
+    with pytest.raises(TTLSearchError, match=message):
+        load_study_config(STUDIES[0].parent / "debug.yaml", [override])
+
+
+def test_cut_too_deep_for_the_input_size():
+    with pytest.raises(ConfigError, match="valid cuts"):
+        make_sampler(load_study_config(None, ["trial.backbone=densenet121", "trial.input_size=28",
+                                              "baselines=[full]"]))
+
+
+def test_missing_study_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_study_config("studies/nope.yaml")
+
+
+def test_a_stored_config_of_an_earlier_version_still_reads():
+    """Studies created before the rename keep working: their stored ``search.strategy`` is read as
+    ``search.method`` (only a user's own file gets the error)."""
+    from ttl_search.config import from_dict, to_dict
+    from ttl_search.search.study import StudyConfig, upgrade_stored_config
+
+    stored = to_dict(load_study_config(STUDIES[0].parent / "debug.yaml", ["search.method=exhaustive"]))
+    stored["search"]["strategy"] = stored["search"].pop("method")
+    with pytest.raises(ConfigError, match="renamed to 'search.method'"):
+        from_dict(StudyConfig, stored)
+    assert from_dict(StudyConfig, upgrade_stored_config(stored)).search.method == "exhaustive"

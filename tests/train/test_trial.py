@@ -1,0 +1,114 @@
+"""One trial: selection on validation, test once, costs, divergence, pruning, 3D."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from ttl_search.data import DataConfig
+from ttl_search.errors import ConfigError, DataError, TTLSearchError
+from ttl_search.train.trial import TrialConfig, run_trial
+
+
+def _cfg(path, **kw) -> TrialConfig:
+    base = dict(backbone="test_cnn", weights="none", cut=5, max_epochs=4, input_size=28, latency_repeats=2,
+                data=DataConfig("breastmnist", path=str(path)))
+    base.update(kw)
+    return TrialConfig(**base)
+
+
+def test_checkpoint_is_selected_on_validation(breastmnist):
+    result = run_trial(_cfg(breastmnist, max_epochs=5, lr=3e-3))
+    assert result.status == "complete"
+    assert len(result.history) == result.epochs == 5
+    best = max(result.history, key=lambda h: (h["auroc"], -h["epoch"]))
+    assert result.best_epoch == best["epoch"]
+    assert result.val["auroc"] == best["auroc"]
+    assert set(result.test) == {"auroc", "auprc", "pr_auc_trapz", "accuracy", "balanced_accuracy", "f1_macro", "loss"}
+    assert result.data["test"] == 156 and result.data["md5"] == "750601b1f35ba3300ea97c75c52ff8f6"
+    assert result.full["params"] > result.params and result.full["macs"] > result.macs
+    assert result.latency_ms["batch1"] > 0 and result.full["latency_ms"]["batch64"] > 0
+
+
+def test_same_seed_same_result(breastmnist):
+    a = run_trial(_cfg(breastmnist, max_epochs=2, latency_repeats=0))
+    b = run_trial(_cfg(breastmnist, max_epochs=2, latency_repeats=0))
+    c = run_trial(_cfg(breastmnist, max_epochs=2, latency_repeats=0, seed=1))
+    assert a.val == b.val and a.test == b.test
+    assert a.history != c.history
+
+
+def test_diverging_loss_fails_with_reason(breastmnist):
+    result = run_trial(_cfg(breastmnist, optimizer="sgd", lr=1e30, max_epochs=3))
+    assert result.status == "failed"
+    assert result.reason == "diverged"
+
+
+def test_callback_prunes(breastmnist):
+    seen = []
+    result = run_trial(_cfg(breastmnist, max_epochs=5), on_epoch=lambda e, m: seen.append((e, m["auroc"])) or e >= 2)
+    assert result.status == "pruned" and result.epochs == 2
+    assert [e for e, _ in seen] == [1, 2]
+
+
+def test_early_stopping(breastmnist):
+    result = run_trial(_cfg(breastmnist, max_epochs=30, early_stopping=2, lr=1e-6, latency_repeats=0))
+    assert result.epochs < 30
+    assert result.epochs - result.best_epoch == 2
+
+
+def test_class_weighted_and_multiclass_options(breastmnist):
+    result = run_trial(_cfg(breastmnist, class_weighted=True, optimizer="adamw", max_epochs=1, latency_repeats=0))
+    assert result.status == "complete"
+
+
+@pytest.mark.slow
+def test_3d_trial_on_adrenalmnist3d(adrenalmnist3d):
+    cfg = TrialConfig(backbone="r3d_18", weights="none", cut=5, max_epochs=1, batch_size=32, latency_repeats=1,
+                      data=DataConfig("adrenalmnist3d", path=str(adrenalmnist3d), train_fraction=0.25))
+    result = run_trial(cfg)
+    assert result.status == "complete", result.reason
+    assert result.in_channels == 1 and result.input_size == 28
+    assert not math.isnan(result.test["auroc"])
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("optimizer", "rmsprop", "adam, adamw, sgd"),
+    ("metric", "dice", "auroc"),
+    ("backbone", "vgg", "resnet50"),
+    ("cut", 99, "1..7"),
+    ("device", "tpu", "cpu"),
+])
+def test_bad_trial_config(key, value, message, breastmnist):
+    with pytest.raises(TTLSearchError, match=message):
+        _cfg(breastmnist, **{key: value})
+
+
+def test_dimension_mismatch(adrenalmnist3d):
+    with pytest.raises(ConfigError, match="3D"):
+        run_trial(_cfg(adrenalmnist3d, data=DataConfig("adrenalmnist3d", path=str(adrenalmnist3d))))
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(DataError, match="missing.npz"):
+        run_trial(_cfg(tmp_path / "missing.npz"))
+
+
+def test_train_cli_writes_json(breastmnist, tmp_path):
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ttl_search", "train", "--quiet", "--set", "backbone=test_cnn", "--set", "weights=none",
+         "--set", f"data.path={breastmnist}", "--set", "max_epochs=2", "--set", "cut=3", "--set", "latency_repeats=1",
+         "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert {"val", "test", "params", "macs", "latency_ms", "epochs", "status"} <= set(result)
+    assert result["status"] == "complete" and result["cut"] == 3
+    assert "auroc" in proc.stdout and "parameters" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "ttl_search", "train", "--set", "max_epoch=2"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "max_epochs" in bad.stderr

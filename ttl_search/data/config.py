@@ -1,0 +1,156 @@
+"""Data settings (:class:`DataConfig`), the constants of every source, and what loading returns
+(:class:`Split`, :class:`DatasetSplits`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FOLDER = "folder"
+CSV = "csv"
+SPLITS = ("train", "val", "test")
+NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
+DATA_ENV = "TTL_SEARCH_DATA"
+DEFAULT_DATA_ROOT = "~/.ttl-search/data"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+MANIFEST_REQUIRED = ("path", "label")
+MANIFEST_OPTIONAL = ("split", "group")
+MULTI_LABEL = "multi-label, binary-class"
+DOWNLOAD_TIMEOUT_S = 60.0
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+"""Aspect-ratio range of the random resized crop (torchvision's default)."""
+
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class DataConfig:
+    """Where a trial's data comes from and how it is split and subsampled."""
+
+    dataset: str = "breastmnist"
+    """A MedMNIST name (``medmnist.INFO``: ``pathmnist`` ... ``synapsemnist3d``), ``folder``
+    (ImageFolder tree at ``path``) or ``csv`` (manifest at ``path``)."""
+    size: int = 28
+    """MedMNIST image size: 28/64/128/224 for 2D sets, 28/64 for 3D sets."""
+    path: str | None = None
+    """Explicit MedMNIST ``.npz`` file, ImageFolder root or CSV manifest."""
+    root: str | None = None
+    """Folder of MedMNIST files; default: env ``TTL_SEARCH_DATA``, else ``~/.ttl-search/data``."""
+    download: bool = True
+    """Download a MedMNIST file missing from ``root`` from its official url (md5 verified)."""
+    verify_md5: bool = True
+    """Verify the official md5 of MedMNIST files, local ones included."""
+    train_fraction: float = 1.0
+    """Stratified, seeded subsample of the training split (0 < f <= 1; >= 1 sample per class)."""
+    val_fraction: float = 0.1
+    """Share of the validation split, only for data without its own splits."""
+    test_fraction: float = 0.2
+    """Share of the test split, only for data without its own splits."""
+    seed: int = 0
+    """Seed of the splits and of the ``train_fraction`` subsample."""
+    image_size: int = 64
+    """folder/csv only: images are decoded once and resized to this square size."""
+    grayscale: bool | None = None
+    """folder/csv only: 1 channel (True), RGB (False), or auto (None: 1 channel when every
+    image is a grayscale mode such as ``L`` or ``I``)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ConfigError(f"data.dataset must be a non-empty name, got {self.dataset!r}")
+        self.dataset = self.dataset.strip().lower()
+        if self.dataset not in (FOLDER, CSV):
+            from .medmnist import medmnist_entry  # (medmnist reads this module's constants)
+
+            medmnist_entry(self.dataset, self.size)  # validates name and size
+        elif not self.path:
+            raise ConfigError(f"data.path is required for data.dataset={self.dataset!r}")
+        _check_fraction("data.train_fraction", self.train_fraction, low_open=True, high_open=False)
+        _check_fraction("data.val_fraction", self.val_fraction, low_open=True, high_open=True)
+        _check_fraction("data.test_fraction", self.test_fraction, low_open=True, high_open=True)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                "data.val_fraction + data.test_fraction must be below 1, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+        if not _is_int(self.seed):
+            raise ConfigError(f"data.seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.image_size) or self.image_size < 1:
+            raise ConfigError(f"data.image_size must be a positive integer, got {self.image_size!r}")
+        if self.grayscale not in (None, True, False):
+            raise ConfigError(f"data.grayscale must be true, false or null, got {self.grayscale!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_fraction(key: str, value: object, *, low_open: bool, high_open: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must be in {interval}, got {value!r}")
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Split:
+    """Images and labels of one split, held in memory."""
+
+    images: torch.Tensor
+    """``uint8``, ``N x C x H x W`` (2D) or ``N x C x D x H x W`` (3D)."""
+    labels: torch.Tensor
+    """``int64``, shape ``(N,)``; ``(N, L)`` of 0/1 for multi-label data."""
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class DatasetSplits:
+    """The three splits of a dataset with what a trial needs to know about it."""
+
+    name: str
+    """MedMNIST name, or the folder / manifest name for ``folder`` / ``csv`` data."""
+    train: Split
+    """Training split (after ``train_fraction``)."""
+    val: Split
+    """Validation split."""
+    test: Split
+    """Test split."""
+    num_classes: int
+    """Number of classes (number of labels for multi-label data)."""
+    class_names: list[str]
+    """Name of class ``i`` at index ``i``."""
+    dims: int
+    """Spatial dimensions: 2 or 3."""
+    channels: int
+    """Image channels as stored: 1 or 3."""
+    task: str
+    """``binary-class``, ``multi-class``, ``multi-label, binary-class`` or
+    ``ordinal-regression`` (MedMNIST's task names)."""
+    source: str
+    """The file or folder read."""
+    md5: str | None
+    """md5 of the MedMNIST file or CSV manifest read; None when not computed (folder data,
+    or ``verify_md5=False``)."""
+
+    def summary(self) -> str:
+        """One line for logs: name, split sizes, classes, shape."""
+        shape = "x".join(str(s) for s in self.train.images.shape[1:])
+        return (
+            f"{self.name}: train/val/test {len(self.train)}/{len(self.val)}/{len(self.test)}, "
+            f"{self.num_classes} classes ({self.task}), {self.dims}D {shape}, from {self.source}"
+        )

@@ -1,0 +1,176 @@
+"""Reading a study: a read-only view of what the database holds (its config, cut candidates,
+typed trial records, the chosen cut, comparisons) and optuna-dashboard on it.
+
+Nothing here imports the run side (Ray, the runner): report, export, analysis and the reading
+commands work on a database from any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from ..config import from_dict, to_dict
+from ..errors import ConfigError, StudyError
+from ..search.record import SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, records, summarize_cut
+from ..search.samplers import CutCandidate
+from ..storage import artifact_store, load_study, open_storage, sqlite_path, storage_url
+from ..search.study import StudyConfig, cut_candidates, make_sampler, upgrade_stored_config
+from ..train.trial import TrialConfig
+
+CONFIG_ATTR = "config"
+"""Study attribute with the resolved config (``resume`` needs nothing else)."""
+CANDIDATES_ATTR = "cut_candidates"
+"""Study attribute with the cuts the search may train (index, name, stage, parameters), stored when
+the study is created so that reading it needs no model."""
+
+
+def default_artifacts_dir(url: str) -> Path:
+    """``ttl-artifacts`` beside a SQLite database, else in the working directory."""
+    db = sqlite_path(url)
+    return (db.resolve().parent if db else Path.cwd()) / "ttl-artifacts"
+
+
+def artifacts_dir(cfg: StudyConfig, url: str) -> Path:
+    """Where checkpoints and plots go: ``cfg.artifacts`` or the default for the storage."""
+    if cfg.artifacts:
+        return Path(cfg.artifacts).expanduser().resolve()
+    return default_artifacts_dir(url)
+
+
+def stored_config(study: optuna.Study) -> StudyConfig:
+    """The resolved config saved with the study."""
+    values = study.user_attrs.get(CONFIG_ATTR)
+    if not isinstance(values, dict):
+        raise StudyError(f"study {study.study_name!r} was not created by ttl-search (no stored config)")
+    return from_dict(StudyConfig, upgrade_stored_config(values))
+
+
+def stored_candidates(study: optuna.Study, cfg: StudyConfig) -> list[CutCandidate]:
+    """The study's cut candidates as stored when it was created (computed from the config for a
+    study from before they were stored)."""
+    rows = study.user_attrs.get(CANDIDATES_ATTR)
+    if not rows:
+        return cut_candidates(cfg)
+    return [CutCandidate(**row) for row in rows]
+
+
+def study_sampler(study: optuna.Study, cfg: StudyConfig):
+    """The study's sampler, to read its plan and ranking (no model is built)."""
+    return make_sampler(cfg, stored_candidates(study, cfg))
+
+
+def open_study(name: str, storage: str | None = None) -> tuple[optuna.Study, StudyConfig]:
+    study = load_study(name, open_storage(storage))
+    return study, stored_config(study)
+
+
+def trial_config(cfg: StudyConfig, trial: FrozenTrial) -> TrialConfig:
+    """The exact TrialConfig a stored trial trained with (study config + its cut, strategy, seed)."""
+    record = TrialRecord.from_trial(trial)
+    if record.cut is None:
+        raise StudyError(f"trial {trial.number} has no cut (it never started)")
+    values = to_dict(cfg.trial)
+    values.update(cut=record.cut, strategy=record.strategy,
+                  seed=record.seed if record.seed is not None else cfg.search.seed)
+    for key in ("lr", "weight_decay"):
+        if getattr(record, key) is not None:
+            values[key] = getattr(record, key)
+    return from_dict(TrialConfig, values)
+
+
+def trial_rows(study: optuna.Study, metric: str) -> pd.DataFrame:
+    """One row per trial: number, strategy, cut, stage, phase, state, val/test metric, size, time."""
+    rows = []
+    for r in records(study.get_trials(deepcopy=False)):
+        rows.append({
+            "trial": r.number, "strategy": r.strategy, "cut": r.cut, "cut_name": r.cut_name, "stage": r.stage,
+            "phase": r.phase, "seed": r.seed, "state": r.state, f"val_{metric}": r.val.get(metric),
+            f"test_{metric}": r.test.get(metric), "params": r.params, "trainable_params": r.trainable_params,
+            "macs": r.macs, "epochs": r.epochs, "duration_s": r.wall_s, "node_id": (r.node_id or "")[:8],
+            "note": r.note,
+        })
+    return pd.DataFrame(rows)
+
+
+def _summary_dict(summary: CutSummary) -> dict[str, Any]:
+    """A cut summary as ``best`` reports it (JSON-ready)."""
+    out = {k: v for k, v in asdict(summary).items() if k not in ("strategy", "cut", "cut_name", "stage",
+                                                                  "full_params", "full_macs")}
+    out["repeats"] = summary.repeats
+    return out
+
+
+def best_cut(name: str, storage: str | None = None) -> dict[str, Any]:
+    """The search's chosen cut: best mean validation metric (smaller model within tolerance)."""
+    study, cfg = open_study(name, storage)
+    return _best(study, cfg)
+
+
+def _best(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
+    name = study.study_name
+    trials = study.get_trials(deepcopy=False)
+    sampler = study_sampler(study, cfg)
+    ranking = sampler.ranking(trials, SEARCH_STRATEGY)
+    if not ranking:
+        raise StudyError(f"study {name!r} has no completed search trial yet")
+    cut, _ = ranking[0]
+    chosen = completed_by_cut(records(trials), SEARCH_STRATEGY)[(SEARCH_STRATEGY, cut)]
+    summary = summarize_cut(chosen)
+    best_trial = max(chosen, key=lambda r: r.value if cfg.resolved_direction == "maximize" else -r.value)
+    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    plan = sampler.plan(trials)
+    return {
+        "study": name, "cut": cut, "cut_name": summary.cut_name, "stage": summary.stage,
+        "backbone": cfg.trial.backbone, "metric": cfg.metric, "direction": cfg.resolved_direction,
+        **_summary_dict(summary), "trial": best_trial.number,
+        "finished": plan.action == "finished" and running == 0,
+        "full": {"params": summary.full_params, "macs": summary.full_macs},
+        "ranking": [{"cut": c, "mean_val": v} for c, v in ranking],
+    }
+
+
+COMPARE_METRICS = ("auroc", "auprc", "accuracy")
+"""Metrics (validation and test, mean and sd) in a comparison."""
+
+
+def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.DataFrame:
+    """Every (study, strategy, cut) with completed trials: mean ± sd metrics, size and latency."""
+    rows = []
+    for name in names:
+        study, cfg = open_study(name, storage)
+        chosen = None
+        try:
+            chosen = _best(study, cfg)["cut"]
+        except StudyError:
+            pass
+        for (strategy, cut), group in completed_by_cut(records(study.get_trials(deepcopy=False))).items():
+            summary = summarize_cut(group)
+            row = {"study": name, "strategy": strategy, "cut": cut, "cut_name": summary.cut_name,
+                   "chosen": strategy == SEARCH_STRATEGY and cut == chosen, "repeats": summary.repeats}
+            for split in ("val", "test"):
+                for metric in COMPARE_METRICS:
+                    row[f"{split}_{metric}"] = getattr(summary, split).get(metric)
+                    row[f"{split}_{metric}_sd"] = getattr(summary, f"{split}_sd").get(metric)
+            row.update(params=summary.params, trainable_params=summary.trainable_params, macs=summary.macs,
+                       latency_batch1_ms=summary.latency_batch1_ms)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def serve_dashboard(storage: str | None = None, host: str = "127.0.0.1", port: int = 8080,
+                    artifacts: str | None = None) -> None:
+    """Serve optuna-dashboard on the study database (blocks), with the artifact store when there is one."""
+    try:
+        from optuna_dashboard import run_server
+    except ImportError as exc:
+        raise ConfigError("the dashboard needs optuna-dashboard: pip install 'ttl-search[dashboard]'") from exc
+    url = storage_url(storage)
+    base = Path(artifacts) if artifacts else default_artifacts_dir(url)
+    store = artifact_store(base) if base.exists() or artifacts else None
+    run_server(open_storage(url), host=host, port=port, artifact_store=store)

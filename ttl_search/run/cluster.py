@@ -1,0 +1,188 @@
+"""Execution on Ray Tune: each training is a Ray Tune trial (:func:`trainable`, the worker side),
+the search is our own ``Searcher`` (:mod:`ttl_search.searcher`, the driver side).
+
+A resume starts a fresh ``Tuner``; nothing of Tune's own experiment state is reused. Workers only
+train and report; the driver is the only writer of the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import optuna
+
+from ..config import from_dict
+from ..errors import ConfigError, StudyError, TTLSearchError
+from ..search.schedulers import SCHEDULERS
+from ..search.study import StudyConfig
+
+log = logging.getLogger(__name__)
+
+VAL_KEY = "val_metric"
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+
+def _finite(value: float, mode: str) -> float:
+    if value is None or not math.isfinite(value):
+        return -1e9 if mode == "max" else 1e9
+    return float(value)
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """A Ray Tune function trainable: one :func:`~ttl_search.training.run_trial`.
+
+    Reports ``epoch`` and ``val_metric`` after every epoch (for schedulers and the dashboard's
+    curves) and a final report with ``final=True`` and the whole result as JSON.
+    """
+    import ray
+    from ray import tune
+
+    from ..train.trial import TrialConfig, run_trial
+
+    node_id = ray.get_runtime_context().get_node_id()
+    started = time.time()
+    mode = config["mode"]
+    cfg = from_dict(TrialConfig, config["trial"])
+    cfg.threads = max(1, int(config["cpus"]))
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        # The last epoch is reported once, with the final result: a scheduler that stops trials
+        # at max_t must not cut a trial off between its last epoch and its test evaluation.
+        if epoch >= cfg.max_epochs:
+            return
+        tune.report({"epoch": epoch, VAL_KEY: _finite(metrics[cfg.metric], mode), "val_raw": metrics[cfg.metric],
+                     "val_loss": metrics["loss"], "node_id": node_id})
+
+    try:
+        result = run_trial(cfg, on_epoch=on_epoch, keep_state=bool(config.get("checkpoint_path")))
+        payload = result.to_dict()
+        if result.state_dict is not None and result.status == "complete":
+            path = Path(config["checkpoint_path"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            import torch
+
+            torch.save(result.state_dict, path)
+            payload["checkpoint"] = str(path)
+    except TTLSearchError as exc:
+        payload = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "epochs": 0}
+    payload["node_id"] = node_id
+    payload["worker_duration_s"] = round(time.time() - started, 3)
+    value = payload.get("val", {}).get(cfg.metric) if payload.get("status") == "complete" else None
+    tune.report({"final": True, "epoch": max(1, payload.get("epochs", 0)), VAL_KEY: _finite(value, mode),
+                 "node_id": node_id, "payload": json.dumps(payload)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join ``address`` (or ``$RAY_ADDRESS``) or start a local Ray; True when started here."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = logging.getLogger("ttl_search").getEffectiveLevel() > logging.INFO
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING if quiet else logging.INFO)
+        except Exception as exc:  # noqa: BLE001
+            raise StudyError(
+                f"cannot join the Ray cluster at {address}: {type(exc).__name__}: {exc}. A Ray driver must run on a "
+                f"node of the cluster: run ttl-search on the head, or first join with "
+                f"`ray start --address={address} --num-cpus=0 --num-gpus=0`"
+            ) from exc
+        return True
+    # Ray turns token authentication on for a new local cluster and announces it with a warning
+    # that would land in the middle of our progress bar; the cluster is ours, so the note is not.
+    with _quiet_logger(RAY_TOKEN_NOTICE_LOGGER):
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING if quiet else logging.INFO)
+    return True
+
+
+RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+"""The logger of Ray's "Token authentication is enabled for this Ray cluster" notice."""
+
+
+@contextmanager
+def _quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise ``name``'s level for the duration of the block."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def check_cluster_resources(cfg: StudyConfig) -> None:
+    """Fail fast where Ray would wait forever: a trial asking for more than any cluster has."""
+    import ray
+
+    total = ray.cluster_resources()
+    if cfg.resources.gpus > 0 and total.get("GPU", 0) < cfg.resources.gpus:
+        raise ConfigError(f"resources.gpus={cfg.resources.gpus} but the Ray cluster has {total.get('GPU', 0):g} GPUs; "
+                          "set resources.gpus=0 or join a cluster with GPUs (--ray-address)")
+    if total.get("CPU", 0) < cfg.resources.cpus:
+        raise ConfigError(f"resources.cpus={cfg.resources.cpus} but the Ray cluster has {total.get('CPU', 0):g} CPUs")
+
+
+def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path | None,
+               progress: ProgressCallback | None = None) -> None:
+    """Run the study's remaining trials on Ray Tune until the sampler's plan is finished."""
+    # Tune's own console output (experiment tables, result paths) is not ours to show; our
+    # progress comes through ``progress`` and the log.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from ray import tune
+
+    from .searcher import StudySearcher
+
+    tune_dir = Path(tempfile.mkdtemp(prefix="ttl-search-tune-"))
+    try:
+        mode = "max" if cfg.resolved_direction == "maximize" else "min"
+        scheduler = SCHEDULERS[cfg.scheduler.type].build(cfg.scheduler, cfg.trial.max_epochs)
+        searcher = StudySearcher(study, sampler, cfg, artifacts, progress)
+        resources = {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, resources),
+            tune_config=tune.TuneConfig(metric=VAL_KEY, mode=mode, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=-1, max_concurrent_trials=cfg.concurrency,
+                                        trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+            run_config=tune.RunConfig(name=f"{cfg.name}-{int(time.time())}", storage_path=str(tune_dir), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        tuner.fit()
+    finally:
+        shutil.rmtree(tune_dir, ignore_errors=True)
+
+
+@contextmanager
+def ray_cluster(cfg: StudyConfig) -> Iterator[None]:
+    """Join (or start) Ray and check it can run the study's trials, before anything is stored;
+    shut Ray down afterwards when it was started here."""
+    started_here = init_ray(cfg.ray_address)
+    try:
+        check_cluster_resources(cfg)
+        yield
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()

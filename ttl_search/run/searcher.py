@@ -1,0 +1,262 @@
+"""The driver's side of a study on Ray Tune: a ``Searcher`` that turns the sampler's plan into
+Tune trials and every Tune outcome into a stored Optuna trial.
+
+The searcher keeps no state beyond the study database: ``suggest`` asks the sampler's plan
+(which reads the stored trials), returns ``None`` at a stage barrier ("ask again later") and
+``Searcher.FINISHED`` when the plan is done. What a finished Tune trial means for the study
+(COMPLETE with its value, PRUNED, or FAIL with a reason) is decided by :func:`trial_outcome`, a
+pure function; the searcher only applies it. Workers train and report; the driver (this
+searcher) is the only writer of the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from ..config import to_dict
+from ..search.record import TrialRecord
+from .cluster import ProgressCallback
+from ..search.samplers import CutCandidate, Plan, job_distributions, suggest_params
+from ..storage import artifact_links, attach_artifact
+from ..search.study import StudyConfig, trial_strategies
+
+log = logging.getLogger(__name__)
+
+WORKER_LOST = "the worker failed: its process was killed or crashed, or its node died (see the Ray logs)"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a finished Tune trial means for the study
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a finished Tune trial is stored."""
+
+    state: TrialState
+    """COMPLETE, PRUNED or FAIL."""
+    value: float | None = None
+    """The validation metric (COMPLETE only)."""
+    record: TrialRecord = field(default_factory=TrialRecord)
+    """What the trial measured, and why it failed or stopped (``fail_reason``, ``stopped_by``)."""
+    history: tuple[tuple[int, float], ...] = ()
+    """(epoch, validation metric) of every epoch the worker reported, for intermediate values."""
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The user attributes to store before the state."""
+        return self.record.measured_attrs()
+
+    @property
+    def reason(self) -> str:
+        """Why the trial failed or stopped ("" when it completed)."""
+        return self.record.note
+
+
+def trial_outcome(result: dict[str, Any] | None, error: bool, metric: str) -> Outcome:
+    """The stored outcome of a Tune trial that ended with ``result`` (its last report) or ``error``.
+
+    - an error, or no result: the worker was lost (FAIL);
+    - the final report: COMPLETE with the validation ``metric`` when it is a number, else FAIL
+      (undefined metric, or the trial's own failure such as a diverged loss), PRUNED when the
+      trial stopped itself;
+    - any earlier report: a Tune scheduler stopped the trial (PRUNED, with its epochs).
+    """
+    if error or result is None:
+        return Outcome(TrialState.FAIL, record=TrialRecord(fail_reason=WORKER_LOST))
+    if not result.get("final"):
+        return Outcome(TrialState.PRUNED, record=TrialRecord(epochs=int(result.get("epoch", 0)),
+                                                             node_id=result.get("node_id"), stopped_by="scheduler"))
+    payload = json.loads(result["payload"])
+    record = TrialRecord.from_payload(payload)
+    history = tuple((int(e["epoch"]), float(e[metric])) for e in payload.get("history", [])
+                    if e.get(metric) is not None and math.isfinite(e[metric]))
+    status = payload.get("status")
+    if status == "complete":
+        value = record.val.get(metric)
+        if value is None:
+            record.fail_reason = f"validation {metric} is undefined (single-class validation split?)"
+            return Outcome(TrialState.FAIL, record=record, history=history)
+        return Outcome(TrialState.COMPLETE, float(value), record, history)
+    if status == "pruned":
+        record.stopped_by = payload.get("reason", "")
+        return Outcome(TrialState.PRUNED, record=record, history=history)
+    record.fail_reason = payload.get("reason") or "failed"
+    return Outcome(TrialState.FAIL, record=record, history=history)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reuse of a twin's result
+
+
+def copy_twin(study: optuna.Study, plan: Plan, distributions: dict[str, BaseDistribution]) -> None:
+    """Store ``plan.job`` as COMPLETE with the result of the completed trial ``plan.reuse``, which
+    trained the same model with the same seed (full fine-tuning is TTL at the last cut)."""
+    source = next(t for t in study.get_trials(deepcopy=False) if t.number == plan.reuse)
+    job = plan.job
+    twin = TrialRecord.from_trial(source)
+    copy = replace(twin, strategy=job.strategy, phase=job.phase, reused_from=source.number, duration_s=0.0,
+                   train_time_s=0.0, ray_trial_id=None, driver_duration_s=None)
+    study.add_trial(optuna.trial.create_trial(
+        params={"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat}, distributions=distributions,
+        value=source.value, user_attrs=copy.to_attrs(), intermediate_values=dict(source.intermediate_values),
+        state=TrialState.COMPLETE, system_attrs=artifact_links(source),
+    ))
+    log.info("%s cut %d seed %s: the same model as trial %d (%s); its result is stored, not trained again",
+             job.strategy, job.cut, copy.seed, source.number, twin.strategy)
+
+
+# ---------------------------------------------------------------------------------------------
+# The searcher
+
+
+@dataclass
+class LiveTrial:
+    """A trial the driver asked Optuna for and handed to Ray Tune."""
+
+    trial: optuna.Trial
+    """The Optuna trial (RUNNING until the driver tells its outcome)."""
+    started: float
+    """time.time() when it was handed to Ray Tune."""
+    reported: set[int] = field(default_factory=set)
+    """Epochs whose validation metric is already stored as an intermediate value."""
+
+
+class StudySearcher(Searcher):
+    """Ray Tune's search algorithm for one study: the sampler's plan in, stored trials out.
+
+    Everything it decides comes from the study database; ``save``/``restore`` keep nothing, so a
+    resumed study starts a fresh searcher on the same database.
+    """
+
+    def __init__(self, study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path | None,
+                 progress: ProgressCallback | None = None) -> None:
+        super().__init__()
+        self.study = study
+        self.sampler = sampler
+        self.cfg = cfg
+        self.artifacts = artifacts
+        self.progress = progress
+        self.candidates = list(sampler.candidates)
+        self.by_index = {c.index: c for c in self.candidates}
+        self.strategies = trial_strategies(cfg)
+        self.distributions = job_distributions(self.candidates, self.strategies, cfg.search.repeats)
+        self.tune_mode = "max" if cfg.resolved_direction == "maximize" else "min"
+        self.live: dict[str, LiveTrial] = {}
+        self.counts = {"complete": 0, "failed": 0, "pruned": 0}
+        self.last_progress: tuple = ()
+
+    # -- Tune asks for the next trial ------------------------------------------------------------
+    def suggest(self, trial_id: str) -> dict | None:
+        plan = self.sampler.plan(self.study.get_trials(deepcopy=False))
+        while plan.reuse is not None:  # a twin already trained this model: store its copy
+            copy_twin(self.study, plan, self.distributions)
+            self.counts["complete"] += 1
+            plan = self.sampler.plan(self.study.get_trials(deepcopy=False))
+        self._progress(plan)
+        if plan.action == "wait":
+            return None
+        if plan.action == "finished":
+            return Searcher.FINISHED
+        trial = self.study.ask()
+        s = self.cfg.search
+        params = suggest_params(trial, self.candidates, self.strategies, s.repeats, s.tune_lr)
+        config = self._launch(trial_id, trial, params, self.by_index[params["cut"]],
+                              self.sampler.phase_of(trial.number))
+        self._progress(plan)  # the new trial counts as running from now on
+        return config
+
+    def _launch(self, trial_id: str, trial: optuna.Trial, params: dict, cut: CutCandidate, phase: str) -> dict:
+        cfg = self.cfg
+        seed = cfg.search.seed + params["repeat"]
+        trial_dict = to_dict(cfg.trial)
+        trial_dict.update(cut=cut.index, strategy=params["strategy"], seed=seed)
+        for key in ("lr", "weight_decay"):
+            if key in params:
+                trial_dict[key] = params[key]
+        launched = TrialRecord(strategy=params["strategy"], cut=cut.index, repeat=params["repeat"], cut_name=cut.name,
+                               stage=cut.stage, phase=phase, seed=seed, ray_trial_id=trial_id)
+        for key, value in launched.to_attrs().items():
+            trial.set_user_attr(key, value)
+        self.live[trial_id] = LiveTrial(trial, time.time())
+        checkpoint = str(self.artifacts / cfg.name / f"trial-{trial.number}.pt") if self.artifacts else None
+        log.info("trial %d: %s cut %d (%s, stage %d, %s), seed %d", trial.number, params["strategy"], cut.index,
+                 cut.name, cut.stage, phase, seed)
+        return {"trial": trial_dict, "cpus": cfg.resources.cpus, "mode": self.tune_mode, "number": trial.number,
+                "checkpoint_path": checkpoint}
+
+    # -- Tune reports ------------------------------------------------------------------------------
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        live = self.live.get(trial_id)
+        if live is None or result.get("final"):
+            return
+        self._report(live, int(result["epoch"]), result.get("val_raw"))
+
+    def _report(self, live: LiveTrial, epoch: int, value: float | None) -> None:
+        if value is not None and math.isfinite(value) and epoch not in live.reported:
+            live.trial.report(float(value), epoch)
+            live.reported.add(epoch)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        live = self.live.pop(trial_id, None)
+        if live is None:
+            return
+        outcome = trial_outcome(result, error, self.cfg.metric)
+        self._store(live, outcome)
+        self._progress(None)
+
+    def _store(self, live: LiveTrial, outcome: Outcome) -> None:
+        """Write ``outcome`` to the study: intermediate values, attributes, checkpoint, state."""
+        trial = live.trial
+        for epoch, value in outcome.history:
+            self._report(live, epoch, value)
+        outcome.record.driver_duration_s = round(time.time() - live.started, 3)
+        for key, value in outcome.attrs.items():
+            trial.set_user_attr(key, value)
+        if outcome.record.checkpoint:
+            self._attach_checkpoint(trial, outcome.record.checkpoint, outcome.record.node_id or "?")
+        self.study.tell(trial, outcome.value, state=outcome.state)
+        key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[outcome.state]
+        self.counts[key] += 1
+        if outcome.state == TrialState.COMPLETE:
+            log.info("trial %d complete: val %s %.4f", trial.number, self.cfg.metric, outcome.value)
+        elif outcome.state == TrialState.PRUNED:
+            log.info("trial %d stopped early (%s)", trial.number, outcome.reason)
+        else:
+            log.warning("trial %d failed: %s", trial.number, outcome.reason)
+
+    def _attach_checkpoint(self, trial: optuna.Trial, checkpoint: str, node_id: str) -> None:
+        if self.artifacts is None:
+            return
+        if Path(checkpoint).is_file():
+            artifact_id = attach_artifact(self.artifacts, trial, Path(checkpoint), "application/octet-stream")
+            trial.set_user_attr("checkpoint_artifact_id", artifact_id)
+        else:
+            log.warning("trial %d: checkpoint %s was written on node %s and is not visible here; put "
+                        "`artifacts` on a filesystem every node shares to attach checkpoints",
+                        trial.number, checkpoint, node_id)
+
+    def _progress(self, plan: Plan | None) -> None:
+        # Tune asks for suggestions many times a second at a barrier: report changes only.
+        state = (plan.phase if plan else None, plan.expected_total if plan else None,
+                 tuple(self.counts.values()), len(self.live))
+        if self.progress is not None and state != self.last_progress:
+            self.last_progress = state
+            self.progress({"plan": plan, **self.counts, "running": len(self.live)})
+
+    def save(self, checkpoint_path: str) -> None:  # state lives in the database
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass

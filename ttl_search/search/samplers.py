@@ -1,0 +1,401 @@
+"""Search strategies as Optuna samplers whose whole state is the stored trials.
+
+Every trial of a study has three parameters: ``strategy`` (``ttl`` for the search, or a baseline),
+``cut`` and ``repeat`` (seed index). A sampler's :meth:`plan` reads the study's trials and says
+what to train next, to wait (a stage barrier with trials still running), or that the study is
+finished. Nothing is pickled: a restarted driver rebuilds the sampler from the config and
+continues exactly where the database says the study is.
+
+- ``two_stage`` (the paper): stage 1 trains the stage-end cuts; once all of them are complete,
+  stage 2 trains the other cuts of the best ``top_k`` stages; then the study is finished.
+- ``exhaustive``: every valid cut.
+- ``tpe``: Optuna's TPE over the cuts (optionally lr and weight decay) with a trial budget.
+- ``none``: no search, only the configured baselines (a sibling study for comparisons).
+
+Failed trials count as not tried and are retried up to ``max_retries`` times; a (strategy, cut,
+repeat) whose retries are spent is given up on. Decisions use the mean over repeats; within
+``tolerance`` of the best, the smaller model wins.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.samplers import BaseSampler, TPESampler
+from optuna.trial import FrozenTrial, TrialState
+
+from ..errors import ConfigError, choices
+from .record import SEARCH_STRATEGY, mean_sd
+
+
+
+@dataclass(frozen=True)
+class CutCandidate:
+    """A valid cut the search may train."""
+
+    index: int
+    """Cut index."""
+    name: str
+    """Last kept unit."""
+    stage: int
+    """Stage of the cut."""
+    params: int
+    """Parameters of the truncated model (tie-breaking: smaller wins)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training the plan asks for."""
+
+    strategy: str
+    """``ttl`` or a baseline strategy."""
+    cut: int
+    """Cut index."""
+    repeat: int
+    """Seed index (0-based)."""
+    phase: str
+    """``stage1``, ``stage2``, ``exhaustive``, ``tpe`` or ``baseline``."""
+
+
+@dataclass
+class Plan:
+    """What to do next: run ``job``, ``wait`` for running trials, or ``finished``."""
+
+    action: str
+    """``run``, ``wait`` or ``finished``."""
+    job: Job | None = None
+    """The job to run (action ``run``)."""
+    phase: str = ""
+    """The phase the study is in."""
+    expected_total: int = 0
+    """Trainings the study will have when it finishes, as far as known now."""
+    note: str = ""
+    """Why the plan waits or finished."""
+    reuse: int | None = None
+    """Number of a completed trial that already trained ``job``'s model (its twin): store a copy
+    of its result instead of training again."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """Identity of a training: the same key is never completed twice."""
+
+    strategy: str
+    cut: int
+    repeat: int
+
+
+TWIN_STRATEGIES = {"full": SEARCH_STRATEGY, SEARCH_STRATEGY: "full"}
+"""Strategies that train the same model with the same seed at the same cut: full fine-tuning is
+TTL at the last cut (the only cut ``full`` trains at)."""
+
+
+def twin_key(key: Key) -> Key | None:
+    """The key of the training that gives the same model as ``key``, if any."""
+    other = TWIN_STRATEGIES.get(key.strategy)
+    return Key(other, key.cut, key.repeat) if other else None
+
+
+def trial_key(trial: FrozenTrial) -> Key | None:
+    p = trial.params
+    if "cut" not in p:
+        return None
+    return Key(str(p.get("strategy", SEARCH_STRATEGY)), int(p["cut"]), int(p.get("repeat", 0)))
+
+
+@dataclass
+class Ledger:
+    """The stored trials, grouped by key."""
+
+    complete: dict[Key, list[float]] = field(default_factory=lambda: defaultdict(list))
+    running: set[Key] = field(default_factory=set)
+    failures: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+    pruned: set[Key] = field(default_factory=set)
+    first_complete: dict[Key, int] = field(default_factory=dict)
+    """Number of the first completed trial of each key."""
+
+    @classmethod
+    def from_trials(cls, trials: Iterable[FrozenTrial]) -> "Ledger":
+        ledger = cls()
+        for t in trials:
+            key = trial_key(t)
+            if key is None:
+                continue
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                ledger.complete[key].append(float(t.value))
+                ledger.first_complete.setdefault(key, t.number)
+            elif t.state == TrialState.RUNNING:
+                ledger.running.add(key)
+            elif t.state == TrialState.FAIL:
+                ledger.failures[key] += 1
+            elif t.state == TrialState.PRUNED:
+                ledger.pruned.add(key)
+        return ledger
+
+    def settled(self, key: Key, max_retries: int) -> bool:
+        """Completed, pruned (a scheduler's verdict) or given up after too many failures."""
+        return key in self.complete or key in self.pruned or self.failures[key] > max_retries
+
+    def mean(self, strategy: str, cut: int) -> float | None:
+        return mean_sd(v for k, vs in self.complete.items() if k.strategy == strategy and k.cut == cut for v in vs)[0]
+
+
+def choose_best(scores: dict[int, float], params: dict[int, int], direction: str, tolerance: float) -> list[int]:
+    """Cuts ranked best first: by score, except that a smaller model within ``tolerance`` of the
+    best score goes first (the paper's preference for the smaller model)."""
+    if not scores:
+        return []
+    sign = 1.0 if direction == "maximize" else -1.0
+    best = max(sign * s for s in scores.values())
+    near = [c for c, s in scores.items() if best - sign * s <= tolerance + 1e-12]
+    near.sort(key=lambda c: (params[c], -sign * scores[c], c))
+    rest = sorted((c for c in scores if c not in near), key=lambda c: (-sign * scores[c], params[c], c))
+    return near + rest
+
+
+def rank_cuts(trials: Sequence[FrozenTrial], candidates: Sequence[CutCandidate], direction: str, tolerance: float,
+              strategy: str = SEARCH_STRATEGY) -> list[tuple[int, float]]:
+    """(cut, mean value over repeats) of every completed cut of ``strategy``, best first."""
+    ledger = Ledger.from_trials(trials)
+    scores = {c.index: m for c in candidates if (m := ledger.mean(strategy, c.index)) is not None}
+    order = choose_best(scores, {c.index: c.params for c in candidates}, direction, tolerance)
+    return [(c, scores[c]) for c in order]
+
+
+class PlannedSampler(BaseSampler):
+    """Base of the deterministic samplers: ``plan()`` decides, ``sample_independent`` obeys.
+
+    ``before_trial`` fixes the plan for the trial being asked (the driver calls :meth:`plan`
+    first and only asks when the action is ``run``), so its three parameters are consistent.
+    """
+
+    def __init__(self, candidates: Sequence[CutCandidate], direction: str, repeats: int = 1, max_retries: int = 2,
+                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0) -> None:
+        self.candidates = list(candidates)
+        self.by_index = {c.index: c for c in candidates}
+        self.direction = direction
+        self.repeats = repeats
+        self.max_retries = max_retries
+        self.baselines = list(baselines)
+        self.tolerance = tolerance
+        self._pending: dict[int, Job] = {}
+
+    # -- what to run ------------------------------------------------------------------------
+    def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
+        """(jobs of the current phase, phase name, whether later phases depend on running ones,
+        expected total of search trainings)."""
+        raise NotImplementedError
+
+    def _open(self, jobs: Iterable[Job], ledger: Ledger) -> list[Job]:
+        return [j for j in jobs if not ledger.settled(Key(j.strategy, j.cut, j.repeat), self.max_retries)]
+
+    def baseline_jobs(self) -> list[Job]:
+        return [Job(s, c, r, "baseline") for s, c in self.baselines for r in range(self.repeats)]
+
+    def plan(self, trials: Sequence[FrozenTrial]) -> Plan:
+        """The next training (or a completed twin to copy), ``wait`` or ``finished``."""
+        ledger = Ledger.from_trials(trials)
+        jobs, phase, barrier, expected = self.search_jobs(ledger)
+        expected += len(self.baseline_jobs())
+        for job in self._open([*jobs, *self.baseline_jobs()], ledger):
+            key = Key(job.strategy, job.cut, job.repeat)
+            twin = twin_key(key)
+            if key in ledger.running or twin in ledger.running:
+                continue  # a running twin will answer for this job too
+            return Plan("run", job, phase, expected, reuse=ledger.first_complete.get(twin))
+        if ledger.running:
+            return Plan("wait", None, phase, expected, "waiting for running trials" + (" (stage barrier)" if barrier else ""))
+        return Plan("finished", None, phase, expected, "every planned training is settled")
+
+    # -- Optuna sampler interface -------------------------------------------------------------
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        return {}
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        plan = self.plan(study.get_trials(deepcopy=False))
+        if plan.action == "run":
+            self._pending[trial.number] = plan.job
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._pending.pop(trial.number, None)
+
+    def sample_independent(self, study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
+        job = self._pending.get(trial.number)
+        if job is None:
+            raise optuna.exceptions.OptunaError("the plan has nothing to run: call plan() before asking a trial")
+        value = {"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat}.get(param_name)
+        if value is None:
+            raise optuna.exceptions.OptunaError(f"parameter {param_name!r} is not planned by {type(self).__name__}")
+        return value
+
+    def phase_of(self, trial_number: int) -> str:
+        job = self._pending.get(trial_number)
+        return job.phase if job else ""
+
+    # -- answers ---------------------------------------------------------------------------------
+    def ranking(self, trials: Sequence[FrozenTrial], strategy: str = SEARCH_STRATEGY) -> list[tuple[int, float]]:
+        return rank_cuts(trials, self.candidates, self.direction, self.tolerance, strategy)
+
+
+class BaselinesOnlySampler(PlannedSampler):
+    """No search: only the configured baselines (a sibling study for comparisons)."""
+
+    def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
+        return [], "baselines", False, 0
+
+
+class ExhaustiveSampler(PlannedSampler):
+    """Every valid cut, each ``repeats`` times, in order."""
+
+    def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
+        jobs = [Job(SEARCH_STRATEGY, c.index, r, "exhaustive") for c in self.candidates for r in range(self.repeats)]
+        return jobs, "exhaustive", False, len(jobs)
+
+
+class TwoStageSampler(PlannedSampler):
+    """The paper's two-stage search over the cut points."""
+
+    def __init__(self, candidates: Sequence[CutCandidate], direction: str, repeats: int = 1, max_retries: int = 2,
+                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, top_k: int = 1) -> None:
+        super().__init__(candidates, direction, repeats, max_retries, baselines, tolerance)
+        if top_k < 1:
+            raise ConfigError(f"search.top_k must be >= 1, got {top_k}")
+        self.top_k = top_k
+        stages: dict[int, list[CutCandidate]] = defaultdict(list)
+        for c in self.candidates:
+            stages[c.stage].append(c)
+        self.stages = dict(sorted(stages.items()))
+        # The last valid cut of each stage stands for the stage in stage 1.
+        self.representatives = {s: cs[-1] for s, cs in self.stages.items()}
+
+    def _jobs(self, cuts: Iterable[CutCandidate], phase: str) -> list[Job]:
+        return [Job(SEARCH_STRATEGY, c.index, r, phase) for c in cuts for r in range(self.repeats)]
+
+    def winning_stages(self, ledger: Ledger) -> list[int]:
+        reps = {c.index: s for s, c in self.representatives.items()}
+        scores = {cut: m for cut in reps if (m := ledger.mean(SEARCH_STRATEGY, cut)) is not None}
+        order = choose_best(scores, {c.index: c.params for c in self.candidates}, self.direction, self.tolerance)
+        return [reps[cut] for cut in order[: self.top_k]]
+
+    def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
+        stage1 = self._jobs(self.representatives.values(), "stage1")
+        largest = sorted((len(cs) - 1 for cs in self.stages.values()), reverse=True)[: self.top_k]
+        if self._open(stage1, ledger):
+            return stage1, "stage1", True, len(stage1) + sum(largest) * self.repeats
+        winners = self.winning_stages(ledger)
+        inner = [c for s in winners for c in self.stages[s] if c is not self.representatives[s]]
+        stage2 = self._jobs(inner, "stage2")
+        return stage2, "stage2", False, len(stage1) + len(stage2)
+
+
+class TPESearch(TPESampler):
+    """Optuna's TPE over the cut (and optionally lr and weight decay) with a trial budget."""
+
+    def __init__(self, candidates: Sequence[CutCandidate], direction: str, budget: int, seed: int = 0,
+                 max_retries: int = 2, tolerance: float = 0.0) -> None:
+        if budget < 1:
+            raise ConfigError(f"search.budget must be >= 1 for the tpe search, got {budget}")
+        super().__init__(seed=seed, n_startup_trials=min(5, budget))
+        self.candidates = list(candidates)
+        self.direction = direction
+        self.budget = budget
+        self.max_retries = max_retries
+        self.tolerance = tolerance
+
+    def plan(self, trials: Sequence[FrozenTrial]) -> Plan:
+        done = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+        failed = sum(1 for t in trials if t.state == TrialState.FAIL)
+        running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+        if failed > self.max_retries * self.budget:
+            return Plan("finished", None, "tpe", self.budget, "too many failed trials")
+        if done + running < self.budget:
+            return Plan("run", Job(SEARCH_STRATEGY, -1, 0, "tpe"), "tpe", self.budget)
+        if running:
+            return Plan("wait", None, "tpe", self.budget, "waiting for running trials")
+        return Plan("finished", None, "tpe", self.budget, "budget spent")
+
+    def phase_of(self, trial_number: int) -> str:
+        return "tpe"
+
+    def ranking(self, trials: Sequence[FrozenTrial], strategy: str = SEARCH_STRATEGY) -> list[tuple[int, float]]:
+        return rank_cuts(trials, self.candidates, self.direction, self.tolerance, strategy)
+
+
+def job_distributions(candidates: Sequence[CutCandidate], strategies: Sequence[str],
+                      repeats: int) -> dict[str, BaseDistribution]:
+    """The distributions of a trial's ``strategy``, ``cut`` and ``repeat`` (the same in every trial)."""
+    return {
+        "strategy": CategoricalDistribution(list(strategies)),
+        "cut": CategoricalDistribution([c.index for c in candidates]),
+        "repeat": IntDistribution(0, max(0, repeats - 1)),
+    }
+
+
+def suggest_params(trial: optuna.Trial, candidates: Sequence[CutCandidate], strategies: Sequence[str],
+                   repeats: int, tune_lr: bool = False) -> dict[str, Any]:
+    """Ask ``trial`` for its parameters with fixed distributions (the same in every trial)."""
+    dists = job_distributions(candidates, strategies, repeats)
+    params: dict[str, Any] = {
+        "strategy": trial.suggest_categorical("strategy", dists["strategy"].choices),
+        "cut": trial.suggest_categorical("cut", dists["cut"].choices),
+        "repeat": trial.suggest_int("repeat", dists["repeat"].low, dists["repeat"].high),
+    }
+    if tune_lr:
+        params["lr"] = trial.suggest_float("lr", 1e-5, 1e-2, log=True)
+        params["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry of search methods
+
+SamplerBuilder = Callable[[Sequence[CutCandidate], str, Any, Sequence[tuple[str, int]]], BaseSampler]
+
+
+@dataclass(frozen=True)
+class SearchMethod:
+    """A way to search the cuts, as ``search.method`` names it."""
+
+    name: str
+    """Key in study files."""
+    description: str
+    """One line for help texts and reports."""
+    build: SamplerBuilder
+    """(cut candidates, direction, the study's ``search`` settings, baselines as (strategy, cut))
+    -> the sampler."""
+    takes_baselines: bool = True
+    """Whether it can schedule baselines in the same study."""
+
+
+def _planned(cls: type[PlannedSampler], **extra: Callable[[Any], Any]) -> SamplerBuilder:
+    def build(candidates, direction, s, baselines):
+        return cls(candidates, direction=direction, repeats=s.repeats, max_retries=s.max_retries,
+                   baselines=baselines, tolerance=s.tolerance, **{k: f(s) for k, f in extra.items()})
+    return build
+
+
+def _tpe(candidates, direction, s, baselines) -> TPESearch:
+    return TPESearch(candidates, direction, s.budget, seed=s.seed, max_retries=s.max_retries, tolerance=s.tolerance)
+
+
+SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (
+    SearchMethod("two_stage", "the paper's: stage-end cuts first, then the cuts inside the best stage(s)",
+                 _planned(TwoStageSampler, top_k=lambda s: s.top_k)),
+    SearchMethod("exhaustive", "every valid cut", _planned(ExhaustiveSampler)),
+    SearchMethod("tpe", "Optuna's TPE over the cuts (and optionally lr, weight decay) with a trial budget", _tpe,
+                 takes_baselines=False),
+    SearchMethod("none", "no search: only the baselines (a sibling study for comparisons)",
+                 _planned(BaselinesOnlySampler)),
+)}
+
+
+def check_search(name: str) -> None:
+    if name not in SEARCH_METHODS:
+        raise ConfigError(f"unknown search method {name!r}; valid methods: {choices(SEARCH_METHODS)}")

@@ -1,0 +1,240 @@
+"""Study configuration (YAML in ``studies/``) and what follows from it: the cuts the search may
+train and the sampler that implements the configured search.
+
+Resolution: command-line overrides > file > defaults. The resolved config is stored in the
+study's user attributes, so ``resume`` rebuilds exactly the same search from the database.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from ..models.backbones import get_backbone, stage_ends
+from ..config import load_config
+from ..errors import ConfigError, choices
+from ..train.metrics import metric_direction
+from .schedulers import SCHEDULERS
+from .samplers import SEARCH_METHODS, CutCandidate, check_search
+from ..models.strategies import BASELINES, STRATEGIES
+from ..train.trial import TrialConfig
+from ..models.truncation import analyze_cuts
+
+
+
+@dataclass
+class SearchConfig:
+    """How the cut points are searched."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"strategy": "method"}
+    """Keys of earlier versions: using one is an error that names the new key."""
+
+    method: str = "two_stage"
+    """``two_stage`` (the paper), ``exhaustive`` (every valid cut), ``tpe`` (Optuna's TPE with a
+    budget) or ``none`` (only the baselines)."""
+    top_k: int = 1
+    """two_stage: how many of the best stages stage 2 searches."""
+    tolerance: float = 0.0
+    """Candidates within this much of the best validation metric go to the smaller model."""
+    repeats: int = 1
+    """Seeds per chosen cut (the paper used 3); decisions use the mean."""
+    budget: int = 10
+    """tpe: number of trials."""
+    tune_lr: bool = False
+    """tpe: also search the learning rate and weight decay."""
+    max_retries: int = 2
+    """Retries of a failed training (same cut and seed) before it is given up."""
+    seed: int = 0
+    """Seed of repeat 0; repeat r trains with seed + r."""
+
+
+@dataclass
+class ResourcesConfig:
+    """Resources of one trial on the Ray cluster."""
+
+    cpus: float = 1.0
+    """CPUs per trial (also its torch thread count)."""
+    gpus: float = 0.0
+    """GPUs per trial; fractions (0.5) let trials share a GPU (scheduling only, memory is shared)."""
+
+
+@dataclass
+class SchedulerConfig:
+    """Ray Tune trial scheduler."""
+
+    type: str = "fifo"
+    """``fifo`` (every trial runs to the end) or ``asha`` (stop weak trials early; stored as PRUNED)."""
+    grace_period: int = 1
+    """asha: epochs before a trial may be stopped."""
+    reduction_factor: int = 2
+    """asha: keep the best 1/reduction_factor at each rung."""
+
+
+@dataclass
+class StudyConfig:
+    """A study: one search of the cut points of one backbone on one dataset."""
+
+    name: str = "study"
+    """Study name (unique in the storage)."""
+    storage: str | None = None
+    """SQLAlchemy URL of the study database; default ``$TTL_SEARCH_STORAGE`` or
+    ``sqlite:///ttl-search.db`` in the working directory."""
+    trial: TrialConfig = field(default_factory=TrialConfig)
+    """Settings of every trial (backbone, weights, data, epochs...); cut, strategy and seed are
+    set per trial by the search."""
+    metric: str = "auroc"
+    """Validation metric the search optimises (also selects each trial's checkpoint)."""
+    direction: str | None = None
+    """``maximize`` or ``minimize``; default: the metric's natural direction."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """How the cuts are searched."""
+    baselines: list[str] = field(default_factory=list)
+    """Baselines trained in the same study: ``full``, ``linear_probe``, ``lwft``,
+    ``transfusion``, ``scratch``."""
+    baseline_cuts: dict[str, int] = field(default_factory=dict)
+    """Cut per baseline; default: the last cut, for TransFusion the end of the middle stage."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """Resources per trial."""
+    concurrency: int = 1
+    """Maximum trials running at once."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Ray Tune scheduler (multi-fidelity)."""
+    ray_address: str | None = None
+    """Ray cluster to join (``auto`` or ``host:port``); default ``$RAY_ADDRESS`` or a local Ray
+    started for the study."""
+    artifacts: str | None = None
+    """Folder for checkpoints and plots; default ``<database folder>/ttl-artifacts``."""
+
+    def __post_init__(self) -> None:
+        validate_study_config(self)
+
+    @property
+    def resolved_direction(self) -> str:
+        return self.direction or metric_direction(self.metric)
+
+
+def validate_study_config(cfg: StudyConfig) -> None:
+    """Checks across keys; messages name the key and the valid choices."""
+    if not isinstance(cfg.name, str) or not cfg.name.strip():
+        raise ConfigError("name must be a non-empty string")
+    metric_direction(cfg.metric)
+    if cfg.direction not in (None, "maximize", "minimize"):
+        raise ConfigError(f"direction {cfg.direction!r} is unknown; valid directions: maximize, minimize")
+    cfg.trial.metric = cfg.metric
+    check_search(cfg.search.method)
+    for key in ("repeats", "budget", "top_k"):
+        if getattr(cfg.search, key) < 1:
+            raise ConfigError(f"search.{key} must be >= 1, got {getattr(cfg.search, key)}")
+    if cfg.search.max_retries < 0:
+        raise ConfigError(f"search.max_retries must be >= 0, got {cfg.search.max_retries}")
+    for b in cfg.baselines:
+        if b not in BASELINES:
+            raise ConfigError(f"baselines: unknown baseline {b!r}; valid baselines: {choices(BASELINES)}")
+    for b in cfg.baseline_cuts:
+        if b not in cfg.baselines:
+            raise ConfigError(f"baseline_cuts: {b!r} is not among baselines ({choices(cfg.baselines) or 'none'})")
+    spec = get_backbone(cfg.trial.backbone)
+    for b in cfg.baselines:
+        if not STRATEGIES[b].supports(spec.family):
+            raise ConfigError(f"baselines: {b} does not support backbone {spec.name} (it supports the "
+                              f"{choices(STRATEGIES[b].families)} families)")
+    if cfg.search.method == "none" and not cfg.baselines:
+        raise ConfigError("search.method none runs only baselines, but baselines is empty")
+    if cfg.concurrency < 1:
+        raise ConfigError(f"concurrency must be >= 1, got {cfg.concurrency}")
+    if cfg.resources.cpus <= 0 or cfg.resources.gpus < 0:
+        raise ConfigError(f"resources: cpus must be > 0 and gpus >= 0, got {cfg.resources}")
+    if cfg.resources.gpus > 1 and not float(cfg.resources.gpus).is_integer():
+        raise ConfigError(f"resources.gpus above 1 must be a whole number, got {cfg.resources.gpus}")
+    if cfg.scheduler.type not in SCHEDULERS:
+        raise ConfigError(f"scheduler.type {cfg.scheduler.type!r} is unknown; valid schedulers: {choices(SCHEDULERS)}")
+
+
+def upgrade_stored_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A config stored by an earlier version, in today's keys (``search.strategy`` is
+    ``search.method`` now); the user's own files get an error for old keys instead."""
+    search = values.get("search")
+    if isinstance(search, dict):
+        for old, new in SearchConfig.RENAMED.items():
+            if old in search and new not in search:
+                search = {(new if k == old else k): v for k, v in search.items()}
+        values = {**values, "search": search}
+    return values
+
+
+def load_study_config(path: str | Path | None, overrides: Sequence[str] = (), extra: dict[str, Any] | None = None) -> StudyConfig:
+    """Defaults < YAML file < ``extra`` < ``key=value`` overrides."""
+    return load_config(StudyConfig, path, overrides, extra)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_paths(cfg: StudyConfig) -> None:
+    """Make data paths absolute (Ray workers run in other folders), the data root included."""
+    from ..data import default_data_root
+
+    data = cfg.trial.data
+    if data.path:
+        data.path = str(Path(data.path).expanduser().resolve())
+    data.root = str(Path(data.root or default_data_root()).expanduser().resolve())
+    if cfg.artifacts:
+        cfg.artifacts = str(Path(cfg.artifacts).expanduser().resolve())
+
+
+def model_input(cfg: TrialConfig) -> tuple[int, int]:
+    """(input size, input channels) a trial will use, known without loading the data."""
+    spec = get_backbone(cfg.backbone)
+    data = cfg.data
+    native = data.image_size if data.dataset in ("folder", "csv") else data.size
+    size = cfg.input_size or native
+    channels = cfg.in_channels or (3 if spec.dims == 2 else 1)
+    return size, channels
+
+
+def cut_candidates(cfg: StudyConfig) -> list[CutCandidate]:
+    """The cuts the search may train: every cut that works at the study's input size."""
+    size, channels = model_input(cfg.trial)
+    rows = analyze_cuts(cfg.trial.backbone, size, 2, channels, cfg.trial.head)
+    valid = [CutCandidate(r.index, r.name, r.stage, r.params) for r in rows if r.valid]
+    if not valid:
+        raise ConfigError(f"no cut of {cfg.trial.backbone} works at {size} px input; raise trial.input_size")
+    return valid
+
+
+def baseline_cut(cfg: StudyConfig, baseline: str, candidates: Sequence[CutCandidate]) -> int:
+    """The cut a baseline trains at (valid at the input size)."""
+    valid = {c.index for c in candidates}
+    if baseline in cfg.baseline_cuts:
+        cut = cfg.baseline_cuts[baseline]
+    elif baseline == "transfusion":
+        ends = [e for e in stage_ends(get_backbone(cfg.trial.backbone)) if e in valid]
+        cut = ends[max(0, math.ceil(len(ends) / 2) - 1)] if ends else max(valid)
+    else:
+        cut = len(get_backbone(cfg.trial.backbone).cuts)
+    if cut not in valid:
+        raise ConfigError(
+            f"baseline {baseline} needs cut {cut}, which is not valid at this input size; "
+            f"valid cuts: {choices(sorted(valid))} (set baseline_cuts.{baseline} or trial.input_size)"
+        )
+    return cut
+
+
+def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = None):
+    """The sampler of the configured search, built from the config alone (no stored state) and
+    the study's cut candidates (default: computed from the config, a forward pass per cut)."""
+    candidates = list(candidates) if candidates is not None else cut_candidates(cfg)
+    method = SEARCH_METHODS[cfg.search.method]
+    if cfg.baselines and not method.takes_baselines:
+        raise ConfigError(f"the {method.name} search cannot schedule baselines; run them in a sibling study with "
+                          "search.method none")
+    baselines = [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]
+    return method.build(candidates, cfg.resolved_direction, cfg.search, baselines)
+
+
+def trial_strategies(cfg: StudyConfig) -> list[str]:
+    """Values of the ``strategy`` parameter in this study."""
+    return (["ttl"] if cfg.search.method != "none" else []) + list(cfg.baselines)
+

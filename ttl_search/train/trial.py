@@ -1,0 +1,407 @@
+"""One trial: build the model a strategy asks for, fine-tune it, select on validation, test once.
+
+Training knows nothing about Ray or Optuna: :func:`run_trial` takes a :class:`TrialConfig` and
+an optional per-epoch callback, and returns a :class:`TrialResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.backbones import LoadedBackbone, get_backbone, load_backbone
+from ..models.cost import count_macs, count_params, measure_latency
+from ..data import DataConfig, DatasetSplits, TransformConfig, load_data, make_loader
+from ..errors import ConfigError, TrialError, choices
+from .metrics import compute_metrics, metric_direction
+from ..models.strategies import StrategyModel, build_strategy_model, check_strategy, count_trainable
+from ..models.truncation import analyze_cuts, input_shape, truncate
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+STATUSES = ("complete", "failed", "pruned")
+
+
+@dataclass
+class TrialConfig:
+    """Everything one fine-tuning run needs. Defaults follow the paper where it says."""
+
+    backbone: str = "test_cnn"
+    """Registered backbone (``ttl-search backbones``)."""
+    weights: str | None = "default"
+    """``default`` (the backbone's first named weights, random for test backbones), a weights
+    name, a file path, or ``none`` for random init."""
+    cut: int | None = None
+    """Cut index (1-based); None means the last cut (the whole backbone)."""
+    strategy: str = "ttl"
+    """``ttl``, ``full``, ``linear_probe``, ``lwft``, ``transfusion`` or ``scratch``."""
+    head: str = "pool"
+    """New head: ``pool`` (global average pooling + linear) or ``flatten`` (flatten + linear)."""
+    frozen_units: int | None = None
+    """LWFT only: units frozen at the bottom (default: the first stage)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the data comes from (see :class:`~ttl_search.data.DataConfig`)."""
+    input_size: int | None = None
+    """Model input side in pixels/voxels; None uses the data's own image size."""
+    in_channels: int | None = None
+    """Model input channels; None: 3 for 2D backbones (gray replicated), the data's for 3D."""
+    augment: bool = True
+    """The paper's training augmentation (random resized crop + horizontal flip; flips in 3D)."""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """Area range of the random resized crop."""
+    optimizer: str = "adam"
+    """``adam`` (the paper's), ``adamw`` or ``sgd`` (momentum 0.9)."""
+    lr: float = 1e-4
+    """Learning rate (LWFT trains the unfrozen units at lr/10)."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    batch_size: int = 64
+    """Training batch size."""
+    max_epochs: int = 30
+    """Upper bound on training epochs."""
+    early_stopping: int = 10
+    """Stop after this many epochs without a better validation metric; 0 disables."""
+    lr_factor: float = 0.5
+    """ReduceLROnPlateau factor on the validation loss."""
+    lr_patience: int = 5
+    """ReduceLROnPlateau patience in epochs."""
+    class_weighted: bool = False
+    """Weight the cross-entropy by inverse class frequency of the training split."""
+    metric: str = "auroc"
+    """Validation metric that selects the checkpoint (``auroc``, ``auprc``, ``accuracy``...)."""
+    seed: int = 0
+    """Seed of weights init of the head, shuffling and augmentation."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    amp: bool = True
+    """Mixed precision (float16 autocast + gradient scaling); CUDA only."""
+    threads: int | None = None
+    """torch CPU threads; None uses every core (a Ray trial passes the CPUs it was given)."""
+    latency_repeats: int = 10
+    """Repeats of the latency measurement (median reported); 0 skips it."""
+    eval_batch_size: int = 256
+    """Batch size of validation and test passes."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        self.crop_scale = tuple(self.crop_scale)  # type: ignore[assignment]
+        validate_trial_config(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["crop_scale"] = list(self.crop_scale)
+        return out
+
+
+def validate_trial_config(cfg: TrialConfig) -> None:
+    """Check values a dataclass cannot; messages name the key and the valid choices."""
+    spec = get_backbone(cfg.backbone)
+    check_strategy(cfg.strategy)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer {cfg.optimizer!r} is unknown; valid optimizers: {choices(OPTIMIZERS)}")
+    metric_direction(cfg.metric)
+    for key in ("batch_size", "max_epochs", "eval_batch_size"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError(f"lr must be a positive number, got {cfg.lr!r}")
+    if cfg.cut is not None and not (isinstance(cfg.cut, int) and 1 <= cfg.cut <= len(spec.cuts)):
+        raise ConfigError(f"cut {cfg.cut!r} does not exist for {spec.name}; valid cuts: 1..{len(spec.cuts)} or null")
+    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
+        raise ConfigError(f"device {cfg.device!r} is unknown; valid devices: auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class TrialResult:
+    """What a trial reports: metrics of the selected checkpoint, its cost, and how it went."""
+
+    status: str
+    """``complete``, ``failed`` (see ``reason``) or ``pruned`` (stopped by the callback)."""
+    reason: str = ""
+    """Why a trial failed or was pruned (``diverged``...)."""
+    backbone: str = ""
+    """Backbone name."""
+    strategy: str = ""
+    """Strategy name."""
+    cut: int = 0
+    """Cut index of the model."""
+    cut_name: str = ""
+    """Last kept unit."""
+    stage: int = 0
+    """Stage of the cut."""
+    seed: int = 0
+    """Trial seed."""
+    val: dict[str, float] = field(default_factory=dict)
+    """Validation metrics of the selected checkpoint."""
+    test: dict[str, float] = field(default_factory=dict)
+    """Test metrics of the selected checkpoint (computed once)."""
+    best_epoch: int = 0
+    """1-based epoch of the selected checkpoint."""
+    epochs: int = 0
+    """Epochs trained."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Per epoch: train loss, learning rate and validation metrics."""
+    params: int = 0
+    """Parameters of the trained model."""
+    trainable_params: int = 0
+    """Parameters that received gradients."""
+    macs: int = 0
+    """MACs of one forward pass at the input size."""
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    """Median inference latency: ``batch1`` and ``batch64`` in ms, and the device."""
+    full: dict[str, Any] = field(default_factory=dict)
+    """The same cost figures for the full (untruncated) model with the same head."""
+    train_time_s: float = 0.0
+    """Wall time of training (excluding data loading and cost measurement)."""
+    input_size: int = 0
+    """Model input side."""
+    in_channels: int = 0
+    """Model input channels."""
+    device: str = ""
+    """Device trained on."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Dataset name, md5, split sizes and class names."""
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    """Weights of the selected checkpoint (CPU tensors); not part of ``to_dict``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state_dict"}
+
+
+EpochCallback = Callable[[int, dict[str, float]], bool | None]
+"""Called after each epoch with (epoch, validation metrics); returning True stops (prunes) the trial."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; valid devices: auto, cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _resolve_weights(cfg: TrialConfig) -> str | None:
+    if cfg.weights is None or str(cfg.weights).lower() != "default":
+        return cfg.weights
+    spec = get_backbone(cfg.backbone)
+    return spec.weights[0].name if spec.weights else None
+
+
+def _make_optimizer(cfg: TrialConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    param_groups = [{"params": g["params"], "lr": cfg.lr * g["lr_scale"]} for g in groups]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
+    return counts.sum() / (num_classes * counts)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module, amp: bool) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics and class probabilities of ``model`` on ``loader``."""
+    model.eval()
+    probs, labels, loss_sum, n = [], [], 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += criterion(logits, y).item() * len(y)
+        n += len(y)
+        probs.append(torch.softmax(logits, 1).cpu())
+        labels.append(y.cpu())
+    p = torch.cat(probs).numpy().astype(np.float64)
+    y_true = torch.cat(labels).numpy()
+    if not np.isfinite(p).all():
+        raise TrialError("the model produced non-finite outputs", reason="diverged")
+    return compute_metrics(y_true, p, loss_sum / max(n, 1)), p
+
+
+def _better(value: float, best: float | None, direction: str) -> bool:
+    if best is None:
+        return True
+    if math.isnan(value):
+        return False
+    if math.isnan(best):
+        return True
+    return value > best if direction == "maximize" else value < best
+
+
+def _data_summary(data: DatasetSplits) -> dict[str, Any]:
+    return {"name": data.name, "md5": data.md5, "source": data.source, "class_names": list(data.class_names),
+            "train": len(data.train), "val": len(data.val), "test": len(data.test), "task": data.task}
+
+
+@dataclass
+class PreparedTrial:
+    """The model of a trial (before training) and how its inputs are made."""
+
+    loaded: LoadedBackbone
+    """The backbone with its pretrained weights."""
+    built: StrategyModel
+    """The model the strategy asks for, with its parameter groups."""
+    transform: TransformConfig
+    """Input size, channels, normalisation and augmentation."""
+
+
+def prepare_trial(cfg: TrialConfig, data: DatasetSplits) -> PreparedTrial:
+    """Build the model and input transform of ``cfg`` for ``data`` (also used to rebuild a
+    trained trial's model from its stored config for analysis and export)."""
+    spec = get_backbone(cfg.backbone)
+    if data.task.startswith("multi-label"):
+        raise ConfigError(f"dataset {data.name} is multi-label; trials support binary-class, multi-class "
+                          "and ordinal-regression tasks")
+    if data.dims != spec.dims:
+        raise ConfigError(f"backbone {spec.name} takes {spec.dims}D input but dataset {data.name} is {data.dims}D")
+    input_size = cfg.input_size or int(data.train.images.shape[-1])
+    in_channels = cfg.in_channels or (3 if spec.dims == 2 else data.channels)
+    loaded = load_backbone(spec.name, _resolve_weights(cfg), in_channels)
+    built = build_strategy_model(loaded, cfg.strategy, cfg.cut, data.num_classes, cfg.head, input_size, cfg.frozen_units)
+    mean = loaded.mean if in_channels == len(loaded.mean) else (float(np.mean(loaded.mean)),)
+    std = loaded.std if in_channels == len(loaded.std) else (float(np.mean(loaded.std)),)
+    return PreparedTrial(loaded, built, TransformConfig(input_size, in_channels, mean, std, cfg.augment, cfg.crop_scale))
+
+
+def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: DatasetSplits | None = None,
+              keep_state: bool = False) -> TrialResult:
+    """Fine-tune one model and report it. A diverged loss gives a ``failed`` result, not an exception.
+
+    Configuration and data errors raise (:class:`~ttl_search.errors.ConfigError`,
+    :class:`~ttl_search.errors.DataError`...), since retrying cannot help them.
+    """
+    torch.set_num_threads(max(1, cfg.threads or os.cpu_count() or 1))
+    device = resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    data = data if data is not None else load_data(cfg.data)
+    seed_everything(cfg.seed)
+    prepared = prepare_trial(cfg, data)
+    spec, built, tcfg = prepared.loaded.spec, prepared.built, prepared.transform
+    input_size, in_channels = tcfg.input_size, tcfg.in_channels
+    model = built.model.to(device)
+    cut_info = spec.cuts[built.cut - 1]
+    train_loader = make_loader(data.train, tcfg, train=True, batch_size=cfg.batch_size, seed=cfg.seed, dims=data.dims)
+    val_loader = make_loader(data.val, tcfg, train=False, batch_size=cfg.eval_batch_size, seed=cfg.seed, dims=data.dims)
+    test_loader = make_loader(data.test, tcfg, train=False, batch_size=cfg.eval_batch_size, seed=cfg.seed, dims=data.dims)
+
+    weight = _class_weights(data.train.labels, data.num_classes).to(device) if cfg.class_weighted else None
+    criterion = nn.CrossEntropyLoss(weight=weight)
+    optimizer = _make_optimizer(cfg, built.param_groups)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    direction = metric_direction(cfg.metric)
+
+    result = TrialResult(
+        status="complete", backbone=spec.name, strategy=cfg.strategy, cut=built.cut, cut_name=cut_info.name,
+        stage=cut_info.stage, seed=cfg.seed, params=count_params(model),
+        trainable_params=count_trainable(model),
+        input_size=input_size, in_channels=in_channels, device=str(device), data=_data_summary(data),
+    )
+    log.info("trial %s %s cut %d (%s) on %s: %s", spec.name, cfg.strategy, built.cut, cut_info.name, device, data.summary())
+
+    best_value: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    stale = 0
+    start = time.perf_counter()
+    try:
+        for epoch in range(1, cfg.max_epochs + 1):
+            train_loss = _train_epoch(model, built.frozen, train_loader, optimizer, criterion, scaler, device, amp, epoch)
+            val_metrics, _ = evaluate(model, val_loader, device, criterion, amp)
+            scheduler.step(val_metrics["loss"])
+            lr_now = optimizer.param_groups[-1]["lr"]
+            result.history.append({"epoch": epoch, "train_loss": train_loss, "lr": lr_now, **val_metrics})
+            result.epochs = epoch
+            value = val_metrics[cfg.metric]
+            if _better(value, best_value, direction):
+                best_value, result.best_epoch, result.val, stale = value, epoch, val_metrics, 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+            log.info("epoch %d: train loss %.4f, val %s %.4f", epoch, train_loss, cfg.metric, value)
+            if on_epoch is not None and on_epoch(epoch, val_metrics):
+                result.status, result.reason = "pruned", f"stopped by the scheduler after epoch {epoch}"
+                break
+            if cfg.early_stopping and stale >= cfg.early_stopping:
+                log.info("early stopping after epoch %d", epoch)
+                break
+    except TrialError as exc:
+        result.status, result.reason = "failed", exc.reason
+        result.train_time_s = round(time.perf_counter() - start, 3)
+        log.warning("trial failed (%s): %s", exc.reason, exc)
+        return result
+    result.train_time_s = round(time.perf_counter() - start, 3)
+
+    model.load_state_dict(best_state)
+    result.test, _ = evaluate(model, test_loader, device, criterion, amp)
+    _measure_cost(result, model, cfg, spec.name, input_size, in_channels, data.num_classes, device)
+    if keep_state:
+        result.state_dict = best_state
+    return result
+
+
+def _train_epoch(model: nn.Module, frozen: list[nn.Module], loader, optimizer, criterion, scaler, device, amp,
+                 epoch: int) -> float:
+    model.train()
+    for module in frozen:
+        module.eval()
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+    total, n = 0.0, 0
+    for x, y in loader:
+        if len(y) < 2:  # a trailing batch of one breaks batch norm in training mode
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+            loss = criterion(model(x).float(), y)
+        if not torch.isfinite(loss):
+            raise TrialError(f"the training loss became {loss.item()} in epoch {epoch}", reason="diverged")
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(y)
+        n += len(y)
+    return total / max(n, 1)
+
+
+def _measure_cost(result: TrialResult, model: nn.Module, cfg: TrialConfig, backbone: str, input_size: int,
+                  in_channels: int, num_classes: int, device: torch.device) -> None:
+    spec = get_backbone(backbone)
+    shape = input_shape(spec, input_size, in_channels)
+    model.eval()
+    result.macs = count_macs(model.cpu(), torch.zeros(1, *shape))
+    model.to(device)
+    full_row = analyze_cuts(backbone, input_size, num_classes, in_channels, cfg.head)[-1]
+    result.full = {"params": full_row.params, "macs": full_row.macs, "cut": full_row.index}
+    if cfg.latency_repeats <= 0:
+        return
+    lat = measure_latency(model, shape, device, repeats=cfg.latency_repeats)
+    result.latency_ms = {"batch1": lat.batch1_ms, "batch64": lat.batch64_ms, "device": lat.device}
+    if full_row.valid and cfg.cut not in (None, len(spec.cuts)):
+        full = truncate(load_backbone(backbone, None, in_channels), len(spec.cuts), num_classes, cfg.head, input_size).to(device)
+        full_lat = measure_latency(full, shape, device, repeats=cfg.latency_repeats)
+        result.full["latency_ms"] = {"batch1": full_lat.batch1_ms, "batch64": full_lat.batch64_ms, "device": full_lat.device}
+    else:
+        result.full["latency_ms"] = dict(result.latency_ms)
