@@ -12,8 +12,10 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from ttl_search.errors import StudyError
-from ttl_search.report import (baseline_points, cut_metrics, fmt_count, line_segments, make_report, pareto_front,
-                                plot_metric_vs_cut)
+from ttl_search.report import make_report
+from ttl_search.report.plots import baseline_points, line_segments, plot_metric_vs_cut
+from ttl_search.report.tables import cut_metrics, pareto_front
+from ttl_search.search.record import fmt_count
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,10 +86,10 @@ def test_baseline_points_have_validation_and_test():
 
 
 def test_metric_vs_cut_plot_breaks_lines_and_draws_baseline_tests(tmp_path, monkeypatch):
-    import ttl_search.report as report
+    import ttl_search.report.plots as plots
 
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     trials = [_trial("ttl", c, 0, 0.5 + c / 100, 0.4 + c / 100) for c in (3, 5, 6, 7)]
     trials += [_trial("full", 7, 0, 0.9, 0.8), _trial("linear_probe", 7, 0, 0.6, 0.55)]
     frame = cut_metrics(trials, "auroc", strategy=None)

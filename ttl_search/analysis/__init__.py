@@ -400,7 +400,7 @@ class _Comparer:
 
 
 def _val_by_cut(trials, metric: str) -> dict[int, tuple[float, float, int]]:
-    from ..report import cut_metrics
+    from ..report.tables import cut_metrics
 
     frame = cut_metrics(trials, metric)
     return {int(r.cut): (r.val_mean, r.val_sd, int(r.n)) for r in frame.itertuples()}
@@ -415,7 +415,8 @@ def run_svcca(name: str, storage: str | None = None, trial: int | None = None,
     from ..results import artifacts_dir
     from ..data import make_loader
     from ..export import restore_trial
-    from ..report import attach_files, plot_svcca
+    from ..report import attach_files
+    from ..report.plots import plot_svcca
 
     opts = options or SVCCAOptions()
     restored = restore_trial(name, storage, trial)
