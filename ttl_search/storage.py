@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .errors import ConfigError, StudyError, choices
+from .search.record import TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def reconcile_running(storage: RDBStorage, study: optuna.Study, reason: str) -> 
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        for key, value in TrialRecord(fail_reason=reason).measured_attrs().items():
+            storage.set_trial_user_attr(trial_id, key, value)
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
         fixed.append(trial.number)
     if fixed:

@@ -241,7 +241,8 @@ class StudySearcher(Searcher):
             return
         if Path(checkpoint).is_file():
             artifact_id = attach_artifact(self.artifacts, trial, Path(checkpoint), "application/octet-stream")
-            trial.set_user_attr("checkpoint_artifact_id", artifact_id)
+            for key, value in TrialRecord(checkpoint_artifact_id=artifact_id).measured_attrs().items():
+                trial.set_user_attr(key, value)
         else:
             log.warning("trial %d: checkpoint %s was written on node %s and is not visible here; put "
                         "`artifacts` on a filesystem every node shares to attach checkpoints",

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 
 from optuna.trial import FrozenTrial, TrialState
 
+from ..train.metrics import METRICS
+
 SPLITS = ("val", "test")
 SEARCH_STRATEGY = "ttl"
 """The transfer strategy the search trains (TruncatedTL); the others are baselines."""
@@ -135,7 +137,8 @@ class TrialRecord:
         values: dict[str, Any] = {k: v for k, v in attrs.items() if k in names}
         for split in SPLITS:
             prefix = f"{split}_"
-            values[split] = {k[len(prefix):]: v for k, v in attrs.items() if k.startswith(prefix) and _finite(v)}
+            found = {k[len(prefix):]: v for k, v in attrs.items() if k.startswith(prefix) and _finite(v)}
+            values[split] = dict(sorted(found.items(), key=lambda kv: _metric_rank(kv[0])))
         for key in ("strategy", "cut", "repeat"):
             if key in attrs:
                 values[key] = attrs[key]
@@ -198,6 +201,12 @@ class TrialRecord:
         if self.reused_from is not None:
             return f"same model as trial {self.reused_from}: stored, not trained again"
         return ""
+
+
+def _metric_rank(name: str) -> tuple[int, str]:
+    """Metrics in the order :data:`~ttl_search.train.metrics.METRICS` lists them, others after."""
+    order = list(METRICS)
+    return (order.index(name) if name in order else len(order), name)
 
 
 def records(trials: Iterable[FrozenTrial]) -> list[TrialRecord]:
