@@ -62,6 +62,11 @@ def write_rows(rows: list[dict], fmt: str, stream=None) -> None:
         stream.write(pd.DataFrame(flat).to_markdown(index=False, floatfmt=".4f") + "\n")
 
 
+def frame_rows(frame) -> list[dict]:
+    """A DataFrame as dict rows for :func:`write_rows` (None where a cell is missing)."""
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
+
 def _format_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, default="table",
                    help="table (for people, the default), json, csv or markdown")
@@ -319,7 +324,7 @@ def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[i
     plan = study_sampler(study, cfg).plan(study.get_trials(deepcopy=False))
     metric = cfg.metric
     if fmt != "table":
-        records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+        records = frame_rows(frame)
         write_rows(records, fmt)
         running = sum(1 for r in records if r["state"] == "RUNNING")
         done = sum(1 for r in records if r["state"] in ("COMPLETE", "PRUNED"))
@@ -366,7 +371,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     frame = compare_studies(args.names, args.storage)
     if args.format != "table":
-        write_rows(frame.astype(object).where(frame.notna(), None).to_dict("records"), args.format)
+        write_rows(frame_rows(frame), args.format)
     else:
         cols = ["study", "strategy", "cut", "cut_name", "chosen", "repeats", "val_auroc", "test_auroc", "test_auprc",
                 "test_accuracy", "params", "trainable_params", "macs", "latency_batch1_ms"]
@@ -400,7 +405,7 @@ def cmd_svcca(args: argparse.Namespace) -> int:
     run = run_svcca(args.name, args.storage, args.trial, opts, args.output, attach=not args.no_attach)
     c = run.context
     if args.format != "table":
-        write_rows(run.units.astype(object).where(run.units.notna(), None).to_dict("records"), args.format)
+        write_rows(frame_rows(run.units), args.format)
         for path in run.files.values():
             print(f"wrote {path}", file=sys.stderr)
         return 0

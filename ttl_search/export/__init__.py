@@ -36,7 +36,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from ..results import artifacts_dir, best_cut, open_study, trial_config
+from ..results import artifacts_dir, chosen_cut, open_study, trial_config
 from ..data import DatasetSplits, Split, TransformConfig, load_data, make_loader
 from ..errors import ConfigError, StudyError, choices
 from ..train.metrics import compute_metrics
@@ -107,20 +107,17 @@ def _completed_numbers(trials: list[FrozenTrial]) -> str:
     return choices(t.number for t in trials if t.state == TrialState.COMPLETE) or "none"
 
 
-def select_trial(name: str, storage: str | None, study: optuna.Study, number: int | None) -> tuple[FrozenTrial, dict]:
+def select_trial(name: str, study: optuna.Study, cfg: StudyConfig, number: int | None) -> tuple[FrozenTrial, dict]:
     """The trial ``number`` (must be COMPLETE), or the chosen cut's best trial when None.
 
-    Returns the trial and the study's ``best_cut`` summary (empty when it has no search trial).
+    Returns the trial and the study's ``chosen_cut`` summary (empty when it has no search trial).
     """
     trials = study.get_trials(deepcopy=False)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     if not completed:
         states = ", ".join(f"{t.number}: {t.state.name}" for t in trials) or "no trials at all"
         raise StudyError(f"study {name!r} has no completed trial ({states}); run or resume it first")
-    try:
-        summary = best_cut(name, storage)
-    except StudyError:
-        summary = {}
+    summary = chosen_cut(study, cfg, trials) or {}
     if number is None:
         if not summary:
             raise StudyError(f"study {name!r} has no completed search trial to choose from; pass --trial N "
@@ -167,7 +164,7 @@ def restore_trial(name: str, storage: str | None = None, trial: int | None = Non
     of the fine-tuned model; only an analysis against the starting point needs them)."""
     url = storage_url(storage)
     study, cfg = open_study(name, url)
-    frozen, summary = select_trial(name, url, study, trial)
+    frozen, summary = select_trial(name, study, cfg, trial)
     checkpoint = find_checkpoint(name, frozen, cfg, url)
     tcfg = trial_config(cfg, frozen)
     data = load_data(tcfg.data)

@@ -220,7 +220,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
                 attach: bool = True) -> Report:
     """Plots and a Markdown summary of study ``name`` in ``output`` (default
     ``<artifacts>/<study>/report``); the plots and summary are attached to the study."""
-    from ..results import artifacts_dir, best_cut, open_study, stored_candidates
+    from ..results import artifacts_dir, chosen_cut, open_study, stored_candidates
     from ..models.backbones import get_backbone
     from ..storage import storage_url
 
@@ -237,10 +237,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
     ttl = cm_all[cm_all["strategy"] == "ttl"].reset_index(drop=True)
     baselines = cm_all[cm_all["strategy"] != "ttl"].reset_index(drop=True)
     chosen = None
-    try:
-        best = best_cut(name, url)
-    except StudyError:
-        best = None
+    best = chosen_cut(study, cfg, trials)
     if best is not None:
         row = ttl[ttl["cut"] == best["cut"]].iloc[0].to_dict()
         chosen = {"cut": best["cut"], "cut_name": best["cut_name"], "stage": best["stage"], "val": row["val_mean"],

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..models.strategies import BASELINES, STRATEGIES
-from ..search.record import fmt_count
+from ..search.record import fmt_count, partly_trainable
 from .tables import pareto_front
 
 STRATEGY_LABELS = {name: s.label for name, s in STRATEGIES.items()}
@@ -32,11 +32,6 @@ def _pyplot():
 
 # ---------------------------------------------------------------------------------------------
 # Plot helpers (shared with the SVCCA plots)
-
-
-def partly_trainable(total: Any, trainable: Any) -> bool:
-    """Whether fewer than ``total`` parameters train (False where either count is unknown)."""
-    return fmt_count(total) != "-" and fmt_count(trainable) != "-" and float(trainable) < float(total)
 
 
 def trainable_note(total: Any, trainable: Any) -> str:

@@ -107,18 +107,25 @@ def _summary_dict(summary: CutSummary) -> dict[str, Any]:
 
 
 def best_cut(name: str, storage: str | None = None) -> dict[str, Any]:
-    """The search's chosen cut: best mean validation metric (smaller model within tolerance)."""
+    """The search's chosen cut of study ``name``: best mean validation metric (smaller model within
+    tolerance); a :class:`StudyError` while no search trial has completed."""
     study, cfg = open_study(name, storage)
-    return _best(study, cfg)
+    best = chosen_cut(study, cfg)
+    if best is None:
+        raise StudyError(f"study {name!r} has no completed search trial yet")
+    return best
 
 
-def _best(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
+def chosen_cut(study: optuna.Study, cfg: StudyConfig,
+               trials: Sequence[FrozenTrial] | None = None) -> dict[str, Any] | None:
+    """The chosen cut of an open study (``trials``: its trials, when already read), with its
+    summary over seeds; None while no search trial has completed."""
     name = study.study_name
-    trials = study.get_trials(deepcopy=False)
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
     sampler = study_sampler(study, cfg)
     ranking = sampler.ranking(trials, SEARCH_STRATEGY)
     if not ranking:
-        raise StudyError(f"study {name!r} has no completed search trial yet")
+        return None
     cut, _ = ranking[0]
     chosen = completed_by_cut(records(trials), SEARCH_STRATEGY)[(SEARCH_STRATEGY, cut)]
     summary = summarize_cut(chosen)
@@ -144,12 +151,9 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
     rows = []
     for name in names:
         study, cfg = open_study(name, storage)
-        chosen = None
-        try:
-            chosen = _best(study, cfg)["cut"]
-        except StudyError:
-            pass
-        for (strategy, cut), group in completed_by_cut(records(study.get_trials(deepcopy=False))).items():
+        trials = study.get_trials(deepcopy=False)
+        chosen = (chosen_cut(study, cfg, trials) or {}).get("cut")
+        for (strategy, cut), group in completed_by_cut(records(trials)).items():
             summary = summarize_cut(group)
             row = {"study": name, "strategy": strategy, "cut": cut, "cut_name": summary.cut_name,
                    "chosen": strategy == SEARCH_STRATEGY and cut == chosen, "repeats": summary.repeats}

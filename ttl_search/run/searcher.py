@@ -221,11 +221,12 @@ class StudySearcher(Searcher):
         trial = live.trial
         for epoch, value in outcome.history:
             self._report(live, epoch, value)
-        outcome.record.driver_duration_s = round(time.time() - live.started, 3)
+        record = outcome.record
+        record.driver_duration_s = round(time.time() - live.started, 3)
+        if record.checkpoint:
+            record.checkpoint_artifact_id = self._attach_checkpoint(trial, record.checkpoint, record.node_id or "?")
         for key, value in outcome.attrs.items():
             trial.set_user_attr(key, value)
-        if outcome.record.checkpoint:
-            self._attach_checkpoint(trial, outcome.record.checkpoint, outcome.record.node_id or "?")
         self.study.tell(trial, outcome.value, state=outcome.state)
         key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[outcome.state]
         self.counts[key] += 1
@@ -236,17 +237,17 @@ class StudySearcher(Searcher):
         else:
             log.warning("trial %d failed: %s", trial.number, outcome.reason)
 
-    def _attach_checkpoint(self, trial: optuna.Trial, checkpoint: str, node_id: str) -> None:
+    def _attach_checkpoint(self, trial: optuna.Trial, checkpoint: str, node_id: str) -> str | None:
+        """Register the checkpoint in the study's artifact store; its artifact id, or None when
+        there is no store or the file is not visible from the driver."""
         if self.artifacts is None:
-            return
+            return None
         if Path(checkpoint).is_file():
-            artifact_id = attach_artifact(self.artifacts, trial, Path(checkpoint), "application/octet-stream")
-            for key, value in TrialRecord(checkpoint_artifact_id=artifact_id).measured_attrs().items():
-                trial.set_user_attr(key, value)
-        else:
-            log.warning("trial %d: checkpoint %s was written on node %s and is not visible here; put "
-                        "`artifacts` on a filesystem every node shares to attach checkpoints",
-                        trial.number, checkpoint, node_id)
+            return attach_artifact(self.artifacts, trial, Path(checkpoint), "application/octet-stream")
+        log.warning("trial %d: checkpoint %s was written on node %s and is not visible here; put "
+                    "`artifacts` on a filesystem every node shares to attach checkpoints",
+                    trial.number, checkpoint, node_id)
+        return None
 
     def _progress(self, plan: Plan | None) -> None:
         # Tune asks for suggestions many times a second at a barrier: report changes only.

@@ -302,8 +302,13 @@ def fmt_count(n: Any, unit: str = "") -> str:
     return f"{n:g}{unit}"
 
 
+def partly_trainable(total: Any, trainable: Any) -> bool:
+    """Whether fewer than ``total`` parameters train (False where either count is unknown)."""
+    return fmt_count(total) != "-" and fmt_count(trainable) != "-" and float(trainable) < float(total)
+
+
 def fmt_params(total: Any, trainable: Any) -> str:
     """``3.38M (2.56k trainable)``; just the total when every parameter trains (or either is unknown)."""
-    if fmt_count(total) == "-" or fmt_count(trainable) == "-" or float(trainable) >= float(total):
+    if not partly_trainable(total, trainable):
         return fmt_count(total)
     return f"{fmt_count(total)} ({fmt_count(trainable)} trainable)"
