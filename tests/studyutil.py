@@ -69,3 +69,54 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300, interval: 
 def complete_keys(ts) -> list[tuple]:
     return [(t.params.get("strategy"), t.params["cut"], t.params.get("repeat", 0)) for t in ts
             if t.state == TrialState.COMPLETE]
+
+
+def synthetic_study(cfg, strength: dict[int, float], seeds: int = 1, n_pos: int = 70, n_neg: int = 30,
+                    baselines: dict[str, float] | None = None, predictions: bool = True):
+    """An in-memory study of ``cfg`` whose completed trials were never trained: cut ``c`` of seed
+    ``r`` "predicts" scores ``label * strength[c] + noise(seed r)`` on fixed validation and test
+    labels, with every attribute a real trial stores (metrics, size, train time, predictions).
+
+    Returns (study, candidates). Train time of cut c is ``10 * c`` seconds.
+    """
+    import numpy as np
+
+    from ttl_search.config import to_dict
+    from ttl_search.results import CANDIDATES_ATTR, CONFIG_ATTR
+    from ttl_search.search.record import PREDICTIONS_ATTR, TrialRecord
+    from ttl_search.search.samplers import job_distributions
+    from ttl_search.search.study import cut_candidates, trial_strategies
+    from ttl_search.train.metrics import compute_metrics
+    from ttl_search.train.predictions import encode_predictions
+
+    from dataclasses import asdict
+
+    candidates = cut_candidates(cfg)
+    by_index = {c.index: c for c in candidates}
+    strategies = sorted({"ttl", *trial_strategies(cfg), *(baselines or {})})
+    dists = job_distributions(candidates, strategies, seeds)
+    study = optuna.create_study(direction=cfg.resolved_direction, study_name=cfg.name)
+    study.set_user_attr(CONFIG_ATTR, to_dict(cfg))
+    study.set_user_attr(CANDIDATES_ATTR, [asdict(c) for c in candidates])
+    labels = np.r_[np.ones(n_pos, dtype=np.int64), np.zeros(n_neg, dtype=np.int64)]
+    jobs = [("ttl", c, s) for c, s in strength.items()] + [(b, candidates[-1].index, s)
+                                                         for b, s in (baselines or {}).items()]
+    for strategy, cut, s in jobs:
+        for repeat in range(seeds):
+            rng = np.random.default_rng([cut, repeat, len(strategy)])
+            split_probs = {}
+            for split in ("val", "test"):
+                score = 1 / (1 + np.exp(-(labels * s + rng.normal(0, 1, labels.size))))
+                split_probs[split] = np.c_[1 - score, score]
+            val = compute_metrics(labels, split_probs["val"])
+            test = compute_metrics(labels, split_probs["test"])
+            c = by_index[cut]
+            record = TrialRecord(strategy=strategy, cut=cut, repeat=repeat, cut_name=c.name, stage=c.stage,
+                                 phase="exhaustive", seed=repeat, val=val, test=test, params=c.params,
+                                 trainable_params=c.params, train_time_s=10.0 * cut)
+            system = ({PREDICTIONS_ATTR: {k: encode_predictions(labels, p) for k, p in split_probs.items()}}
+                      if predictions else {})
+            study.add_trial(optuna.trial.create_trial(
+                params={"strategy": strategy, "cut": cut, "repeat": repeat}, distributions=dists,
+                value=val[cfg.metric], user_attrs=record.to_attrs(), system_attrs=system))
+    return study, candidates

@@ -15,7 +15,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import TTLSearchError
-from .search.record import fmt_count, fmt_params
+from .search.record import fmt_count, fmt_diff, fmt_interval, fmt_params
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -241,6 +241,21 @@ def _execution_args(p: argparse.ArgumentParser, set_help: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def print_ranking(best: dict) -> None:
+    """Every completed cut and baseline: validation mean with its interval, and the paired
+    difference to the best cut."""
+    level = f"{best['confidence']:.0%}"
+    rows = []
+    for r in best["ranking"]:
+        mark = "chosen" if r["chosen"] else ("same" if r["indistinguishable"] else "")
+        mean = "-" if r["mean_val"] is None else f"{r['mean_val']:.4f}"
+        rows.append([r["strategy"], r["cut"], r["cut_name"] or "-", fmt_params(r["params"], r["trainable_params"]),
+                     r["repeats"], mean, fmt_interval(r["val_ci"]), fmt_diff(r["diff"], r["diff_ci"]), mark])
+    print_table(f"validation {best['metric']} of every trained cut ({level} bootstrap intervals; 'same': "
+                f"indistinguishable from the best cut {best['reference_cut']})",
+                ["strategy", "cut", "name", "params", "seeds", "mean", "interval", "vs best (paired)", ""], rows)
+
+
 def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
     from .results import best_cut
 
@@ -249,24 +264,38 @@ def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
         print(json.dumps(best, indent=2, default=str))
         return
     if fmt in ("csv", "markdown"):
-        write_rows([{"study": name, "cut": best["cut"], "cut_name": best["cut_name"], "metric": metric,
-                     "validation": best["val"].get(metric), "validation_sd": best["val_sd"].get(metric),
+        write_rows([{"study": name, "cut": best["cut"], "cut_name": best["cut_name"], "rule": best["rule"],
+                     "metric": metric, "validation": best["val"].get(metric),
+                     "validation_sd": best["val_sd"].get(metric),
+                     "validation_ci_low": (best["val_ci"] or [None, None])[0] if metric == best["metric"] else None,
+                     "validation_ci_high": (best["val_ci"] or [None, None])[1] if metric == best["metric"] else None,
                      "test": best["test"].get(metric), "test_sd": best["test_sd"].get(metric),
                      "repeats": best["repeats"], "params": best["params"],
                      "trainable_params": best.get("trainable_params")} for metric in best["val"]], fmt)
         return
     state = "finished" if best["finished"] else "not finished yet"
-    print(f"study {name} ({state}): best cut {best['cut']} ({best['cut_name']}, stage {best['stage']}) of "
+    print(f"study {name} ({state}): chosen cut {best['cut']} ({best['cut_name']}, stage {best['stage']}) of "
           f"{best['backbone']}, {fmt_params(best['params'], best.get('trainable_params'))} parameters "
           f"(full: {fmt_count(best['full']['params'])}), {fmt_count(best['macs'])} MACs")
+    metric = best["metric"]
+    if best["val_ci"]:
+        same = ", ".join(str(c) for c in best["indistinguishable"])
+        rule = ("the smallest of the cuts indistinguishable from the best" if best["rule"] == "smallest_within_ci"
+                else "the best mean")
+        print(f"rule {best['rule']} ({rule}): validation {metric} {best['val'].get(metric):.4f}, "
+              f"{best['confidence']:.0%} interval {fmt_interval(best['val_ci'])}; indistinguishable from the best "
+              f"cut {best['reference_cut']}: {same}")
+    elif best["note"]:
+        print(best["note"])
     rows = []
-    for metric in best["val"]:
+    for m in best["val"]:
         cells = []
         for split in ("val", "test"):
-            mean, sd = best[split].get(metric), best[f"{split}_sd"].get(metric)
+            mean, sd = best[split].get(m), best[f"{split}_sd"].get(m)
             cells.append("-" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if best["repeats"] > 1 else ""))
-        rows.append([metric, *cells])
+        rows.append([m, *cells])
     print_table(f"cut {best['cut']}: mean over {best['repeats']} seed(s)", ["metric", "validation", "test"], rows)
+    print_ranking(best)
 
 
 def _print_outcome(name: str, storage: str | None) -> int:
@@ -317,7 +346,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[int, bool]:
-    from .results import open_study, study_sampler, trial_rows
+    from .results import chosen_cut, open_study, study_sampler, trial_rows
 
     study, cfg = open_study(name, storage)
     frame = trial_rows(study, cfg.metric)
@@ -348,6 +377,9 @@ def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[i
     filled = width if finished else int(width * done / total) if total else 0
     print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} trainings done, {running} running, "
           f"{failed} failed attempt(s){' - finished' if finished else ''}")
+    best = chosen_cut(study, cfg)
+    if best is not None:
+        print_ranking(best)
     return done, finished
 
 
@@ -373,16 +405,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.format != "table":
         write_rows(frame_rows(frame), args.format)
     else:
-        cols = ["study", "strategy", "cut", "cut_name", "chosen", "repeats", "val_auroc", "test_auroc", "test_auprc",
-                "test_accuracy", "params", "trainable_params", "macs", "latency_batch1_ms"]
+        rows = []
+        cols = ["study", "strategy", "cut", "cut_name", "chosen", "repeats", "val_auroc", "interval", "vs best",
+                "test_auroc", "test_auprc", "test_accuracy", "params", "trainable_params", "macs", "latency_batch1_ms"]
+        for r in frame.to_dict("records"):
+            r["interval"] = fmt_interval([r["val_ci_low"], r["val_ci_high"]])
+            r["vs best"] = fmt_diff(r["diff_to_best"], [r["diff_ci_low"], r["diff_ci_high"]])
+            r["vs best"] += " same" if r["indistinguishable"] is True and not r["chosen"] else ""
+            rows.append(r)
         def cell(c, v):
             if v is None or (isinstance(v, float) and v != v):
                 return "-"
             if c in ("params", "trainable_params", "macs"):
                 return fmt_count(int(v))
             return f"{v:.4f}" if isinstance(v, float) else v
-        print_table("comparison (means over seeds)", cols,
-                    [[cell(c, r.get(c)) for c in cols] for r in frame.to_dict("records")])
+        print_table("comparison (means over seeds; interval and paired difference to each study's best cut on "
+                    "its selection metric)", cols, [[cell(c, r.get(c)) for c in cols] for r in rows])
     return 0
 
 

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .errors import ConfigError, StudyError, choices
-from .search.record import TrialRecord
+from .search.record import PREDICTIONS_ATTR, TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,24 @@ def attach_artifact(artifacts: Path, study_or_trial, path: Path, mimetype: str |
 
     return upload_artifact(artifact_store=artifact_store(artifacts), file_path=str(path), study_or_trial=study_or_trial,
                            mimetype=mimetype)
+
+
+def set_trial_system_attr(trial, key: str, value: object) -> None:
+    """Set a system attribute of a live trial through its storage's public interface (Optuna 5
+    removed ``Trial.set_system_attr``); ttl-search keeps bulky data there (predictions), out of
+    optuna-dashboard's attribute table."""
+    storage = trial.storage
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    storage.set_trial_system_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), key, value)
+
+
+def copied_system_attrs(trial) -> dict[str, object]:
+    """The system attributes a copy of ``trial`` carries (a twin's result stored again): its
+    artifact links (the files are not copied) and its predictions."""
+    out = artifact_links(trial)
+    if PREDICTIONS_ATTR in trial.system_attrs:
+        out[PREDICTIONS_ATTR] = trial.system_attrs[PREDICTIONS_ATTR]
+    return out
 
 
 def artifact_links(trial) -> dict[str, object]:

@@ -76,7 +76,8 @@ def test_debug_study_end_to_end(reference):
     best = reference["best"]
     assert {"cut", "cut_name", "stage", "val", "test", "params"} <= set(best)
     assert best["finished"] and best["cut"] in {t.user_attrs["cut"] for t in ts}
-    winner_stage = best["stage"]
+    first = max((t for t in ts if t.user_attrs["phase"] == "stage1"), key=lambda t: t.value)
+    winner_stage = first.user_attrs["stage"]  # stage 2 searches the stage of the best stage-1 mean
     stage2 = {t.user_attrs["cut"] for t in ts if t.user_attrs["phase"] == "stage2"}
     assert all(t.user_attrs["stage"] == winner_stage for t in ts if t.user_attrs["phase"] == "stage2")
     assert stage2 | ({3, 5, 7} & {t.user_attrs["cut"] for t in ts if t.user_attrs["stage"] == winner_stage}) == {
@@ -85,6 +86,21 @@ def test_debug_study_end_to_end(reference):
                 "node_id", "duration_s", "checkpoint"):
         assert key in ts[0].user_attrs, key
     assert ts[0].intermediate_values  # per-epoch validation curve for the dashboard
+    from ttl_search.search.record import PREDICTIONS_ATTR, trial_predictions
+
+    for t in ts:  # every trial stored what it predicted: any metric can be recomputed
+        assert set(t.system_attrs[PREDICTIONS_ATTR]) == {"val", "test"}
+        assert PREDICTIONS_ATTR not in t.user_attrs
+        labels, probs = trial_predictions(t, "val")
+        assert probs.shape == (78, 2)
+        from ttl_search.train.metrics import auroc
+        assert auroc(labels, probs) == pytest.approx(t.value, abs=1e-4)
+    low, high = best["val_ci"]
+    assert low <= best["val"]["auroc"] <= high
+    assert best["cut"] in best["indistinguishable"] and best["reference_cut"] in best["indistinguishable"]
+    assert best["rule"] == "smallest_within_ci"
+    params = {r["cut"]: r["params"] for r in best["ranking"]}
+    assert params[best["cut"]] == min(params[c] for c in best["indistinguishable"])
 
 
 def test_status_best_compare_cli(reference):
@@ -94,7 +110,9 @@ def test_status_best_compare_cli(reference):
     status = run("status", "ref")
     assert status.returncode == 0 and "COMPLETE" in status.stdout and "stage1" in status.stdout
     best = run("best", "ref")
-    assert f"best cut {reference['best']['cut']}" in best.stdout
+    assert f"chosen cut {reference['best']['cut']}" in best.stdout
+    assert "95% interval" in best.stdout and "vs best (paired)" in best.stdout
+    assert "vs best (paired)" in status.stdout  # status ends with every cut's interval
     csv_out = run("compare", "ref", "--format", "csv")
     assert csv_out.stdout.splitlines()[0].startswith("study,strategy,cut")
     md = run("compare", "ref", "--format", "markdown")
@@ -276,7 +294,7 @@ def test_first_run_reads_cleanly(tmp_path, shared_datasets_dir_module):
     assert "Token authentication" not in out
     assert "running=2" in proc.stderr  # concurrency 2: two trials at once, both counted
     assert "0trial [" not in proc.stderr  # the bar starts with its total, never empty
-    assert proc.stdout.count("best cut") == 1
+    assert proc.stdout.count("chosen cut") == 1
     assert (tmp_path / "ttl-search.db").is_file()
 
 
@@ -297,6 +315,8 @@ def test_full_baseline_reuses_ttl_at_the_last_cut_and_counts_show_trainable(stud
     for key in ("val_auroc", "test_auroc", "params", "trainable_params", "checkpoint", "seed"):
         assert full[0].user_attrs[key] == source.user_attrs[key], key
     assert full[0].user_attrs["duration_s"] == 0.0
+    from ttl_search.search.record import PREDICTIONS_ATTR
+    assert full[0].system_attrs[PREDICTIONS_ATTR] == source.system_attrs[PREDICTIONS_ATTR]
 
     probe = next(t for t in ts if t.params.get("strategy") == "linear_probe")
     total, trainable = probe.user_attrs["params"], probe.user_attrs["trainable_params"]
@@ -310,3 +330,34 @@ def test_full_baseline_reuses_ttl_at_the_last_cut_and_counts_show_trainable(stud
     assert "trainable" in status and f"same model as trial {source.number}" in status
     assert main(["best", name, "--storage", url, "--format", "json"]) == 0
     assert "trainable_params" in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cross_validated_study_decides_on_the_mean_over_folds(tmp_path, shared_datasets_dir_module):
+    """selection.folds=2: every planned training runs on both folds of train+validation, each fold
+    validates on its own half, and the answer averages the folds (the test split stays apart)."""
+    url = f"sqlite:///{tmp_path / 'cv.db'}"
+    rc = run_cli(_study_args("cv", url, shared_datasets_dir_module, "--set", "selection.folds=2",
+                             "--set", "trial.max_epochs=1"), tmp_path / "driver.log")
+    assert rc == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    from ttl_search.search.record import trial_predictions
+
+    ts = trials("cv", url)
+    assert all(t.state == TrialState.COMPLETE for t in ts)
+    by_cut: dict[int, set[int]] = {}
+    for t in ts:
+        by_cut.setdefault(t.params["cut"], set()).add(t.params["fold"])
+        assert t.user_attrs["fold"] == t.params["fold"]
+        labels, _ = trial_predictions(t, "val")
+        assert len(labels) == 312  # half of the 546 + 78 pooled images
+        assert len(trial_predictions(t, "test")[0]) == 156
+    assert all(folds == {0, 1} for folds in by_cut.values()) and {3, 5, 7} <= set(by_cut)
+    val0 = {tuple(trial_predictions(t, "val")[0]) for t in ts if t.params["fold"] == 0}
+    assert len(val0) == 1  # every cut validates on the same fold
+    best = _best("cv", url, tmp_path / "driver.log")
+    assert best["folds"] == 2 and best["repeats"] == 2  # two trainings (one per fold) behind the chosen cut
+    mean = sum(t.value for t in ts if t.params["cut"] == best["cut"]) / 2
+    assert best["val"]["auroc"] == pytest.approx(mean, abs=1e-9)
+    low, high = best["val_ci"]
+    assert low <= mean <= high

@@ -34,6 +34,21 @@ def test_checkpoint_is_selected_on_validation(breastmnist):
     assert result.latency_ms["batch1"] > 0 and result.full["latency_ms"]["batch64"] > 0
 
 
+def test_predictions_recompute_the_selected_checkpoints_metrics(breastmnist):
+    from ttl_search.data import load_data
+    from ttl_search.train.metrics import compute_metrics
+    from ttl_search.train.predictions import decode_predictions
+
+    result = run_trial(_cfg(breastmnist, max_epochs=3, lr=3e-3, latency_repeats=0))
+    data = load_data(DataConfig("breastmnist", path=str(breastmnist)))
+    for split, n in (("val", 78), ("test", 156)):
+        labels, probs = decode_predictions(json.loads(json.dumps(result.predictions[split])))
+        assert probs.shape == (n, 2) and labels.tolist() == getattr(data, split).labels.tolist()
+        recomputed = compute_metrics(labels, probs)
+        for metric in ("auroc", "accuracy", "auprc"):
+            assert recomputed[metric] == pytest.approx(getattr(result, split)[metric], abs=1e-4), (split, metric)
+
+
 def test_same_seed_same_result(breastmnist):
     a = run_trial(_cfg(breastmnist, max_epochs=2, latency_repeats=0))
     b = run_trial(_cfg(breastmnist, max_epochs=2, latency_repeats=0))

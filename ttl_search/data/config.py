@@ -57,7 +57,13 @@ class DataConfig:
     test_fraction: float = 0.2
     """Share of the test split, only for data without its own splits."""
     seed: int = 0
-    """Seed of the splits and of the ``train_fraction`` subsample."""
+    """Seed of the splits, the cross-validation folds and the ``train_fraction`` subsample."""
+    folds: int = 1
+    """k-fold cross-validation when > 1: train and validation are pooled and split into ``folds``
+    stratified, seeded folds; fold ``fold`` validates and the others train (the test split is left
+    alone). Set by the study's ``selection.folds``."""
+    fold: int = 0
+    """The validating fold (0-based) when ``folds`` > 1; the search sets it per trial."""
     image_size: int = 64
     """folder/csv only: images are decoded once and resized to this square size."""
     grayscale: bool | None = None
@@ -84,6 +90,10 @@ class DataConfig:
             )
         if not _is_int(self.seed):
             raise ConfigError(f"data.seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.folds) or self.folds < 1:
+            raise ConfigError(f"data.folds must be a positive integer (1: no cross-validation), got {self.folds!r}")
+        if not _is_int(self.fold) or not 0 <= self.fold < self.folds:
+            raise ConfigError(f"data.fold must be an integer in 0..{self.folds - 1}, got {self.fold!r}")
         if not _is_int(self.image_size) or self.image_size < 1:
             raise ConfigError(f"data.image_size must be a positive integer, got {self.image_size!r}")
         if self.grayscale not in (None, True, False):
@@ -113,6 +123,9 @@ class Split:
     """``uint8``, ``N x C x H x W`` (2D) or ``N x C x D x H x W`` (3D)."""
     labels: torch.Tensor
     """``int64``, shape ``(N,)``; ``(N, L)`` of 0/1 for multi-label data."""
+    groups: np.ndarray | None = None
+    """Group (e.g. patient) of each sample when the data names them (CSV ``group``), else None;
+    cross-validation folds keep a group together."""
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

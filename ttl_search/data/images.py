@@ -143,7 +143,8 @@ def _build_from_table(
     images = _decode_images(table.paths, cfg.image_size, cfg.grayscale, source)
     labels = torch.from_numpy(table.labels.astype(np.int64))
     parts = {
-        split: Split(images[torch.from_numpy(idx)], labels[torch.from_numpy(idx)])
+        split: Split(images[torch.from_numpy(idx)], labels[torch.from_numpy(idx)],
+                     table.groups[idx] if table.groups is not None else None)
         for split, idx in indices.items()
     }
     return DatasetSplits(

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .config import DataConfig, DatasetSplits, SPLITS, Split
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,38 @@ def _subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 def _take(split: Split, indices: np.ndarray) -> Split:
     index = torch.from_numpy(indices.astype(np.int64))
-    return Split(split.images[index], split.labels[index])
+    return Split(split.images[index], split.labels[index],
+                 split.groups[indices] if split.groups is not None else None)
+
+
+def _cross_validation_fold(data: DatasetSplits, cfg: DataConfig) -> None:
+    """Pool train and validation, split them into ``cfg.folds`` stratified, seeded folds, and make
+    fold ``cfg.fold`` the validation split and the others the training split."""
+    labels = torch.cat([data.train.labels, data.val.labels])
+    if labels.ndim != 1:
+        raise ConfigError(f"{data.name}: cross-validation folds need single-label data (this is {data.task})")
+    smallest = int(torch.bincount(labels, minlength=data.num_classes).min()) if len(labels) else 0
+    if smallest < cfg.folds:
+        raise ConfigError(f"{data.name}: the rarest class has {smallest} samples in train+validation, fewer "
+                          f"than the {cfg.folds} folds asked for (selection.folds)")
+    groups = None
+    if data.train.groups is not None and data.val.groups is not None:
+        groups = np.concatenate([data.train.groups, data.val.groups])
+        if len(np.unique(groups)) < cfg.folds:
+            raise ConfigError(f"{data.name}: train+validation hold {len(np.unique(groups))} groups, fewer than "
+                              f"the {cfg.folds} folds asked for (selection.folds)")
+    pooled = Split(torch.cat([data.train.images, data.val.images]), labels, groups)
+    parts = _stratified_split(labels.numpy(), [1.0 / cfg.folds] * cfg.folds, cfg.seed, groups)
+    rest = np.sort(np.concatenate([p for i, p in enumerate(parts) if i != cfg.fold]))
+    data.train, data.val = _take(pooled, rest), _take(pooled, parts[cfg.fold])
+    log.info("%s: fold %d of %d validates (%d samples), the other folds train (%d)",
+             data.name, cfg.fold + 1, cfg.folds, len(data.val), len(data.train))
 
 
 def _finish(data: DatasetSplits, cfg: DataConfig) -> DatasetSplits:
-    """Apply ``train_fraction`` and reject empty splits."""
+    """Apply cross-validation folds and ``train_fraction``, and reject empty splits."""
+    if cfg.folds > 1:
+        _cross_validation_fold(data, cfg)
     if cfg.train_fraction < 1:
         before = len(data.train)
         keep = _subsample(data.train.labels.numpy(), cfg.train_fraction, cfg.seed)

@@ -31,7 +31,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from ..errors import StudyError
-from ..search.record import fmt_count
+from ..search.record import fmt_count, fmt_diff, fmt_interval
 from .plots import (
     STRATEGY_LABELS, _cut_dicts, plot_metric_vs_cost, plot_metric_vs_cut, plot_search_order, trainable_note,
 )
@@ -119,6 +119,22 @@ def results_table(cm_all: pd.DataFrame, chosen: dict | None) -> pd.DataFrame:
     return frame[keep]
 
 
+def add_intervals(frame: pd.DataFrame, ranking: list[dict]) -> None:
+    """Columns ``val_ci_low``/``val_ci_high``, ``diff`` (to the best cut), ``diff_ci_low``/``diff_ci_high``
+    and ``indistinguishable`` of ``frame`` (rows by strategy and cut) from ``chosen_cut``'s ranking."""
+    by_key = {(r["strategy"], r["cut"]): r for r in ranking}
+    for column in ("val_ci_low", "val_ci_high", "diff", "diff_ci_low", "diff_ci_high", "indistinguishable"):
+        frame[column] = None
+    for i, row in frame.iterrows():
+        r = by_key.get((row["strategy"], row["cut"]))
+        if r is None or r["val_ci"] is None:
+            continue
+        frame.at[i, "val_ci_low"], frame.at[i, "val_ci_high"] = r["val_ci"]
+        frame.at[i, "diff"] = r["diff"]
+        frame.at[i, "diff_ci_low"], frame.at[i, "diff_ci_high"] = r["diff_ci"]
+        frame.at[i, "indistinguishable"] = r["indistinguishable"]
+
+
 def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results: pd.DataFrame, ttl: pd.DataFrame,
               order: pd.DataFrame, files: dict[str, Path]) -> str:
     metric = cfg.metric
@@ -150,6 +166,18 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
             f"{fmt_count(chosen.get('macs'))} MACs.",
             "",
         ]
+        if chosen.get("val_ci"):
+            rule = ("the smallest model among the cuts statistically indistinguishable from the best"
+                    if chosen["rule"] == "smallest_within_ci" else "the best mean validation metric")
+            lines += [
+                f"Selection rule `{chosen['rule']}` ({rule}). Validation {metric} "
+                f"{chosen['confidence']:.0%} bootstrap interval (stratified, paired across cuts): "
+                f"{fmt_interval(chosen['val_ci'])}. Cuts indistinguishable from the best "
+                f"cut {chosen['reference_cut']}: {', '.join(map(str, chosen['indistinguishable']))}.",
+                "",
+            ]
+        elif chosen.get("note"):
+            lines += [chosen["note"], ""]
     lines += ["## Results (test split, mean ± sd over seeds)", ""]
     if results is not None and not results.empty:
         header = ["method", "cut", "seeds"] + [METRIC_HEADERS[m] for m in TABLE_METRICS] + [
@@ -167,15 +195,19 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
     else:
         lines.append("No completed search trial or baseline yet.")
     extra = [m for m in CUT_TABLE_METRICS if m != metric]
-    header = ["cut", "last unit", "stage", "seeds", f"val {metric}", f"test {metric}"] + [
+    header = ["cut", "last unit", "stage", "seeds", f"val {metric}", "val interval", "vs best (paired)",
+              f"test {metric}"] + [
         f"{split} {METRIC_HEADERS[m]}" for m in extra for split in ("val", "test")] + [
         "parameters", "trainable", "MACs", "latency b1 (ms)"]
     lines += ["", "## Every trained cut (TTL)", "", _row(header), "|" + "---|" * len(header)]
     for r in ttl.to_dict("records"):
         n = int(r["n"])
         mark = " **(chosen)**" if chosen and r["cut"] == chosen["cut"] else ""
+        same = " (same)" if r.get("indistinguishable") is True and not mark else ""
         lines.append(_row([f"{r['cut']}{mark}", str(r["cut_name"]), str(r["stage"]), str(n),
-                           _pm(r["val_mean"], r["val_sd"], n), _pm(r["test_mean"], r["test_sd"], n)]
+                           _pm(r["val_mean"], r["val_sd"], n), fmt_interval([r.get("val_ci_low"), r.get("val_ci_high")]),
+                           fmt_diff(r.get("diff"), [r.get("diff_ci_low"), r.get("diff_ci_high")]) + same,
+                           _pm(r["test_mean"], r["test_sd"], n)]
                           + [_pm(r[f"{split}_{m}"], r[f"{split}_{m}_sd"], n)
                              for m in extra for split in ("val", "test")]
                           + [fmt_count(r["params"]), fmt_count(r["trainable_params"]), fmt_count(r["macs"]),
@@ -244,7 +276,11 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
                   "val_sd": row["val_sd"], "test": row["test_mean"], "test_sd": row["test_sd"], "n": int(row["n"]),
                   "seeds": row["seeds"], "trials": row["trials"], "params": row["params"], "macs": row["macs"],
                   "trainable_params": row["trainable_params"], "latency_batch1_ms": row["latency_batch1_ms"],
-                  "full_params": best["full"]["params"]}
+                  "full_params": best["full"]["params"], "val_ci": best["val_ci"], "rule": best["rule"],
+                  "indistinguishable": best["indistinguishable"], "reference_cut": best["reference_cut"],
+                  "confidence": best["confidence"], "note": best["note"]}
+        add_intervals(cm_all, best["ranking"])
+        ttl = cm_all[cm_all["strategy"] == "ttl"].reset_index(drop=True)
     out = Path(output) if output else artifacts_dir(cfg, url) / name / "report"
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

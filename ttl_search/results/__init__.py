@@ -21,6 +21,7 @@ from ..search.record import SEARCH_STRATEGY, CutSummary, TrialRecord, completed_
 from ..search.samplers import CutCandidate
 from ..storage import artifact_store, load_study, open_storage, sqlite_path, storage_url
 from ..search.study import StudyConfig, cut_candidates, make_sampler, upgrade_stored_config
+from .answer import Answer, study_answer
 from ..train.trial import TrialConfig
 
 CONFIG_ATTR = "config"
@@ -78,6 +79,7 @@ def trial_config(cfg: StudyConfig, trial: FrozenTrial) -> TrialConfig:
     values = to_dict(cfg.trial)
     values.update(cut=record.cut, strategy=record.strategy,
                   seed=record.seed if record.seed is not None else cfg.search.seed)
+    values["data"]["fold"] = record.fold or 0
     for key in ("lr", "weight_decay"):
         if getattr(record, key) is not None:
             values[key] = getattr(record, key)
@@ -107,8 +109,8 @@ def _summary_dict(summary: CutSummary) -> dict[str, Any]:
 
 
 def best_cut(name: str, storage: str | None = None) -> dict[str, Any]:
-    """The search's chosen cut of study ``name``: best mean validation metric (smaller model within
-    tolerance); a :class:`StudyError` while no search trial has completed."""
+    """The search's chosen cut of study ``name`` under its selection rule (see :func:`chosen_cut`);
+    a :class:`StudyError` while no search trial has completed."""
     study, cfg = open_study(name, storage)
     best = chosen_cut(study, cfg)
     if best is None:
@@ -118,28 +120,58 @@ def best_cut(name: str, storage: str | None = None) -> dict[str, Any]:
 
 def chosen_cut(study: optuna.Study, cfg: StudyConfig,
                trials: Sequence[FrozenTrial] | None = None) -> dict[str, Any] | None:
-    """The chosen cut of an open study (``trials``: its trials, when already read), with its
-    summary over seeds; None while no search trial has completed."""
+    """The chosen cut of an open study (``trials``: its trials, when already read) under the
+    study's selection rule, with its summary over seeds, its validation interval, the cuts
+    indistinguishable from the best, and every cut's interval; None while no search trial has
+    completed."""
     name = study.study_name
     trials = study.get_trials(deepcopy=False) if trials is None else trials
-    sampler = study_sampler(study, cfg)
-    ranking = sampler.ranking(trials, SEARCH_STRATEGY)
-    if not ranking:
+    candidates = stored_candidates(study, cfg)
+    answer = study_answer(trials, cfg, candidates)
+    if answer.pick is None:
         return None
-    cut, _ = ranking[0]
-    chosen = completed_by_cut(records(trials), SEARCH_STRATEGY)[(SEARCH_STRATEGY, cut)]
+    cut = answer.pick
+    groups = completed_by_cut(records(trials))
+    chosen = groups[(SEARCH_STRATEGY, cut)]
     summary = summarize_cut(chosen)
     best_trial = max(chosen, key=lambda r: r.value if cfg.resolved_direction == "maximize" else -r.value)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-    plan = sampler.plan(trials)
+    plan = make_sampler(cfg, candidates).plan(trials)
+    score = answer.scores.get((SEARCH_STRATEGY, cut))
     return {
         "study": name, "cut": cut, "cut_name": summary.cut_name, "stage": summary.stage,
         "backbone": cfg.trial.backbone, "metric": cfg.metric, "direction": cfg.resolved_direction,
+        "rule": answer.rule, "confidence": cfg.selection.confidence, "folds": cfg.selection.folds,
         **_summary_dict(summary), "trial": best_trial.number,
+        "val_ci": list(score.ci) if score else None,
+        "reference_cut": answer.reference, "indistinguishable": answer.indistinguishable,
         "finished": plan.action == "finished" and running == 0,
         "full": {"params": summary.full_params, "macs": summary.full_macs},
-        "ranking": [{"cut": c, "mean_val": v} for c, v in ranking],
+        "ranking": _ranking_rows(answer, groups, cfg),
+        "note": answer.note,
     }
+
+
+def _ranking_rows(answer: Answer, groups: dict[tuple[str, int], list[TrialRecord]],
+                  cfg: StudyConfig) -> list[dict[str, Any]]:
+    """Every completed (strategy, cut), best mean validation metric first: mean, interval, paired
+    difference to the reference cut, and whether it is indistinguishable from it."""
+    sign = 1.0 if cfg.resolved_direction == "maximize" else -1.0
+    rows = []
+    for (strategy, cut), group in groups.items():
+        summary = summarize_cut(group)
+        score = answer.scores.get((strategy, cut))
+        rows.append({
+            "strategy": strategy, "cut": cut, "cut_name": summary.cut_name, "params": summary.params,
+            "trainable_params": summary.trainable_params, "repeats": summary.repeats,
+            "mean_val": summary.val.get(cfg.metric),
+            "val_ci": list(score.ci) if score else None,
+            "diff": score.diff if score else None, "diff_ci": list(score.diff_ci) if score else None,
+            "indistinguishable": score.indistinguishable if score else None,
+            "chosen": strategy == SEARCH_STRATEGY and cut == answer.pick,
+        })
+    rows.sort(key=lambda r: -sign * r["mean_val"] if r["mean_val"] is not None else float("inf"))
+    return rows
 
 
 COMPARE_METRICS = ("auroc", "auprc", "accuracy")
@@ -152,11 +184,18 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
     for name in names:
         study, cfg = open_study(name, storage)
         trials = study.get_trials(deepcopy=False)
-        chosen = (chosen_cut(study, cfg, trials) or {}).get("cut")
+        answer = study_answer(trials, cfg, stored_candidates(study, cfg))
         for (strategy, cut), group in completed_by_cut(records(trials)).items():
             summary = summarize_cut(group)
+            score = answer.scores.get((strategy, cut))
             row = {"study": name, "strategy": strategy, "cut": cut, "cut_name": summary.cut_name,
-                   "chosen": strategy == SEARCH_STRATEGY and cut == chosen, "repeats": summary.repeats}
+                   "chosen": strategy == SEARCH_STRATEGY and cut == answer.pick, "repeats": summary.repeats,
+                   "metric": cfg.metric,
+                   "val_ci_low": score.ci[0] if score else None, "val_ci_high": score.ci[1] if score else None,
+                   "diff_to_best": score.diff if score else None,
+                   "diff_ci_low": score.diff_ci[0] if score else None,
+                   "diff_ci_high": score.diff_ci[1] if score else None,
+                   "indistinguishable": score.indistinguishable if score else None}
             for split in ("val", "test"):
                 for metric in COMPARE_METRICS:
                     row[f"{split}_{metric}"] = getattr(summary, split).get(metric)

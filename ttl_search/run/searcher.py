@@ -25,10 +25,10 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from ..config import to_dict
-from ..search.record import TrialRecord
+from ..search.record import PREDICTIONS_ATTR, TrialRecord
 from .cluster import ProgressCallback
 from ..search.samplers import CutCandidate, Plan, job_distributions, suggest_params
-from ..storage import artifact_links, attach_artifact
+from ..storage import attach_artifact, copied_system_attrs, set_trial_system_attr
 from ..search.study import StudyConfig, trial_strategies
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class Outcome:
     """What the trial measured, and why it failed or stopped (``fail_reason``, ``stopped_by``)."""
     history: tuple[tuple[int, float], ...] = ()
     """(epoch, validation metric) of every epoch the worker reported, for intermediate values."""
+    predictions: dict[str, Any] = field(default_factory=dict)
+    """The selected checkpoint's encoded ``val`` and ``test`` predictions (COMPLETE only)."""
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -88,7 +90,7 @@ def trial_outcome(result: dict[str, Any] | None, error: bool, metric: str) -> Ou
         if value is None:
             record.fail_reason = f"validation {metric} is undefined (single-class validation split?)"
             return Outcome(TrialState.FAIL, record=record, history=history)
-        return Outcome(TrialState.COMPLETE, float(value), record, history)
+        return Outcome(TrialState.COMPLETE, float(value), record, history, payload.get("predictions") or {})
     if status == "pruned":
         record.stopped_by = payload.get("reason", "")
         return Outcome(TrialState.PRUNED, record=record, history=history)
@@ -106,12 +108,13 @@ def copy_twin(study: optuna.Study, plan: Plan, distributions: dict[str, BaseDist
     source = next(t for t in study.get_trials(deepcopy=False) if t.number == plan.reuse)
     job = plan.job
     twin = TrialRecord.from_trial(source)
+    params = {"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat, "fold": job.fold}
     copy = replace(twin, strategy=job.strategy, phase=job.phase, reused_from=source.number, duration_s=0.0,
                    train_time_s=0.0, ray_trial_id=None, driver_duration_s=None)
     study.add_trial(optuna.trial.create_trial(
-        params={"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat}, distributions=distributions,
+        params={k: v for k, v in params.items() if k in distributions}, distributions=distributions,
         value=source.value, user_attrs=copy.to_attrs(), intermediate_values=dict(source.intermediate_values),
-        state=TrialState.COMPLETE, system_attrs=artifact_links(source),
+        state=TrialState.COMPLETE, system_attrs=copied_system_attrs(source),
     ))
     log.info("%s cut %d seed %s: the same model as trial %d (%s); its result is stored, not trained again",
              job.strategy, job.cut, copy.seed, source.number, twin.strategy)
@@ -151,7 +154,8 @@ class StudySearcher(Searcher):
         self.candidates = list(sampler.candidates)
         self.by_index = {c.index: c for c in self.candidates}
         self.strategies = trial_strategies(cfg)
-        self.distributions = job_distributions(self.candidates, self.strategies, cfg.search.repeats)
+        self.distributions = job_distributions(self.candidates, self.strategies, cfg.search.repeats,
+                                               cfg.selection.folds)
         self.tune_mode = "max" if cfg.resolved_direction == "maximize" else "min"
         self.live: dict[str, LiveTrial] = {}
         self.counts = {"complete": 0, "failed": 0, "pruned": 0}
@@ -171,7 +175,8 @@ class StudySearcher(Searcher):
             return Searcher.FINISHED
         trial = self.study.ask()
         s = self.cfg.search
-        params = suggest_params(trial, self.candidates, self.strategies, s.repeats, s.tune_lr)
+        params = suggest_params(trial, self.candidates, self.strategies, s.repeats, s.tune_lr,
+                                self.cfg.selection.folds)
         config = self._launch(trial_id, trial, params, self.by_index[params["cut"]],
                               self.sampler.phase_of(trial.number))
         self._progress(plan)  # the new trial counts as running from now on
@@ -182,10 +187,12 @@ class StudySearcher(Searcher):
         seed = cfg.search.seed + params["repeat"]
         trial_dict = to_dict(cfg.trial)
         trial_dict.update(cut=cut.index, strategy=params["strategy"], seed=seed)
+        trial_dict["data"]["fold"] = params.get("fold", 0)
         for key in ("lr", "weight_decay"):
             if key in params:
                 trial_dict[key] = params[key]
-        launched = TrialRecord(strategy=params["strategy"], cut=cut.index, repeat=params["repeat"], cut_name=cut.name,
+        launched = TrialRecord(strategy=params["strategy"], cut=cut.index, repeat=params["repeat"],
+                               fold=params.get("fold"), cut_name=cut.name,
                                stage=cut.stage, phase=phase, seed=seed, ray_trial_id=trial_id)
         for key, value in launched.to_attrs().items():
             trial.set_user_attr(key, value)
@@ -227,6 +234,8 @@ class StudySearcher(Searcher):
             record.checkpoint_artifact_id = self._attach_checkpoint(trial, record.checkpoint, record.node_id or "?")
         for key, value in outcome.attrs.items():
             trial.set_user_attr(key, value)
+        if outcome.predictions:
+            set_trial_system_attr(trial, PREDICTIONS_ATTR, outcome.predictions)
         self.study.tell(trial, outcome.value, state=outcome.state)
         key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[outcome.state]
         self.counts[key] += 1

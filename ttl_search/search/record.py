@@ -18,8 +18,13 @@ from typing import Any, Iterable, Sequence
 from optuna.trial import FrozenTrial, TrialState
 
 from ..train.metrics import METRICS
+from ..train.predictions import decode_predictions
 
 SPLITS = ("val", "test")
+PREDICTIONS_ATTR = "ttl_predictions"
+"""Trial system attribute with the selected checkpoint's ``val`` and ``test`` predictions (labels
+and class probabilities, encoded): metrics and their intervals are recomputed from them. A system
+attribute, so that optuna-dashboard's attribute table stays readable."""
 SEARCH_STRATEGY = "ttl"
 """The transfer strategy the search trains (TruncatedTL); the others are baselines."""
 
@@ -40,6 +45,8 @@ class TrialRecord:
     """Cut index (None for a trial killed before it had parameters)."""
     repeat: int = 0
     """Seed index (0-based)."""
+    fold: int | None = None
+    """Validating fold (0-based) of a cross-validated study (``selection.folds`` > 1); None otherwise."""
     lr: float | None = None
     """Learning rate, when the search tunes it (else the study's)."""
     weight_decay: float | None = None
@@ -109,9 +116,11 @@ class TrialRecord:
     completed: datetime | None = None
     """When it finished."""
 
-    IDENTITY = ("strategy", "cut", "repeat", "lr", "weight_decay")
+    IDENTITY = ("strategy", "cut", "repeat", "fold", "lr", "weight_decay")
     """Fields stored as Optuna parameters, not attributes."""
     NOT_ATTRS = ("number", "state", "value", "val", "test", "started", "completed") + IDENTITY
+    SHOWN_IDENTITY = ("strategy", "cut", "repeat", "fold")
+    """Identity fields also written as attributes (optuna-dashboard lists attributes)."""
 
     # -- writing -------------------------------------------------------------------------------
     def to_attrs(self) -> dict[str, Any]:
@@ -119,7 +128,7 @@ class TrialRecord:
         identity fields too (optuna-dashboard shows attributes, not only parameters)."""
         attrs: dict[str, Any] = {}
         for f in fields(self):
-            if f.name not in self.NOT_ATTRS or f.name in ("strategy", "cut", "repeat"):
+            if f.name not in self.NOT_ATTRS or f.name in self.SHOWN_IDENTITY:
                 value = getattr(self, f.name)
                 if value is not None:
                     attrs[f.name] = value
@@ -139,7 +148,7 @@ class TrialRecord:
             prefix = f"{split}_"
             found = {k[len(prefix):]: v for k, v in attrs.items() if k.startswith(prefix) and _finite(v)}
             values[split] = dict(sorted(found.items(), key=lambda kv: _metric_rank(kv[0])))
-        for key in ("strategy", "cut", "repeat"):
+        for key in cls.SHOWN_IDENTITY:
             if key in attrs:
                 values[key] = attrs[key]
         values.update({k: v for k, v in known.items() if v is not None})
@@ -152,7 +161,7 @@ class TrialRecord:
         return cls.from_attrs(
             trial.user_attrs, number=trial.number, state=trial.state.name,
             value=trial.value if trial.state == TrialState.COMPLETE else None,
-            strategy=p.get("strategy"), cut=p.get("cut"), repeat=p.get("repeat"), lr=p.get("lr"),
+            strategy=p.get("strategy"), cut=p.get("cut"), repeat=p.get("repeat"), fold=p.get("fold"), lr=p.get("lr"),
             weight_decay=p.get("weight_decay"), started=trial.datetime_start, completed=trial.datetime_complete,
         )
 
@@ -178,7 +187,7 @@ class TrialRecord:
     def measured_attrs(self) -> dict[str, Any]:
         """The attributes a finished training adds (metrics, size, cost, where and how long);
         not the identity, which the driver stored when it launched the trial."""
-        launch = ("strategy", "cut", "repeat", "cut_name", "stage", "phase", "seed", "ray_trial_id")
+        launch = ("strategy", "cut", "repeat", "fold", "cut_name", "stage", "phase", "seed", "ray_trial_id")
         return {k: v for k, v in self.to_attrs().items() if k not in launch}
 
     # -- derived -------------------------------------------------------------------------------
@@ -201,6 +210,18 @@ class TrialRecord:
         if self.reused_from is not None:
             return f"same model as trial {self.reused_from}: stored, not trained again"
         return ""
+
+
+def trial_predictions(trial: FrozenTrial, split: str = "val") -> tuple[Any, Any] | None:
+    """(labels (N,), probs (N, K)) a stored trial predicted on ``split``; None when it stored
+    none (a trial from before predictions were stored, or one that did not complete)."""
+    stored = trial.system_attrs.get(PREDICTIONS_ATTR)
+    if not isinstance(stored, dict) or split not in stored:
+        return None
+    try:
+        return decode_predictions(stored[split])
+    except ValueError:
+        return None
 
 
 def _metric_rank(name: str) -> tuple[int, str]:
@@ -312,3 +333,21 @@ def fmt_params(total: Any, trainable: Any) -> str:
     if not partly_trainable(total, trainable):
         return fmt_count(total)
     return f"{fmt_count(total)} ({fmt_count(trainable)} trainable)"
+
+
+def _unknown(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt_interval(ci: Sequence[Any] | None) -> str:
+    """``[0.8123, 0.9456]``; ``-`` when unknown."""
+    if not ci or any(_unknown(v) for v in ci):
+        return "-"
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def fmt_diff(diff: Any, ci: Sequence[Any] | None) -> str:
+    """A paired difference with its interval, ``-0.0123 [-0.0456, 0.0210]``; ``-`` when unknown."""
+    if _unknown(diff):
+        return "-"
+    return f"{diff:+.4f} {fmt_interval(ci)}"

@@ -59,6 +59,12 @@ class Job:
     """Seed index (0-based)."""
     phase: str
     """``stage1``, ``stage2``, ``exhaustive``, ``tpe`` or ``baseline``."""
+    fold: int = 0
+    """Validating fold of a cross-validated study (0 otherwise)."""
+
+    @property
+    def key(self) -> "Key":
+        return Key(self.strategy, self.cut, self.repeat, self.fold)
 
 
 @dataclass
@@ -87,6 +93,7 @@ class Key:
     strategy: str
     cut: int
     repeat: int
+    fold: int = 0
 
 
 TWIN_STRATEGIES = {"full": SEARCH_STRATEGY, SEARCH_STRATEGY: "full"}
@@ -97,14 +104,14 @@ TTL at the last cut (the only cut ``full`` trains at)."""
 def twin_key(key: Key) -> Key | None:
     """The key of the training that gives the same model as ``key``, if any."""
     other = TWIN_STRATEGIES.get(key.strategy)
-    return Key(other, key.cut, key.repeat) if other else None
+    return Key(other, key.cut, key.repeat, key.fold) if other else None
 
 
 def trial_key(trial: FrozenTrial) -> Key | None:
     p = trial.params
     if "cut" not in p:
         return None
-    return Key(str(p.get("strategy", SEARCH_STRATEGY)), int(p["cut"]), int(p.get("repeat", 0)))
+    return Key(str(p.get("strategy", SEARCH_STRATEGY)), int(p["cut"]), int(p.get("repeat", 0)), int(p.get("fold", 0)))
 
 
 @dataclass
@@ -174,7 +181,7 @@ class PlannedSampler(BaseSampler):
     """
 
     def __init__(self, candidates: Sequence[CutCandidate], direction: str, repeats: int = 1, max_retries: int = 2,
-                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0) -> None:
+                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, folds: int = 1) -> None:
         self.candidates = list(candidates)
         self.by_index = {c.index: c for c in candidates}
         self.direction = direction
@@ -182,6 +189,7 @@ class PlannedSampler(BaseSampler):
         self.max_retries = max_retries
         self.baselines = list(baselines)
         self.tolerance = tolerance
+        self.folds = folds
         self._pending: dict[int, Job] = {}
 
     # -- what to run ------------------------------------------------------------------------
@@ -191,10 +199,14 @@ class PlannedSampler(BaseSampler):
         raise NotImplementedError
 
     def _open(self, jobs: Iterable[Job], ledger: Ledger) -> list[Job]:
-        return [j for j in jobs if not ledger.settled(Key(j.strategy, j.cut, j.repeat), self.max_retries)]
+        return [j for j in jobs if not ledger.settled(j.key, self.max_retries)]
+
+    def _jobs(self, strategy: str, cuts: Iterable[int], phase: str) -> list[Job]:
+        """Every seed (and cross-validation fold) of ``cuts``."""
+        return [Job(strategy, c, r, phase, f) for c in cuts for r in range(self.repeats) for f in range(self.folds)]
 
     def baseline_jobs(self) -> list[Job]:
-        return [Job(s, c, r, "baseline") for s, c in self.baselines for r in range(self.repeats)]
+        return [j for s, c in self.baselines for j in self._jobs(s, [c], "baseline")]
 
     def plan(self, trials: Sequence[FrozenTrial]) -> Plan:
         """The next training (or a completed twin to copy), ``wait`` or ``finished``."""
@@ -202,7 +214,7 @@ class PlannedSampler(BaseSampler):
         jobs, phase, barrier, expected = self.search_jobs(ledger)
         expected += len(self.baseline_jobs())
         for job in self._open([*jobs, *self.baseline_jobs()], ledger):
-            key = Key(job.strategy, job.cut, job.repeat)
+            key = job.key
             twin = twin_key(key)
             if key in ledger.running or twin in ledger.running:
                 continue  # a running twin will answer for this job too
@@ -230,7 +242,7 @@ class PlannedSampler(BaseSampler):
         job = self._pending.get(trial.number)
         if job is None:
             raise optuna.exceptions.OptunaError("the plan has nothing to run: call plan() before asking a trial")
-        value = {"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat}.get(param_name)
+        value = {"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat, "fold": job.fold}.get(param_name)
         if value is None:
             raise optuna.exceptions.OptunaError(f"parameter {param_name!r} is not planned by {type(self).__name__}")
         return value
@@ -255,7 +267,7 @@ class ExhaustiveSampler(PlannedSampler):
     """Every valid cut, each ``repeats`` times, in order."""
 
     def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
-        jobs = [Job(SEARCH_STRATEGY, c.index, r, "exhaustive") for c in self.candidates for r in range(self.repeats)]
+        jobs = self._jobs(SEARCH_STRATEGY, [c.index for c in self.candidates], "exhaustive")
         return jobs, "exhaustive", False, len(jobs)
 
 
@@ -263,8 +275,9 @@ class TwoStageSampler(PlannedSampler):
     """The paper's two-stage search over the cut points."""
 
     def __init__(self, candidates: Sequence[CutCandidate], direction: str, repeats: int = 1, max_retries: int = 2,
-                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, top_k: int = 1) -> None:
-        super().__init__(candidates, direction, repeats, max_retries, baselines, tolerance)
+                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, top_k: int = 1,
+                 folds: int = 1) -> None:
+        super().__init__(candidates, direction, repeats, max_retries, baselines, tolerance, folds)
         if top_k < 1:
             raise ConfigError(f"search.top_k must be >= 1, got {top_k}")
         self.top_k = top_k
@@ -275,9 +288,6 @@ class TwoStageSampler(PlannedSampler):
         # The last valid cut of each stage stands for the stage in stage 1.
         self.representatives = {s: cs[-1] for s, cs in self.stages.items()}
 
-    def _jobs(self, cuts: Iterable[CutCandidate], phase: str) -> list[Job]:
-        return [Job(SEARCH_STRATEGY, c.index, r, phase) for c in cuts for r in range(self.repeats)]
-
     def winning_stages(self, ledger: Ledger) -> list[int]:
         reps = {c.index: s for s, c in self.representatives.items()}
         scores = {cut: m for cut in reps if (m := ledger.mean(SEARCH_STRATEGY, cut)) is not None}
@@ -285,13 +295,13 @@ class TwoStageSampler(PlannedSampler):
         return [reps[cut] for cut in order[: self.top_k]]
 
     def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
-        stage1 = self._jobs(self.representatives.values(), "stage1")
+        stage1 = self._jobs(SEARCH_STRATEGY, [c.index for c in self.representatives.values()], "stage1")
         largest = sorted((len(cs) - 1 for cs in self.stages.values()), reverse=True)[: self.top_k]
         if self._open(stage1, ledger):
-            return stage1, "stage1", True, len(stage1) + sum(largest) * self.repeats
+            return stage1, "stage1", True, len(stage1) + sum(largest) * self.repeats * self.folds
         winners = self.winning_stages(ledger)
         inner = [c for s in winners for c in self.stages[s] if c is not self.representatives[s]]
-        stage2 = self._jobs(inner, "stage2")
+        stage2 = self._jobs(SEARCH_STRATEGY, [c.index for c in inner], "stage2")
         return stage2, "stage2", False, len(stage1) + len(stage2)
 
 
@@ -329,24 +339,30 @@ class TPESearch(TPESampler):
 
 
 def job_distributions(candidates: Sequence[CutCandidate], strategies: Sequence[str],
-                      repeats: int) -> dict[str, BaseDistribution]:
-    """The distributions of a trial's ``strategy``, ``cut`` and ``repeat`` (the same in every trial)."""
-    return {
+                      repeats: int, folds: int = 1) -> dict[str, BaseDistribution]:
+    """The distributions of a trial's ``strategy``, ``cut``, ``repeat`` and, in a cross-validated
+    study, ``fold`` (the same in every trial)."""
+    dists: dict[str, BaseDistribution] = {
         "strategy": CategoricalDistribution(list(strategies)),
         "cut": CategoricalDistribution([c.index for c in candidates]),
         "repeat": IntDistribution(0, max(0, repeats - 1)),
     }
+    if folds > 1:
+        dists["fold"] = IntDistribution(0, folds - 1)
+    return dists
 
 
 def suggest_params(trial: optuna.Trial, candidates: Sequence[CutCandidate], strategies: Sequence[str],
-                   repeats: int, tune_lr: bool = False) -> dict[str, Any]:
+                   repeats: int, tune_lr: bool = False, folds: int = 1) -> dict[str, Any]:
     """Ask ``trial`` for its parameters with fixed distributions (the same in every trial)."""
-    dists = job_distributions(candidates, strategies, repeats)
+    dists = job_distributions(candidates, strategies, repeats, folds)
     params: dict[str, Any] = {
         "strategy": trial.suggest_categorical("strategy", dists["strategy"].choices),
         "cut": trial.suggest_categorical("cut", dists["cut"].choices),
         "repeat": trial.suggest_int("repeat", dists["repeat"].low, dists["repeat"].high),
     }
+    if "fold" in dists:
+        params["fold"] = trial.suggest_int("fold", dists["fold"].low, dists["fold"].high)
     if tune_lr:
         params["lr"] = trial.suggest_float("lr", 1e-5, 1e-2, log=True)
         params["weight_decay"] = trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
@@ -356,7 +372,7 @@ def suggest_params(trial: optuna.Trial, candidates: Sequence[CutCandidate], stra
 # ---------------------------------------------------------------------------------------------
 # The registry of search methods
 
-SamplerBuilder = Callable[[Sequence[CutCandidate], str, Any, Sequence[tuple[str, int]]], BaseSampler]
+SamplerBuilder = Callable[[Sequence[CutCandidate], str, Any, Sequence[tuple[str, int]], int], BaseSampler]
 
 
 @dataclass(frozen=True)
@@ -368,20 +384,22 @@ class SearchMethod:
     description: str
     """One line for help texts and reports."""
     build: SamplerBuilder
-    """(cut candidates, direction, the study's ``search`` settings, baselines as (strategy, cut))
-    -> the sampler."""
+    """(cut candidates, direction, the study's ``search`` settings, baselines as (strategy, cut),
+    cross-validation folds) -> the sampler."""
     takes_baselines: bool = True
     """Whether it can schedule baselines in the same study."""
+    takes_folds: bool = True
+    """Whether it can train every cut on each cross-validation fold."""
 
 
 def _planned(cls: type[PlannedSampler], **extra: Callable[[Any], Any]) -> SamplerBuilder:
-    def build(candidates, direction, s, baselines):
+    def build(candidates, direction, s, baselines, folds=1):
         return cls(candidates, direction=direction, repeats=s.repeats, max_retries=s.max_retries,
-                   baselines=baselines, tolerance=s.tolerance, **{k: f(s) for k, f in extra.items()})
+                   baselines=baselines, tolerance=s.tolerance, folds=folds, **{k: f(s) for k, f in extra.items()})
     return build
 
 
-def _tpe(candidates, direction, s, baselines) -> TPESearch:
+def _tpe(candidates, direction, s, baselines, folds=1) -> TPESearch:
     return TPESearch(candidates, direction, s.budget, seed=s.seed, max_retries=s.max_retries, tolerance=s.tolerance)
 
 
@@ -390,7 +408,7 @@ SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (
                  _planned(TwoStageSampler, top_k=lambda s: s.top_k)),
     SearchMethod("exhaustive", "every valid cut", _planned(ExhaustiveSampler)),
     SearchMethod("tpe", "Optuna's TPE over the cuts (and optionally lr, weight decay) with a trial budget", _tpe,
-                 takes_baselines=False),
+                 takes_baselines=False, takes_folds=False),
     SearchMethod("none", "no search: only the baselines (a sibling study for comparisons)",
                  _planned(BaselinesOnlySampler)),
 )}

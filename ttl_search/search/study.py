@@ -18,6 +18,7 @@ from ..errors import ConfigError, choices
 from ..train.metrics import metric_direction
 from .schedulers import SCHEDULERS
 from .samplers import SEARCH_METHODS, CutCandidate, check_search
+from .selection import SelectionConfig
 from ..models.strategies import BASELINES, STRATEGIES
 from ..train.trial import TrialConfig
 from ..models.truncation import analyze_cuts
@@ -90,6 +91,9 @@ class StudyConfig:
     """``maximize`` or ``minimize``; default: the metric's natural direction."""
     search: SearchConfig = field(default_factory=SearchConfig)
     """How the cuts are searched."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """How the answer is chosen from the trained cuts: the rule, its bootstrap intervals, and
+    optional k-fold cross-validation."""
     baselines: list[str] = field(default_factory=list)
     """Baselines trained in the same study: ``full``, ``linear_probe``, ``lwft``,
     ``transfusion``, ``scratch``."""
@@ -124,6 +128,14 @@ def validate_study_config(cfg: StudyConfig) -> None:
         raise ConfigError(f"direction {cfg.direction!r} is unknown; valid directions: maximize, minimize")
     cfg.trial.metric = cfg.metric
     check_search(cfg.search.method)
+    if cfg.trial.data.folds not in (1, cfg.selection.folds):
+        raise ConfigError(f"trial.data.folds is set by selection.folds; set selection.folds: {cfg.trial.data.folds} "
+                          "instead")
+    cfg.trial.data.folds = cfg.selection.folds
+    if cfg.selection.folds > 1 and not SEARCH_METHODS[cfg.search.method].takes_folds:
+        folding = [m for m, spec in SEARCH_METHODS.items() if spec.takes_folds]
+        raise ConfigError(f"selection.folds > 1 does not work with search.method {cfg.search.method}; methods that "
+                          f"cross-validate: {choices(folding)}")
     for key in ("repeats", "budget", "top_k"):
         if getattr(cfg.search, key) < 1:
             raise ConfigError(f"search.{key} must be >= 1, got {getattr(cfg.search, key)}")
@@ -231,7 +243,7 @@ def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = N
         raise ConfigError(f"the {method.name} search cannot schedule baselines; run them in a sibling study with "
                           "search.method none")
     baselines = [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]
-    return method.build(candidates, cfg.resolved_direction, cfg.search, baselines)
+    return method.build(candidates, cfg.resolved_direction, cfg.search, baselines, cfg.selection.folds)
 
 
 def trial_strategies(cfg: StudyConfig) -> list[str]:

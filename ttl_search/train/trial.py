@@ -23,6 +23,7 @@ from ..models.cost import count_macs, count_params, measure_latency
 from ..data import DataConfig, DatasetSplits, TransformConfig, load_data, make_loader
 from ..errors import ConfigError, TrialError, choices
 from .metrics import compute_metrics, metric_direction
+from .predictions import encode_predictions
 from ..models.strategies import StrategyModel, build_strategy_model, check_strategy, count_trainable
 from ..models.truncation import analyze_cuts, input_shape, truncate
 
@@ -173,6 +174,9 @@ class TrialResult:
     """Device trained on."""
     data: dict[str, Any] = field(default_factory=dict)
     """Dataset name, md5, split sizes and class names."""
+    predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``val`` and ``test`` labels and class probabilities of the selected checkpoint (encoded by
+    :func:`~ttl_search.train.predictions.encode_predictions`), to recompute any metric later."""
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """Weights of the selected checkpoint (CPU tensors); not part of ``to_dict``."""
 
@@ -220,8 +224,9 @@ def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module, amp: bool) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics and class probabilities of ``model`` on ``loader``."""
+def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module,
+             amp: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics of ``model`` on ``loader``, and its labels and class probabilities (encoded)."""
     model.eval()
     probs, labels, loss_sum, n = [], [], 0.0, 0
     for x, y in loader:
@@ -237,7 +242,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Modul
     y_true = torch.cat(labels).numpy()
     if not np.isfinite(p).all():
         raise TrialError("the model produced non-finite outputs", reason="diverged")
-    return compute_metrics(y_true, p, loss_sum / max(n, 1)), p
+    return compute_metrics(y_true, p, loss_sum / max(n, 1)), encode_predictions(y_true, p)
 
 
 def _better(value: float, best: float | None, direction: str) -> bool:
@@ -328,7 +333,7 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     try:
         for epoch in range(1, cfg.max_epochs + 1):
             train_loss = _train_epoch(model, built.frozen, train_loader, optimizer, criterion, scaler, device, amp, epoch)
-            val_metrics, _ = evaluate(model, val_loader, device, criterion, amp)
+            val_metrics, val_predictions = evaluate(model, val_loader, device, criterion, amp)
             scheduler.step(val_metrics["loss"])
             lr_now = optimizer.param_groups[-1]["lr"]
             result.history.append({"epoch": epoch, "train_loss": train_loss, "lr": lr_now, **val_metrics})
@@ -336,6 +341,7 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
             value = val_metrics[cfg.metric]
             if _better(value, best_value, direction):
                 best_value, result.best_epoch, result.val, stale = value, epoch, val_metrics, 0
+                result.predictions["val"] = val_predictions
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             else:
                 stale += 1
@@ -354,7 +360,7 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     result.train_time_s = round(time.perf_counter() - start, 3)
 
     model.load_state_dict(best_state)
-    result.test, _ = evaluate(model, test_loader, device, criterion, amp)
+    result.test, result.predictions["test"] = evaluate(model, test_loader, device, criterion, amp)
     _measure_cost(result, model, cfg, spec.name, input_size, in_channels, data.num_classes, device)
     if keep_state:
         result.state_dict = best_state

@@ -1,0 +1,265 @@
+"""Benchmark: every search method against exhaustive search, on real data.
+
+For each task in ``benchmarks/tasks/`` (an exhaustive study file: every valid cut, three seeds,
+plus full fine-tuning and a linear probe), the study is run, or resumed, or reused from the
+database. Then each search method is *replayed* on its stored trials, once per seed, without
+training again (see :mod:`ttl_search.analysis.replay`): two-stage (top_k 1 and 2), TPE with
+budgets 5 and 8, and exhaustive itself, each under both selection rules.
+
+Printed per task and as a summary: trainings, their share of exhaustive's compute seconds, the
+pick on each seed, its validation metric with its interval, its test metric, the regret (test
+metric lost) against exhaustive's pick and against the test oracle, and how often the pick is
+statistically indistinguishable from exhaustive's (paired bootstrap on validation). The test split
+decides nothing; it only measures. Also per task: the study's own answer over all seeds, with the
+bootstrap interval of its test metric, next to the baselines. Writes CSV files and a PNG to --out.
+
+    python benchmarks/search_quality.py                    # real runs (hours on a 2-core CPU)
+    python benchmarks/search_quality.py --quick            # 2 epochs, small subsets: < 20 min
+    python benchmarks/search_quality.py --replay-only      # only replay studies already stored
+
+Data: ``--data`` (default ``$TTL_SEARCH_DATA`` or ``../shared/datasets``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+from ttl_search.analysis.replay import Method, indistinguishable, oracle_cut, replay, seeds_of
+from ttl_search.errors import TTLSearchError
+from ttl_search.results import best_cut, open_study, stored_candidates, study_sampler
+from ttl_search.results.answer import trial_evidence
+from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, mean_sd, records, summarize_cut
+from ttl_search.search.selection import score_candidates
+from ttl_search.search.study import load_study_config
+from ttl_search.storage import open_storage, study_names
+
+HERE = Path(__file__).resolve().parent
+TASKS = sorted(p.stem for p in (HERE / "tasks").glob("*.yaml"))
+METHODS = (
+    Method("exhaustive", {"method": "exhaustive"}),
+    Method("two_stage k=1", {"method": "two_stage", "top_k": 1}),
+    Method("two_stage k=2", {"method": "two_stage", "top_k": 2}),
+    Method("tpe budget 5", {"method": "tpe", "budget": 5}),
+    Method("tpe budget 8", {"method": "tpe", "budget": 8}),
+)
+RULES = ("smallest_within_ci", "best")
+QUICK = ["trial.max_epochs=2", "trial.early_stopping=0", "trial.latency_repeats=0"]
+QUICK_FRACTION = 0.2
+"""--quick: two epochs on at most a fifth of the training images (the replay part is unchanged)."""
+REFERENCE = {"breastmnist": 0.901, "pneumoniamnist": 0.944}
+"""MedMNIST v2's best ResNet (ResNet-18, 28 px) test AUROC: the external yardstick."""
+
+log = logging.getLogger("search_quality")
+
+
+def ensure_study(task: str, storage: str, quick: bool, replay_only: bool) -> str:
+    """The task's exhaustive study in ``storage``: reused when finished, resumed when not, run when absent."""
+    overrides = list(QUICK) if quick else []
+    cfg = load_study_config(HERE / "tasks" / f"{task}.yaml", overrides)
+    if quick:
+        cfg.name += "-quick"
+        cfg.trial.data.train_fraction = min(cfg.trial.data.train_fraction, QUICK_FRACTION)
+    cfg.storage = storage
+    if cfg.name in study_names(open_storage(storage)):
+        study, stored = open_study(cfg.name, storage)
+        trials = study.get_trials(deepcopy=False)
+        if study_sampler(study, stored).plan(trials).action == "finished" or replay_only:
+            print(f"{task}: reusing study {cfg.name} ({len(trials)} trials)", flush=True)
+            return cfg.name
+        from ttl_search.run.driver import resume_study
+
+        print(f"{task}: resuming study {cfg.name}", flush=True)
+        resume_study(cfg.name, storage)
+        return cfg.name
+    if replay_only:
+        raise TTLSearchError(f"--replay-only: study {cfg.name} is not in {storage}")
+    from ttl_search.run.driver import run_study
+
+    print(f"{task}: running study {cfg.name} (exhaustive, {cfg.search.repeats} seeds per cut)", flush=True)
+    start = time.time()
+    run_study(cfg)
+    print(f"{task}: study {cfg.name} took {time.time() - start:.0f} s", flush=True)
+    return cfg.name
+
+
+def replay_task(task: str, name: str, storage: str) -> list[dict[str, Any]]:
+    """One row per (method, rule, seed)."""
+    study, cfg = open_study(name, storage)
+    trials = study.get_trials(deepcopy=False)
+    candidates = stored_candidates(study, cfg)
+    sign = 1.0 if cfg.resolved_direction == "maximize" else -1.0
+    rows = []
+    for rule in RULES:
+        for seed in seeds_of(trials):
+            oracle, oracle_test = oracle_cut(trials, cfg, seed)
+            results = {m.label: replay(trials, cfg, candidates, Method(m.label, m.search, {"rule": rule}), seed)
+                       for m in METHODS}
+            exh = results["exhaustive"]
+            for label, r in results.items():
+                rows.append({
+                    "task": task, "study": name, "method": label, "rule": rule, "seed": seed,
+                    "trainings": r.trainings, "of": len(candidates), "compute_s": r.compute_s,
+                    "compute_share": r.compute_s / exh.compute_s if exh.compute_s else None,
+                    "pick": r.pick, "params": r.params, "val": r.val,
+                    "val_ci_low": r.val_ci[0] if r.val_ci else None, "val_ci_high": r.val_ci[1] if r.val_ci else None,
+                    "test": r.test, "exhaustive_pick": exh.pick, "oracle_cut": oracle,
+                    "regret_vs_exhaustive": sign * (exh.test - r.test) if None not in (exh.test, r.test) else None,
+                    "regret_vs_oracle": sign * (oracle_test - r.test) if r.test is not None else None,
+                    "indistinguishable_from_exhaustive": (indistinguishable(trials, cfg, seed, r.pick, exh.pick)
+                                                          if None not in (r.pick, exh.pick) else False),
+                    "trained": " ".join(map(str, r.trained)),
+                })
+    return rows
+
+
+def _mean(values) -> float | None:
+    return mean_sd(values)[0]
+
+
+def task_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per (method, rule): means over seeds, the picks, and the indistinguishable share."""
+    frame = pd.DataFrame(rows)
+    out = []
+    for (method, rule), g in frame.groupby(["method", "rule"], sort=False):
+        out.append({
+            "method": method, "rule": rule, "trainings": _mean(g["trainings"]),
+            "compute": _mean(g["compute_share"]), "picks": ",".join(str(p) for p in g["pick"]),
+            "val": _mean(g["val"]), "val_ci": f"[{_mean(g['val_ci_low']):.3f}, {_mean(g['val_ci_high']):.3f}]",
+            "test": _mean(g["test"]), "regret_exh": _mean(g["regret_vs_exhaustive"]),
+            "regret_oracle": _mean(g["regret_vs_oracle"]),
+            "same_as_exh": f"{int(g['indistinguishable_from_exhaustive'].sum())}/{len(g)}",
+        })
+    return pd.DataFrame(out)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per (method, rule) over every task and seed."""
+    frame = pd.DataFrame(rows)
+    out = []
+    for (method, rule), g in frame.groupby(["method", "rule"], sort=False):
+        out.append({
+            "method": method, "rule": rule, "tasks": g["task"].nunique(), "replays": len(g),
+            "trainings": _mean(g["trainings"]), "of": _mean(g["of"]), "compute": _mean(g["compute_share"]),
+            "regret_exh": _mean(g["regret_vs_exhaustive"]), "max_regret_exh": g["regret_vs_exhaustive"].max(),
+            "regret_oracle": _mean(g["regret_vs_oracle"]),
+            "same_as_exh": f"{int(g['indistinguishable_from_exhaustive'].sum())}/{len(g)}",
+            "pick_stable": f"{_stable(g)}/{g['task'].nunique()}",
+        })
+    return pd.DataFrame(out)
+
+
+def _stable(g: pd.DataFrame) -> int:
+    """Tasks on which every seed picked the same cut."""
+    return int(sum(1 for _, t in g.groupby("task") if t["pick"].nunique() == 1))
+
+
+def study_answer_rows(task: str, name: str, storage: str) -> list[dict[str, Any]]:
+    """The study's own answer over all seeds and the baselines: validation and test means, and the
+    bootstrap interval of the test metric (the same resampling as validation's)."""
+    study, cfg = open_study(name, storage)
+    trials = study.get_trials(deepcopy=False)
+    best = best_cut(name, storage)
+    evidence, _ = trial_evidence(trials, "test")
+    test_scores = score_candidates(evidence, cfg.metric, cfg.resolved_direction, cfg.selection) if evidence else {}
+    dataset = cfg.trial.data.dataset
+    rows = []
+    for (strategy, cut), group in completed_by_cut(records(trials)).items():
+        chosen = strategy == SEARCH_STRATEGY and cut == best["cut"]
+        if strategy == SEARCH_STRATEGY and not chosen:
+            continue
+        summary = summarize_cut(group)
+        ts = test_scores.get((strategy, cut))
+        rows.append({
+            "task": task, "model": f"chosen: ttl cut {cut}" if chosen else f"{strategy} (cut {cut})",
+            "rule": best["rule"] if chosen else "", "seeds": summary.repeats, "params": summary.params,
+            "val": summary.val.get(cfg.metric),
+            "val_ci": (f"[{best['val_ci'][0]:.3f}, {best['val_ci'][1]:.3f}]" if chosen and best["val_ci"] else ""),
+            "test": summary.test.get(cfg.metric), "test_sd": summary.test_sd.get(cfg.metric),
+            "test_ci": f"[{ts.ci[0]:.3f}, {ts.ci[1]:.3f}]" if ts else "",
+            "reference": REFERENCE.get(dataset),
+        })
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Compute share against regret to the test oracle, one panel per task, one marker per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(rows)
+    frame = frame[frame["rule"] == RULES[0]]
+    tasks = list(dict.fromkeys(frame["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method, g in frame[frame["task"] == task].groupby("method", sort=False):
+            ax.scatter(g["compute_share"], g["regret_vs_oracle"], label=method, alpha=0.7)
+        ax.set_title(task)
+        ax.set_xlabel("share of exhaustive compute")
+        ax.set_ylabel("test regret vs oracle cut")
+        ax.axhline(0, color="gray", lw=0.5)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"search methods replayed on exhaustive studies (rule {RULES[0]}; one point per seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(frame: pd.DataFrame) -> str:
+    return tabulate(frame, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS, help="tasks (default: all)")
+    parser.add_argument("--storage", default=None,
+                        help="study database (default: sqlite:///<out>/search_quality.db)")
+    parser.add_argument("--out", default=str(HERE / "out"), help="folder for the database, CSV and PNG")
+    parser.add_argument("--data", default=os.environ.get("TTL_SEARCH_DATA", str(HERE.parents[1] / "shared" / "datasets")),
+                        help="MedMNIST folder")
+    parser.add_argument("--quick", action="store_true", help="2 epochs on a fifth of the training data")
+    parser.add_argument("--replay-only", action="store_true", help="replay stored studies, train nothing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ["TTL_SEARCH_DATA"] = str(Path(args.data).resolve())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or f"sqlite:///{(out / 'search_quality.db').resolve()}"
+    suffix = "_quick" if args.quick else ""
+    rows: list[dict[str, Any]] = []
+    answers: list[dict[str, Any]] = []
+    try:
+        for task in args.tasks:
+            name = ensure_study(task, storage, args.quick, args.replay_only)
+            task_rows = replay_task(task, name, storage)
+            rows += task_rows
+            answers += study_answer_rows(task, name, storage)
+            print(f"\n## {task} ({name}): replays per seed, means over seeds\n\n{_fmt(task_table(task_rows))}\n",
+                  flush=True)
+    except TTLSearchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = summary_table(rows)
+    print(f"\n## summary over {len(args.tasks)} task(s)\n\n{_fmt(summary)}\n")
+    print(f"## each study's own answer (all seeds) and its baselines\n\n{_fmt(pd.DataFrame(answers))}\n")
+    pd.DataFrame(rows).to_csv(out / f"search_quality{suffix}.csv", index=False)
+    summary.to_csv(out / f"search_quality_summary{suffix}.csv", index=False)
+    pd.DataFrame(answers).to_csv(out / f"search_quality_answers{suffix}.csv", index=False)
+    plot(rows, out / f"search_quality{suffix}.png")
+    print(f"wrote {out}/search_quality{suffix}.csv, search_quality_summary{suffix}.csv, "
+          f"search_quality_answers{suffix}.csv and search_quality{suffix}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Replaying search methods on an exhaustive study's stored trials (no training)."""
+
+from __future__ import annotations
+
+from studyutil import DEBUG_STUDY, synthetic_study
+from ttl_search.analysis.replay import Method, indistinguishable, oracle_cut, replay, seeds_of
+from ttl_search.results.answer import study_answer
+from ttl_search.search.samplers import TwoStageSampler
+from ttl_search.search.study import load_study_config, make_sampler
+
+STRENGTH = {1: 0.2, 2: 0.4, 3: 0.8, 4: 1.6, 5: 3.0, 6: 1.2, 7: 1.0}
+
+
+def exhaustive(seeds: int = 2):
+    cfg = load_study_config(DEBUG_STUDY, ["search.method=exhaustive", f"search.repeats={seeds}"])
+    study, candidates = synthetic_study(cfg, STRENGTH, seeds=seeds, n_pos=150, n_neg=150)
+    return study.trials, cfg, candidates
+
+
+def test_exhaustive_replay_is_the_study_itself_on_one_seed():
+    trials, cfg, candidates = exhaustive()
+    assert seeds_of(trials) == [0, 1]
+    r = replay(trials, cfg, candidates, Method("exhaustive", {"method": "exhaustive"}), repeat=1)
+    assert sorted(r.trained) == [c.index for c in candidates]
+    assert r.compute_s == sum(10.0 * c.index for c in candidates)
+    seed1 = [t for t in trials if t.params["repeat"] == 1]
+    assert r.pick == study_answer(seed1, cfg, candidates).pick == 5
+    assert r.val == next(t.value for t in seed1 if t.params["cut"] == 5)
+    low, high = r.val_ci
+    assert low < r.val < high and r.test is not None
+
+
+def test_two_stage_replay_trains_the_stage_ends_then_the_winning_stage():
+    trials, cfg, candidates = exhaustive()
+    r = replay(trials, cfg, candidates, Method("two_stage", {"method": "two_stage", "top_k": 1}), repeat=0)
+    sampler = make_sampler(load_study_config(DEBUG_STUDY), candidates)
+    assert isinstance(sampler, TwoStageSampler)
+    ends = sorted(c.index for c in sampler.representatives.values())
+    stage = next(c.stage for c in candidates if c.index == 5)
+    inner = sorted(c.index for c in sampler.stages[stage] if c.index not in ends)
+    assert r.trained[:len(ends)] == ends and sorted(r.trained[len(ends):]) == inner
+    assert r.pick == 5 and r.compute_s == sum(10.0 * c for c in r.trained)
+
+
+def test_tpe_replay_spends_its_budget_and_rules_differ_only_in_the_answer():
+    trials, cfg, candidates = exhaustive()
+    r = replay(trials, cfg, candidates, Method("tpe", {"method": "tpe", "budget": 3}), repeat=0)
+    assert r.trainings == 3 and r.pick in r.trained
+    best = replay(trials, cfg, candidates, Method("tpe", {"method": "tpe", "budget": 3}, {"rule": "best"}), repeat=0)
+    assert best.trained == r.trained and best.rule == "best"
+
+
+def test_oracle_and_indistinguishable():
+    trials, cfg, _ = exhaustive()
+    cut, value = oracle_cut(trials, cfg, 0)
+    tests = {t.params["cut"]: t.user_attrs["test_auroc"] for t in trials if t.params["repeat"] == 0}
+    assert value == max(tests.values()) and tests[cut] == value
+    assert indistinguishable(trials, cfg, 0, 5, 5)
+    assert not indistinguishable(trials, cfg, 0, 1, 5)
+
+
+def test_search_quality_benchmark_replays_a_stored_study(tmp_path, capsys):
+    """benchmarks/search_quality.py --replay-only on a stored (synthetic) exhaustive study: the
+    tables, CSV files and PNG it promises."""
+    import importlib.util
+
+    import optuna
+    import pandas as pd
+
+    from studyutil import REPO
+
+    cfg = load_study_config(DEBUG_STUDY, ["search.method=exhaustive", "search.repeats=3", "name=sq-breast-lite0-64"])
+    study, _ = synthetic_study(cfg, STRENGTH, seeds=3, baselines={"full": 3.0, "linear_probe": 1.0})
+    url = f"sqlite:///{tmp_path / 'sq.db'}"
+    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage, to_storage=url)
+    spec = importlib.util.spec_from_file_location("search_quality", REPO / "benchmarks" / "search_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--replay-only", "--storage", url, "--tasks", "breast_lite0_64", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "## summary over 1 task(s)" in out and "two_stage k=1" in out and "tpe budget 5" in out
+    rows = pd.read_csv(tmp_path / "search_quality.csv")
+    assert len(rows) == 5 * 2 * 3  # methods x rules x seeds
+    exh = rows[rows.method == "exhaustive"]
+    assert (exh.trainings == 7).all() and (exh.compute_share == 1).all() and (exh.regret_vs_exhaustive == 0).all()
+    assert (rows[rows.method == "tpe budget 5"].trainings == 5).all()
+    assert rows.indistinguishable_from_exhaustive.dtype == bool
+    answers = pd.read_csv(tmp_path / "search_quality_answers.csv")
+    assert {"full (cut 7)", "linear_probe (cut 7)"} <= set(answers.model) and answers.test_ci.notna().all()
+    assert (tmp_path / "search_quality.png").stat().st_size > 10_000
+    assert bench.main(["--replay-only", "--storage", url, "--tasks", "pneumonia_lite0_64", "--out", str(tmp_path)]) == 2
