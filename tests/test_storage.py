@@ -33,3 +33,17 @@ def test_processes_that_create_the_schema_at_once_all_open_it(tmp_path):
             if proc.returncode:
                 failures.append(err.strip().splitlines()[-1])
     assert not failures, failures
+
+
+def test_the_storage_password_never_shows():
+    """A database that cannot be reached: the error names the URL with its password masked."""
+    from ttl_search.errors import ConfigError
+    from ttl_search.storage import mask_url, open_storage
+
+    url = "postgresql+psycopg://ttl:s3cret-pw@127.0.0.1:1/studies"
+    with pytest.raises(ConfigError) as info:
+        open_storage(url)
+    message = str(info.value)
+    assert "s3cret-pw" not in message and "ttl:***@127.0.0.1:1/studies" in message
+    assert mask_url("sqlite:///a.db") == "sqlite:///a.db"
+    assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"

@@ -426,10 +426,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from .results import serve_dashboard
-    from .storage import storage_url
+    from .storage import mask_url, storage_url
 
     url = storage_url(args.storage)
-    print(f"optuna-dashboard on http://{args.host}:{args.port} for {url} (Ctrl-C stops it)", flush=True)
+    print(f"optuna-dashboard on http://{args.host}:{args.port} for {mask_url(url)} (Ctrl-C stops it)", flush=True)
     serve_dashboard(url, args.host, args.port, args.artifacts)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -46,6 +47,17 @@ def storage_url(url: str | None = None) -> str:
     return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages, logs and stored attributes."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: hide anything between ':' and '@'
+        return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+    return parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+
+
 def sqlite_path(url: str) -> Path | None:
     """The database file of a SQLite URL (None for other databases or in-memory SQLite)."""
     if not url.startswith("sqlite:///"):
@@ -62,19 +74,20 @@ def open_storage(url: str | None = None) -> RDBStorage:
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
         path = sqlite_path(url)
         if path is not None and not path.parent.exists():
-            raise ConfigError(f"storage {url}: folder {path.parent} does not exist")
+            raise ConfigError(f"storage {mask_url(url)}: folder {path.parent} does not exist")
     for attempt in range(SCHEMA_RACE_RETRIES + 1):
         try:
             return RDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
         except ModuleNotFoundError as exc:
-            raise ConfigError(f"storage {url} needs a database driver that is not installed ({exc.name}); "
+            raise ConfigError(f"storage {mask_url(url)} needs a database driver that is not installed ({exc.name}); "
                               "for PostgreSQL: pip install 'ttl-search[postgres]'") from exc
         except Exception as exc:  # noqa: BLE001 - connection problems are the user's to fix
             if _schema_race(exc) and attempt < SCHEMA_RACE_RETRIES:
                 # Another process (the dashboard, a second driver) created the schema at the same moment.
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            raise ConfigError(f"cannot open storage {url}: {type(exc).__name__}: {exc}") from exc
+            detail = str(exc).replace(url, mask_url(url))
+            raise ConfigError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {detail}") from None
     raise AssertionError("unreachable")
 
 
@@ -92,7 +105,7 @@ def load_study(name: str, storage: RDBStorage, sampler=None) -> optuna.Study:
     """An existing study; an unknown name lists the studies in the database."""
     if name not in study_names(storage):
         names = study_names(storage)
-        raise StudyError(f"no study named {name!r} in {storage.url}; studies there: {choices(names) or 'none'}")
+        raise StudyError(f"no study named {name!r} in {mask_url(storage.url)}; studies there: {choices(names) or 'none'}")
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
 
 

@@ -361,3 +361,22 @@ def test_cross_validated_study_decides_on_the_mean_over_folds(tmp_path, shared_d
     assert best["val"]["auroc"] == pytest.approx(mean, abs=1e-9)
     low, high = best["val_ci"]
     assert low <= mean <= high
+
+
+def test_two_runs_of_one_new_name_at_once(tmp_path, shared_datasets_dir_module):
+    """Both drivers pass the "exists?" check at about the same moment; the one that loses the race
+    to create the study says it already exists (no DuplicatedStudyError traceback), the other runs."""
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    args = _study_args("race", url, shared_datasets_dir_module, "--set", "trial.max_epochs=1")
+    procs = [start_driver(args, tmp_path / f"driver{i}.log") for i in range(2)]
+    try:
+        codes = sorted(p.wait(timeout=600) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_group(p)
+    logs = [(tmp_path / f"driver{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 2], logs
+    loser = next(text for text in logs if "already exists" in text)
+    assert "Traceback" not in loser and "ttl-search resume race" in loser
+    assert all(t.state == TrialState.COMPLETE for t in trials("race", url))

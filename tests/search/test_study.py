@@ -83,3 +83,22 @@ def test_a_stored_config_of_an_earlier_version_still_reads():
     with pytest.raises(ConfigError, match="renamed to 'search.method'"):
         from_dict(StudyConfig, stored)
     assert from_dict(StudyConfig, upgrade_stored_config(stored)).search.method == "exhaustive"
+
+
+def test_numbers_in_exponent_form_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; users mean a number, in --set and in study files."""
+    cfg = load_study_config(STUDIES[0].parent / "debug.yaml", ["trial.lr=1e-3", "trial.weight_decay=5E-4"])
+    assert cfg.trial.lr == 0.001 and cfg.trial.weight_decay == 0.0005
+    path = tmp_path / "s.yaml"
+    path.write_text("trial:\n  lr: 3e-4\n  max_epochs: 2\nname: '1e3'\n")
+    cfg = load_study_config(path)
+    assert cfg.trial.lr == 0.0003 and cfg.name == "1e3"  # quoted stays a string
+    with pytest.raises(ConfigError, match="lr must be a positive number"):
+        load_study_config(path, ["trial.lr=-1e-3"])
+
+
+def test_a_binary_study_file_is_named(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(ConfigError, match=r"study.yaml is not a text \(UTF-8\) YAML file"):
+        load_study_config(path)

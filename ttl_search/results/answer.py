@@ -79,9 +79,8 @@ def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Se
         note = (f"cuts {ttl_missing} stored no validation predictions (trained by an earlier version): "
                 "no intervals; the best mean is chosen")
         return Answer(ranking[0][0], ranking[0][0], BEST, note=note)
-    ttl = {k: e for k, e in evidence.items() if k[0] == SEARCH_STRATEGY}
-    ttl_scores = score_candidates(ttl, cfg.metric, direction, selection)
-    reference = next(k for k, s in ttl_scores.items() if s.diff == 0 and s.diff_ci == (0.0, 0.0))
+    sign = 1.0 if direction == "maximize" else -1.0
+    reference = (SEARCH_STRATEGY, max(ranking, key=lambda cut_mean: sign * cut_mean[1])[0])  # best mean
     scores = score_candidates(evidence, cfg.metric, direction, selection, reference=reference)
     ttl_scores = {k: s for k, s in scores.items() if k[0] == SEARCH_STRATEGY}
     params = {(SEARCH_STRATEGY, c.index): c.params for c in candidates}

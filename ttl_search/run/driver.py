@@ -16,7 +16,7 @@ from ..data import ensure_data
 from ..errors import ConfigError, StudyError
 from ..results import CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, stored_candidates
 from .cluster import ProgressCallback, ray_cluster, run_search
-from ..storage import load_study, open_storage, reconcile_running, storage_url, study_names
+from ..storage import load_study, mask_url, open_storage, reconcile_running, storage_url, study_names
 from ..search.study import StudyConfig, cut_candidates, make_sampler, resolve_paths, upgrade_stored_config
 
 log = logging.getLogger(__name__)
@@ -32,17 +32,19 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
     url = storage_url(cfg.storage)
     storage = open_storage(url)
     if cfg.name in study_names(storage):
-        raise StudyError(f"study {cfg.name!r} already exists in {url}; continue it with `ttl-search resume {cfg.name}` "
-                         "or choose another name (--set name=...)")
+        raise _exists(cfg.name, url)
     resolve_paths(cfg)
     candidates = cut_candidates(cfg)
     sampler = make_sampler(cfg, candidates)  # validates cuts and baselines before anything is stored
     ensure_data(cfg.trial.data)
     with ray_cluster(cfg):  # a cluster that cannot run the trials fails before the study exists
-        study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction,
-                                    sampler=sampler)
+        try:
+            study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction,
+                                        sampler=sampler)
+        except optuna.exceptions.DuplicatedStudyError:  # another `run` created it a moment ago
+            raise _exists(cfg.name, url) from None
         resolved = to_dict(cfg)
-        resolved["storage"] = url
+        resolved["storage"] = mask_url(url)
         study.set_user_attr(CONFIG_ATTR, resolved)
         study.set_user_attr(CANDIDATES_ATTR, [asdict(c) for c in candidates])
         study.set_user_attr("ttl_search_version", __version__)
@@ -50,9 +52,14 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         study.set_user_attr("dataset", cfg.trial.data.dataset)
         study.set_user_attr("search", cfg.search.method)
         study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        log.info("study %s created in %s", cfg.name, url)
+        log.info("study %s created in %s", cfg.name, mask_url(url))
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress)
     return study
+
+
+def _exists(name: str, url: str) -> StudyError:
+    return StudyError(f"study {name!r} already exists in {mask_url(url)}; continue it with `ttl-search resume {name}` "
+                      "or choose another name (--set name=...)")
 
 
 def resume_study(name: str, storage: str | None = None, execution: dict[str, Any] | None = None,

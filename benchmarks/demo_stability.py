@@ -1,0 +1,98 @@
+"""Benchmark: how stable the demo's answer is across study seeds, and how good it is on test.
+
+Runs a study file (default ``studies/demo.yaml``) once per seed (``search.seed=S``, study name
+``<name>-s<S>``; studies already in the database are reused), then prints per seed: the chosen cut,
+its validation metric with its bootstrap interval, its test metric with its interval, and full
+fine-tuning of the same backbone in the same study (TTL at the last cut, which the two-stage search
+trains in stage 1). The test split decides nothing here; it only measures.
+
+    TTL_SEARCH_DATA=../shared/datasets python benchmarks/demo_stability.py --seeds 0 1 2 3 4
+    python benchmarks/demo_stability.py --study old_demo.yaml --prefix old --set selection.rule=best
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from ttl_search.results import best_cut, open_study
+from ttl_search.results.answer import trial_evidence
+from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, records, summarize_cut
+from ttl_search.search.selection import score_candidates
+from ttl_search.search.study import load_study_config
+from ttl_search.storage import open_storage, study_names
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_seed(study: Path, seed: int, name: str, storage: str, overrides: list[str]) -> None:
+    if name in study_names(open_storage(storage)):
+        print(f"seed {seed}: reusing study {name}", flush=True)
+        return
+    from ttl_search.run.driver import run_study
+
+    cfg = load_study_config(study, [*overrides, f"name={name}", f"search.seed={seed}"])
+    cfg.storage = storage
+    print(f"seed {seed}: running study {name}", flush=True)
+    run_study(cfg)
+
+
+def seed_row(seed: int, name: str, storage: str) -> dict:
+    study, cfg = open_study(name, storage)
+    trials = study.get_trials(deepcopy=False)
+    best = best_cut(name, storage)
+    metric, last = cfg.metric, max(c for s, c in completed_by_cut(records(trials)) if s == SEARCH_STRATEGY)
+    evidence, _ = trial_evidence(trials, "test")
+    tests = score_candidates(evidence, metric, cfg.resolved_direction, cfg.selection) if evidence else {}
+    full = summarize_cut(completed_by_cut(records(trials))[(SEARCH_STRATEGY, last)])
+    chosen_test = tests.get((SEARCH_STRATEGY, best["cut"]))
+    full_test = tests.get((SEARCH_STRATEGY, last))
+    return {
+        "seed": seed, "study": name, "rule": best["rule"], "trainings": len(trials), "pick": best["cut"],
+        "params": best["params"], "val": best["val"][metric],
+        "val_ci": f"[{best['val_ci'][0]:.3f}, {best['val_ci'][1]:.3f}]" if best["val_ci"] else "-",
+        "same_as_best": ",".join(map(str, best["indistinguishable"])), "test": best["test"][metric],
+        "test_ci": f"[{chosen_test.ci[0]:.3f}, {chosen_test.ci[1]:.3f}]" if chosen_test else "-",
+        f"full (cut {last}) val": full.val.get(metric), f"full (cut {last}) test": full.test.get(metric),
+        "full_test_ci": f"[{full_test.ci[0]:.3f}, {full_test.ci[1]:.3f}]" if full_test else "-",
+        "wall_s": sum((r.wall_s or 0) for r in records(trials)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default=str(HERE.parent / "studies" / "demo.yaml"))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--prefix", default=None, help="study name prefix (default: the file's name)")
+    parser.add_argument("--storage", default=f"sqlite:///{(HERE / 'out' / 'demo_stability.db').resolve()}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="study overrides")
+    parser.add_argument("--replay-only", action="store_true", help="only read studies already stored")
+    args = parser.parse_args(argv)
+    (HERE / "out").mkdir(exist_ok=True)
+    prefix = args.prefix or load_study_config(args.study, args.set).name
+    rows = []
+    for seed in args.seeds:
+        name = f"{prefix}-s{seed}"
+        if not args.replay_only:
+            run_seed(Path(args.study), seed, name, args.storage, args.set)
+        if name in study_names(open_storage(args.storage)):
+            rows.append(seed_row(seed, name, args.storage))
+    if not rows:
+        print("no study to read", file=sys.stderr)
+        return 2
+    frame = pd.DataFrame(rows)
+    print(tabulate(frame, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f"))
+    picks = collections.Counter(frame["pick"])
+    cut, count = picks.most_common(1)[0]
+    print(f"\npicks over {len(frame)} seeds: {dict(picks)}; the most frequent (cut {cut}) in {count}/{len(frame)}; "
+          f"mean test {frame['test'].mean():.4f} (sd {frame['test'].std(ddof=0):.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
