@@ -248,6 +248,7 @@ def print_ranking(best: dict) -> None:
     rows = []
     for r in best["ranking"]:
         mark = "chosen" if r["chosen"] else ("same" if r["indistinguishable"] else "")
+        mark += " (chance)" if r["at_chance"] else ""
         mean = "-" if r["mean_val"] is None else f"{r['mean_val']:.4f}"
         rows.append([r["strategy"], r["cut"], r["cut_name"] or "-", fmt_params(r["params"], r["trainable_params"]),
                      r["repeats"], mean, fmt_interval(r["val_ci"]), fmt_diff(r["diff"], r["diff_ci"]), mark])
@@ -287,6 +288,8 @@ def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
               f"cut {best['reference_cut']}: {same}")
     elif best["note"]:
         print(best["note"])
+    for warning in best["warnings"]:
+        print(f"WARNING: {warning}")
     rows = []
     for m in best["val"]:
         cells = []

@@ -88,3 +88,25 @@ def test_bad_selection_settings_are_named(override, message):
 
     with pytest.raises(ConfigError, match=message):
         config(override)
+
+
+def test_models_that_learned_nothing_are_flagged():
+    cfg = config()
+    nothing = {c: 0.0 for c in range(1, 8)}  # scores are noise: every cut at chance
+    study, candidates = synthetic_study(cfg, nothing, seeds=1)
+    answer = study_answer(study.trials, cfg, candidates)
+    assert answer.chance == 0.5 and len(answer.at_chance) == 7
+    assert "no trained cut is better than chance" in " ".join(answer.warnings("auroc"))
+    best = chosen_cut(study, cfg)
+    assert best["at_chance"] and best["warnings"] and best["chance"] == 0.5
+
+    study, candidates = synthetic_study(cfg, {**ALIKE, 1: 0.0}, seeds=2)
+    answer = study_answer(study.trials, cfg, candidates)
+    assert ("ttl", 1) in answer.at_chance and ("ttl", 5) not in answer.at_chance
+    assert answer.warnings("auroc") == []
+
+
+def test_accuracy_chance_is_the_majority_share():
+    cfg = config("metric=accuracy")
+    study, candidates = synthetic_study(cfg, ALIKE, n_pos=70, n_neg=30)
+    assert study_answer(study.trials, cfg, candidates).chance == 0.7

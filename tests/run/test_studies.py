@@ -380,3 +380,17 @@ def test_two_runs_of_one_new_name_at_once(tmp_path, shared_datasets_dir_module):
     loser = next(text for text in logs if "already exists" in text)
     assert "Traceback" not in loser and "ttl-search resume race" in loser
     assert all(t.state == TrialState.COMPLETE for t in trials("race", url))
+
+
+def test_a_study_that_learned_nothing_says_so(tmp_path, shared_datasets_dir_module):
+    """lr 1e6: every cut's loss explodes and its validation AUROC sits at chance; `best` warns
+    instead of presenting cut 1 as an answer."""
+    url = f"sqlite:///{tmp_path / 'lr.db'}"
+    log = tmp_path / "driver.log"
+    assert run_cli(_study_args("lr", url, shared_datasets_dir_module, "--set", "trial.lr=1e6",
+                                "--set", "trial.max_epochs=1"), log) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "WARNING: no trained cut is better than chance" in text
+    assert "WARNING: the validation loss exploded" in text
+    best = _best("lr", url, log)
+    assert best["at_chance"] and best["chance"] == 0.5 and len(best["warnings"]) == 2

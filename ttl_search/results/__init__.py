@@ -148,7 +148,8 @@ def chosen_cut(study: optuna.Study, cfg: StudyConfig,
         "finished": plan.action == "finished" and running == 0,
         "full": {"params": summary.full_params, "macs": summary.full_macs},
         "ranking": _ranking_rows(answer, groups, cfg),
-        "note": answer.note,
+        "note": answer.note, "chance": answer.chance,
+        "at_chance": (SEARCH_STRATEGY, cut) in answer.at_chance, "warnings": answer.warnings(cfg.metric),
     }
 
 
@@ -168,6 +169,7 @@ def _ranking_rows(answer: Answer, groups: dict[tuple[str, int], list[TrialRecord
             "val_ci": list(score.ci) if score else None,
             "diff": score.diff if score else None, "diff_ci": list(score.diff_ci) if score else None,
             "indistinguishable": score.indistinguishable if score else None,
+            "at_chance": (strategy, cut) in answer.at_chance if score else None,
             "chosen": strategy == SEARCH_STRATEGY and cut == answer.pick,
         })
     rows.sort(key=lambda r: -sign * r["mean_val"] if r["mean_val"] is not None else float("inf"))

@@ -13,17 +13,21 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
-from ..search.record import SEARCH_STRATEGY, trial_predictions
+from ..search.record import SEARCH_STRATEGY, completed_by_cut, records, trial_predictions
 from ..search.samplers import CutCandidate, rank_cuts, trial_key
-from ..search.selection import BEST, Evidence, Score, choose, score_candidates
+from ..search.selection import BEST, Evidence, Score, choose, metric_value, score_candidates
 from ..search.study import StudyConfig
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
 """(strategy, cut)."""
+LOSS_EXPLODED = 50.0
+"""A mean validation cross-entropy above this is a diverged training (a model at chance has log K,
+0.69 for two classes)."""
 
 
 @dataclass
@@ -43,6 +47,31 @@ class Answer:
     """TTL cuts whose paired difference to the reference is not significant (the reference too)."""
     note: str = ""
     """Why there are no intervals, when there are none."""
+    chance: float | None = None
+    """The metric of a model that learned nothing (it predicts the class frequencies for every
+    image) on the validation labels; None without predictions."""
+    at_chance: list[Key] = field(default_factory=list)
+    """(strategy, cut)s whose validation interval reaches the chance level: not shown to have
+    learned anything."""
+    exploded: list[Key] = field(default_factory=list)
+    """(strategy, cut)s whose validation loss exploded (mean above :data:`LOSS_EXPLODED`)."""
+
+    def warnings(self, metric: str) -> list[str]:
+        """What makes the answer doubtful, for people: the pick (or every cut) at chance, losses
+        that exploded."""
+        out = []
+        ttl = [k for k in self.scores if k[0] == SEARCH_STRATEGY]
+        if ttl and set(ttl) <= set(self.at_chance):
+            out.append(f"no trained cut is better than chance (validation {metric} {self.chance:.4f} lies in every "
+                       "interval): the models learned nothing; check the learning rate, the data and the labels")
+        elif (SEARCH_STRATEGY, self.pick) in self.at_chance:
+            out.append(f"the chosen cut's validation {metric} interval reaches chance ({self.chance:.4f}): it is not "
+                       "shown to have learned anything")
+        exploded = sorted(c for s, c in self.exploded if s == SEARCH_STRATEGY)
+        if exploded:
+            out.append(f"the validation loss exploded (above {LOSS_EXPLODED:g}) at cut(s) {exploded}: "
+                       "the training diverged; lower the learning rate")
+        return out
 
 
 def trial_evidence(trials: Sequence[FrozenTrial], split: str = "val") -> tuple[dict[Key, Evidence], set[Key]]:
@@ -78,7 +107,7 @@ def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Se
     if ttl_missing:
         note = (f"cuts {ttl_missing} stored no validation predictions (trained by an earlier version): "
                 "no intervals; the best mean is chosen")
-        return Answer(ranking[0][0], ranking[0][0], BEST, note=note)
+        return Answer(ranking[0][0], ranking[0][0], BEST, note=note, exploded=exploded_losses(trials))
     sign = 1.0 if direction == "maximize" else -1.0
     reference = (SEARCH_STRATEGY, max(ranking, key=lambda cut_mean: sign * cut_mean[1])[0])  # best mean
     scores = score_candidates(evidence, cfg.metric, direction, selection, reference=reference)
@@ -89,4 +118,32 @@ def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Se
     else:
         pick = choose(ttl_scores, params, selection.rule, direction)[1]
     close = sorted(k[1] for k, s in ttl_scores.items() if s.indistinguishable)
-    return Answer(pick, reference[1], selection.rule, scores, close)
+    chance = chance_level(evidence[reference], cfg.metric)
+    at_chance = [k for k, sc in scores.items() if not _beats(sc, chance, direction)]
+    return Answer(pick, reference[1], selection.rule, scores, close, chance=chance, at_chance=at_chance,
+                  exploded=exploded_losses(trials))
+
+
+def _beats(score: Score, chance: float, direction: str) -> bool:
+    """Whether the whole interval of ``score`` is better than ``chance`` (NaN bounds never are)."""
+    return score.ci[0] > chance if direction == "maximize" else score.ci[1] < chance
+
+
+def chance_level(evidence: Evidence, metric: str) -> float:
+    """``metric`` of a model that learned nothing: it predicts every fold's class frequencies for
+    every image (AUROC 0.5, accuracy the majority share, AUPRC the prevalence...); mean over folds."""
+    values = []
+    for labels, probs in evidence.folds.values():
+        prior = np.bincount(labels, minlength=probs[0].shape[1]) / len(labels)
+        values.append(metric_value(metric, labels, np.tile(prior, (len(labels), 1))))
+    return float(np.mean(values))
+
+
+def exploded_losses(trials: Sequence[FrozenTrial]) -> list[Key]:
+    """(strategy, cut)s whose mean validation loss is above :data:`LOSS_EXPLODED`."""
+    out = []
+    for key, group in completed_by_cut(records(trials)).items():
+        losses = [r.val["loss"] for r in group if "loss" in r.val]
+        if losses and sum(losses) / len(losses) > LOSS_EXPLODED:
+            out.append(key)
+    return out
