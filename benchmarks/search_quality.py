@@ -14,7 +14,7 @@ decides nothing; it only measures. Also per task: the study's own answer over al
 bootstrap interval of its test metric, next to the baselines. Writes CSV files and a PNG to --out.
 
     python benchmarks/search_quality.py                    # real runs (hours on a 2-core CPU)
-    python benchmarks/search_quality.py --quick            # 2 epochs, small subsets: < 20 min
+    python benchmarks/search_quality.py --quick            # 2 seeds, 2 epochs, small subsets: < 20 min
     python benchmarks/search_quality.py --replay-only      # only replay studies already stored
 
 Data: ``--data`` (default ``$TTL_SEARCH_DATA`` or ``../shared/datasets``).
@@ -52,9 +52,9 @@ METHODS = (
     Method("tpe budget 8", {"method": "tpe", "budget": 8}),
 )
 RULES = ("smallest_within_ci", "best")
-QUICK = ["trial.max_epochs=2", "trial.early_stopping=0", "trial.latency_repeats=0"]
+QUICK = ["trial.max_epochs=2", "trial.early_stopping=0", "trial.latency_repeats=0", "search.repeats=2"]
 QUICK_FRACTION = 0.2
-"""--quick: two epochs on at most a fifth of the training images (the replay part is unchanged)."""
+"""--quick: two seeds, two epochs on at most a fifth of the training images (the replay is unchanged)."""
 REFERENCE = {"breastmnist": 0.901, "pneumoniamnist": 0.944}
 """MedMNIST v2's best ResNet (ResNet-18, 28 px) test AUROC: the external yardstick."""
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "out"), help="folder for the database, CSV and PNG")
     parser.add_argument("--data", default=os.environ.get("TTL_SEARCH_DATA", str(HERE.parents[1] / "shared" / "datasets")),
                         help="MedMNIST folder")
-    parser.add_argument("--quick", action="store_true", help="2 epochs on a fifth of the training data")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 2 epochs, at most a fifth of the training data")
     parser.add_argument("--replay-only", action="store_true", help="replay stored studies, train nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
