@@ -200,7 +200,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     frame = pd.DataFrame(rows)
     frame = frame[frame["rule"] == RULES[0]]
     tasks = list(dict.fromkeys(frame["task"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(7.0, 5.0 * len(tasks)), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method, g in frame[frame["task"] == task].groupby("method", sort=False):
             ax.scatter(g["compute_share"], g["regret_vs_oracle"], label=method, alpha=0.7)
@@ -209,7 +209,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("test regret vs oracle cut")
         ax.axhline(0, color="gray", lw=0.5)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"search methods replayed on exhaustive studies (rule {RULES[0]}; one point per seed)")
+    fig.suptitle(f"search methods replayed on exhaustive studies\n(rule {RULES[0]}; one point per seed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
