@@ -161,17 +161,23 @@ def test_report_files_table_and_artifacts(study, tmp_path):
     assert (f"| {_cell(probe['test_balanced_accuracy'])} | {_cell(probe['test_f1_macro'])} | "
             f"{fmt_count(probe['params'])} | {fmt_count(probe['trainable_params'])} |") in md
     assert results.loc[2, "trainable_params"] == probe["trainable_params"]
-    assert ("| cut | last unit | stage | seeds | val auroc | test auroc | val accuracy | test accuracy | "
+    assert ("| cut | last unit | stage | seeds | val auroc | val interval | vs best (paired) | test auroc | "
+            "val accuracy | test accuracy | "
             "val balanced accuracy | test balanced accuracy | val macro F1 | test macro F1 | parameters | trainable | "
             "MACs | latency b1 (ms) |") in md
     chosen = next(t.user_attrs for t in trials
                   if t.user_attrs["strategy"] == "ttl" and t.user_attrs["cut"] == best["cut"])
+    from ttl_search.search.record import fmt_diff, fmt_interval
+
+    ranked = next(r for r in best["ranking"] if r["strategy"] == "ttl" and r["cut"] == best["cut"])
     assert (f"| {best['cut']} **(chosen)** | {best['cut_name']} | {best['stage']} | 1 | {_cell(chosen['val_auroc'])} | "
+            f"{fmt_interval(best['val_ci'])} | {fmt_diff(ranked['diff'], ranked['diff_ci'])} | "
             f"{_cell(chosen['test_auroc'])} | "
             + " | ".join(_cell(chosen[f"{split}_{m}"]) for m in ("accuracy", "balanced_accuracy", "f1_macro")
                          for split in ("val", "test"))
             + f" | {fmt_count(chosen['params'])} | {fmt_count(chosen['trainable_params'])} |") in md
     assert f"Cut **{best['cut']}** (`{best['cut_name']}`" in md
+    assert f"bootstrap interval (stratified, paired across cuts): {fmt_interval(best['val_ci'])}" in md
     for png in ("metric_vs_cut.png", "metric_vs_cost.png", "search_order.png"):
         assert f"]({png})" in md
 
