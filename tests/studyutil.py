@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -48,9 +49,18 @@ def run_cli(args: list[str], log: Path, timeout: float = 600) -> int:
             kill_group(proc)
 
 
+@functools.lru_cache(maxsize=None)
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) per URL for the whole test session: polling with a new
+    storage each time leaves a pool per call open until garbage collection, which ran PostgreSQL
+    out of connections ("too many clients") on a loaded machine."""
+    return optuna.storages.RDBStorage(url)
+
+
 def trials(name: str, url: str) -> list[optuna.trial.FrozenTrial]:
+    """The trials of study ``name`` (none while it does not exist yet)."""
     try:
-        return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=name, storage=_storage(url)).get_trials(deepcopy=False)
     except KeyError:
         return []
 

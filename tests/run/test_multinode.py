@@ -368,12 +368,9 @@ def study_args(name: str, data_dir: Path, *overrides: str) -> list[str]:
 
 
 def load_trials(name: str, url: str):
-    import optuna
+    from studyutil import trials
 
-    try:
-        return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-    except KeyError:  # not created yet
-        return []
+    return trials(name, url)  # one connection pool per URL, however often a test polls
 
 
 def wait_until(predicate: Callable[[], bool], driver: Driver, timeout: float, what: str) -> None:
