@@ -54,7 +54,9 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
     """One storage (one connection pool) per URL for the whole test session: polling with a new
     storage each time leaves a pool per call open until garbage collection, which ran PostgreSQL
     out of connections ("too many clients") on a loaded machine."""
-    return optuna.storages.RDBStorage(url)
+    from ttl_search.storage import open_storage
+
+    return open_storage(url)  # pool_pre_ping on PostgreSQL: polls survive a server restart
 
 
 def trials(name: str, url: str) -> list[optuna.trial.FrozenTrial]:

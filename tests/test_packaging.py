@@ -190,7 +190,7 @@ def test_reading_commands_never_import_the_run_side(study, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-LAYERS = [("errors",), ("config",), ("models",), ("data",), ("train",), ("search",), ("storage",), ("results",),
+LAYERS = [("errors",), ("config",), ("models",), ("data",), ("train",), ("search",), ("storage", "lease"), ("results",),
           ("run",), ("analysis", "report", "export"), ("cli", "__main__", "__init__")]
 """The package's layers in the order data travels; a module imports only from its own layer or
 those before it, and nothing but the CLI imports ``run`` (reading a study never needs Ray)."""

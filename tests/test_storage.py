@@ -47,3 +47,69 @@ def test_the_storage_password_never_shows():
     assert "s3cret-pw" not in message and "ttl:***@127.0.0.1:1/studies" in message
     assert mask_url("sqlite:///a.db") == "sqlite:///a.db"
     assert mask_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver's storage rides out database outages
+
+
+def test_only_lost_connections_count_as_an_outage():
+    import optuna
+    from sqlalchemy.exc import DataError, OperationalError
+
+    from ttl_search.storage import connection_lost
+
+    lost = OperationalError("SELECT 1", {}, Exception("connection refused"))
+    try:  # how Optuna reports it: "invalid data in the commit", raised from the real error
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from lost
+    except optuna.exceptions.StorageInternalError as exc:
+        wrapped = exc
+    assert connection_lost(lost) and connection_lost(wrapped)
+    assert not connection_lost(DataError("INSERT", {}, Exception("value too long")))
+    assert not connection_lost(ValueError("bad value"))
+
+
+@pytest.fixture
+def postgres_server():
+    from pgserver import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_short_outage_is_retried_and_a_long_one_ends_with_a_clear_error(postgres_server, tmp_path):
+    import threading
+
+    import optuna
+
+    from ttl_search.storage import StorageUnavailableError, driver_storage
+
+    waits: list = []
+    storage = driver_storage(postgres_server.url, patience_s=60, study_name="outage")
+    storage.on_wait = waits.append
+    study = optuna.create_study(study_name="outage", storage=storage)
+    study.enqueue_trial({"x": 1.0})
+
+    # a 3 s outage: the call waits for the server, then goes through
+    postgres_server.stop()
+    threading.Timer(3.0, postgres_server.start).start()
+    started = time.monotonic()
+    trial = study.ask()
+    assert time.monotonic() - started >= 2.5
+    study.tell(trial, 1.0)
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]
+    assert waits[0].startswith("database unreachable") and waits[-1] is None  # said so, then back
+
+    # longer than the patience: a clear error that names the study, not Optuna's "invalid data"
+    storage.patience_s = 2
+    postgres_server.stop()
+    with pytest.raises(StorageUnavailableError) as info:
+        study.get_trials(deepcopy=False)
+    message = str(info.value)
+    assert "has been unreachable for" in message and "ttl-search resume outage" in message
+    assert "invalid data" not in message

@@ -206,6 +206,7 @@ class StudyProgress:
         self.disable = disable
         self.bar = None
         self.phase = ""
+        self.notice: str | None = None
 
     def __call__(self, event: dict) -> None:
         plan = event.get("plan")
@@ -218,9 +219,15 @@ class StudyProgress:
             self.phase = plan.phase
             if plan.expected_total:
                 self.bar.total = plan.expected_total
+        if "notice" in event:  # the database is unreachable (a line), or back (None)
+            self.notice = event["notice"]
+            if self.disable and self.notice:
+                print(self.notice, file=sys.stderr, flush=True)
         self.bar.n = event["complete"] + event["failed"] + event["pruned"]
-        self.bar.set_postfix({"phase": self.phase, "running": event["running"], "failed": event["failed"]},
-                             refresh=False)
+        postfix = {"phase": self.phase, "running": event["running"], "failed": event["failed"]}
+        if self.notice:
+            postfix["WAITING"] = self.notice
+        self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
@@ -342,7 +349,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         execution["ray_address"] = args.ray_address
     progress = StudyProgress(disable=args.quiet)
     try:
-        resume_study(args.name, args.storage, execution, progress)
+        resume_study(args.name, args.storage, execution, progress, force=args.force)
     finally:
         progress.close()
     return _print_outcome(args.name, args.storage)
@@ -380,10 +387,29 @@ def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[i
     filled = width if finished else int(width * done / total) if total else 0
     print(f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} trainings done, {running} running, "
           f"{failed} failed attempt(s){' - finished' if finished else ''}")
+    line = driver_line(study, cfg, [r[0] for r in rows if r[6] == "RUNNING"])
+    if line:
+        print(line)
     best = chosen_cut(study, cfg)
     if best is not None:
         print_ranking(best)
     return done, finished
+
+
+def driver_line(study, cfg, running: list[int]) -> str:
+    """Who drives the study, and whether its RUNNING trials are orphaned (their driver stopped)."""
+    from .lease import read_lease
+    from .storage import study_engine
+
+    lease = read_lease(study_engine(study), study.study_name)
+    trials = ", ".join(str(n) for n in running)
+    if lease is not None and lease.alive(cfg.driver.stale_after_s):
+        return f"driver: {lease.describe()} (alive)"
+    if not running:
+        return f"driver: none ({lease.describe()}, stopped without finishing)" if lease else ""
+    who = f"{lease.describe()}, stopped" if lease else "their driver stopped"
+    return (f"ORPHANED: RUNNING trial(s) {trials} belong to a driver that stopped heartbeating ({who}); "
+            f"`ttl-search resume {study.study_name}` retrains them")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -527,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a study after a crash or interruption")
     p.add_argument("name", help="study name")
     _execution_args(p, "change how it runs: concurrency, resources.*, scheduler.*, artifacts, trial.data.root ...")
+    p.add_argument("--force", action="store_true",
+                   help="take the study over from a driver whose heartbeat is still fresh (only when you know it "
+                        "is dead: two live drivers would train the same cuts twice)")
     p.set_defaults(handler=cmd_resume)
 
     p = sub.add_parser("status", help="table of a study's trials")

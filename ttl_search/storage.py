@@ -13,13 +13,15 @@ import re
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import optuna
-from optuna.storages import RDBStorage
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage, RDBStorage, _CachedStorage
 from optuna.trial import TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from .errors import ConfigError, StudyError, choices
 from .search.record import PREDICTIONS_ATTR, TrialRecord
@@ -70,6 +72,8 @@ def open_storage(url: str | None = None) -> RDBStorage:
     """Open (and create if needed) the study database at ``url``."""
     url = storage_url(url)
     kwargs: dict = {}
+    if url.startswith(("postgresql", "mysql")):
+        kwargs["pool_pre_ping"] = True  # a connection the server dropped (restart, outage) is replaced, not used
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
         path = sqlite_path(url)
@@ -89,6 +93,122 @@ def open_storage(url: str | None = None) -> RDBStorage:
             detail = str(exc).replace(url, mask_url(url))
             raise ConfigError(f"cannot open storage {mask_url(url)}: {type(exc).__name__}: {detail}") from None
     raise AssertionError("unreachable")
+
+
+class StorageUnavailableError(StudyError):
+    """The study database stayed unreachable for longer than the driver's patience."""
+
+
+MAX_BACKOFF_S = 15.0
+"""Longest wait between two attempts to reach a lost database."""
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the database could not be
+    reached or the connection broke, rather than that a statement was wrong. Optuna turns such
+    errors into ``StorageInternalError`` ("invalid data in the commit"), so the chain is searched."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (OperationalError, InterfaceError)) or (
+                isinstance(exc, DBAPIError) and exc.connection_invalidated):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class _Retrying:
+    """Every call goes to the wrapped storage; a lost connection is retried with exponential
+    backoff (0.5 s doubling up to 15 s) until ``patience_s`` has passed since the first failure,
+    then :class:`StorageUnavailableError`. ``on_wait`` hears a line while it waits and ``None``
+    when the database is back."""
+
+    def __init__(self, inner: BaseStorage, url: str, patience_s: float, study_name: str = "<name>",
+                 on_wait: Callable[[str | None], None] | None = None) -> None:
+        self._inner = inner
+        self.url = url
+        self.study_name = study_name
+        self.patience_s = patience_s
+        self.on_wait = on_wait
+
+    def _call(self, name: str, args: tuple, kwargs: dict) -> Any:
+        first = None
+        attempt = 0
+        while True:
+            try:
+                result = getattr(self._inner, name)(*args, **kwargs)
+            except UpdateFinishedTrialError:
+                if attempt and name == "set_trial_state_values":
+                    return True  # the attempt that lost its connection had committed
+                raise
+            except Exception as exc:  # noqa: BLE001 - only connection losses are retried
+                if not connection_lost(exc):
+                    raise
+                now = time.monotonic()
+                first = now if first is None else first
+                left = self.patience_s - (now - first)
+                cause = _short_cause(exc)
+                if left <= 0:
+                    raise StorageUnavailableError(
+                        f"the study database {mask_url(self.url)} has been unreachable for {now - first:.0f} s "
+                        f"({cause}); the driver stops. Trainings that were running are lost and will be retrained: "
+                        f"continue the study with `ttl-search resume {self.study_name}` once the database is back "
+                        "(driver.storage_patience_s sets how long to wait)") from None
+                log.warning("study database %s unreachable for %.0f s (%s); retrying for %.0f s more",
+                            mask_url(self.url), now - first, cause, left)
+                if self.on_wait is not None:
+                    self.on_wait(f"database unreachable for {now - first:.0f} s, retrying for {left:.0f} s more")
+                time.sleep(min(MAX_BACKOFF_S, 0.5 * 2 ** attempt, left))
+                attempt += 1
+                continue
+            if first is not None:
+                log.warning("study database reachable again after %.0f s", time.monotonic() - first)
+                if self.on_wait is not None:
+                    self.on_wait(None)
+            return result
+
+    def __getattr__(self, name: str) -> Any:  # non-storage attributes of the wrapped storage
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def _short_cause(exc: BaseException) -> str:
+    """The innermost message of ``exc``'s chain, on one line."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip().strip("()").splitlines()
+    return f"{type(exc).__name__}: {text[0]}"[:200] if text else type(exc).__name__
+
+
+def _delegate(name: str):
+    def method(self, *args, **kwargs):
+        return self._call(name, args, kwargs)
+
+    method.__name__ = name
+    return method
+
+
+RetryingStorage = type(BaseStorage)(
+    "RetryingStorage", (_Retrying, BaseStorage),
+    {"__doc__": _Retrying.__doc__, "__module__": __name__,
+     **{n: _delegate(n) for n in dir(BaseStorage) if not n.startswith("_") and callable(getattr(BaseStorage, n))}},
+)
+"""A :class:`~optuna.storages.BaseStorage` that rides out database outages (see :class:`_Retrying`)."""
+
+
+def driver_storage(url: str, patience_s: float, study_name: str) -> "RetryingStorage":
+    """The driver's storage for ``study_name``: Optuna's cached RDB storage (what
+    ``optuna.create_study`` would build from the URL) behind :data:`RetryingStorage`."""
+    return RetryingStorage(_CachedStorage(open_storage(url)), url, patience_s, study_name)
+
+
+def study_engine(study: optuna.Study) -> Engine:
+    """The SQLAlchemy engine behind a study opened on an RDB storage (cached or retrying)."""
+    storage = study._storage
+    while not isinstance(storage, RDBStorage):
+        storage = getattr(storage, "_inner", None) or getattr(storage, "_backend")
+    return storage.engine
 
 
 def _schema_race(exc: Exception) -> bool:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from pgserver import PostgresServer, skip_or_fail
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -62,13 +63,6 @@ def _ray_cli() -> list[str]:
     if not found:
         pytest.skip("the `ray` command is not installed")
     return [found]
-
-
-def _skip_or_fail(reason: str) -> None:
-    """Skip locally; under CI a missing service is a failure (CI must run these tests)."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the multi-node tests, but {reason}")
-    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -234,45 +228,17 @@ class Cluster:
 # Fixtures
 
 
-def _postgres_bindir() -> Path | None:
-    dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: [int(x) for x in p.parent.name.split(".") if x.isdigit()])
-    return dirs[-1] if dirs else None
-
-
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     url = os.environ.get("TTL_SEARCH_TEST_POSTGRES")
     if url:
         yield url
         return
-    bindir = _postgres_bindir()
-    if bindir is None or not (bindir / "initdb").is_file():
-        _skip_or_fail("TTL_SEARCH_TEST_POSTGRES is not set and the PostgreSQL server binaries are absent "
-                      "(apt-get install postgresql, or run .ci/run)")
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses root
-        if not shutil.which("runuser"):
-            _skip_or_fail("running as root without runuser: cannot start PostgreSQL as the postgres user")
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    data = Path(tempfile.mkdtemp(prefix="ttl-mn-pg-"))
-    if as_postgres:
-        shutil.chown(data, "postgres", "postgres")
-    port = free_port()
-    started = False
+    server = PostgresServer("ttl_mn")
     try:
-        subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
-                       check=True, capture_output=True)
-        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "server.log"),
-                        "-w", "-o", f"-h 127.0.0.1 -p {port} -k {data}", "start"], check=True, capture_output=True)
-        started = True
-        subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                        "ttl_mn"], check=True, capture_output=True)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/ttl_mn"
+        yield server.url
     finally:
-        if started:
-            subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop"],
-                           capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
+        server.close()
 
 
 @pytest.fixture(scope="module")
@@ -503,7 +469,7 @@ def test_container_driver_joins_runs_and_leaves(cluster, postgres_url, shared_da
     container, where no raylet is visible): it joins the cluster as a 0-CPU node, runs the study
     with RAY_ADDRESS and TTL_SEARCH_STORAGE from the environment, and leaves the cluster."""
     if not _can_unshare():
-        _skip_or_fail("`unshare --pid --fork --mount-proc` is not permitted here (needs root or user namespaces)")
+        skip_or_fail("`unshare --pid --fork --mount-proc` is not permitted here (needs root or user namespaces)")
     from optuna.trial import TrialState
 
     name = f"mn-drv-{uuid.uuid4().hex[:12]}"

@@ -119,3 +119,73 @@ def test_the_token_notice_logger_is_quiet_only_inside_the_block(caplog):
         assert not caplog.records
         logger.warning("later warnings still show")
     assert [r.getMessage() for r in caplog.records] == ["later warnings still show"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures to store: a full artifact folder, a lost lease
+
+
+@pytest.fixture
+def full_folder(tmp_path):
+    """A real 4 KiB file system (tmpfs): every larger write fails with ENOSPC."""
+    import subprocess
+
+    path = tmp_path / "full"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full-disk tests need a real full file system")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_a_checkpoint_the_worker_cannot_write_fails_the_trial_with_the_folder_and_reason(full_folder):
+    import torch
+
+    from ttl_search.run.cluster import save_checkpoint
+
+    path = full_folder / "study" / "trial-0.pt"
+    payload = save_checkpoint({"w": torch.zeros(64, 64)}, path)
+    assert payload["status"] == "failed" and not path.exists()
+    assert str(full_folder / "study") in payload["reason"] and "No space left on device" in payload["reason"]
+    out = trial_outcome(_final(**{**COMPLETE, **payload}), False, "auroc")
+    assert out.state == TrialState.FAIL and out.infrastructure == payload["reason"]
+
+
+def test_a_checkpoint_the_driver_cannot_store_fails_the_trial_and_stops_the_study(full_folder, tmp_path):
+    from ttl_search.run.searcher import Halt
+
+    checkpoint = tmp_path / "trial-0.pt"
+    checkpoint.write_bytes(b"\0" * 65536)  # written by the worker elsewhere; the store's copy will not fit
+    searcher, study = _searcher([])
+    searcher.artifacts = full_folder
+    searcher.suggest("a"), searcher.suggest("b")
+    searcher.on_trial_complete("a", _final(**{**COMPLETE, "checkpoint": str(checkpoint)}))
+    a, b = study.get_trials()
+    assert a.state == TrialState.FAIL and "No space left on device" in a.user_attrs["fail_reason"]
+    assert str(full_folder) in a.user_attrs["fail_reason"]
+    assert Halt(searcher).stop_all() and "the study stops" in str(searcher.fatal)
+    assert searcher.suggest("c") is searcher.FINISHED
+    searcher.stop_unfinished()  # what Tune stopped is stored as failed, never left RUNNING
+    b = study.get_trials()[1]
+    assert b.state == TrialState.FAIL and "stopped unfinished when the study stopped" in b.user_attrs["fail_reason"]
+
+
+def test_a_driver_that_lost_its_lease_writes_nothing_more(tmp_path):
+    from ttl_search.lease import DriverLease
+    from ttl_search.storage import open_storage
+
+    engine = open_storage(f"sqlite:///{tmp_path / 'l.db'}").engine
+    mine, other = DriverLease(engine, "progress", 30, 120), DriverLease(engine, "progress", 30, 120)
+    mine.acquire()
+    searcher, study = _searcher([])
+    searcher.lease = mine
+    searcher.suggest("a")
+    other.acquire(force=True)
+    assert mine.renew() is False
+    searcher.on_trial_complete("a", _final(**COMPLETE))
+    searcher.stop_unfinished()
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]  # the new driver reconciles it
+    assert searcher.suggest("b") is searcher.FINISHED and "taken over" in str(searcher.fatal)
+    other.release()

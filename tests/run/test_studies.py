@@ -137,6 +137,9 @@ def test_killed_driver_resumes_to_the_same_answer(reference, storage_url, tmp_pa
     finally:
         kill_group(proc)
     assert any(t.state == TrialState.RUNNING for t in trials(name, storage_url))
+    status = subprocess.run([sys.executable, "-m", "ttl_search", "status", name, "--storage", storage_url],
+                            capture_output=True, text=True, timeout=120)
+    assert "ORPHANED: RUNNING trial(s)" in status.stdout and f"pid {proc.pid}" in status.stdout, status.stdout
 
     # 2. resume, and kill again while a stage-2 trial runs
     resume = ["resume", name, "--storage", storage_url, "--quiet"]
@@ -377,7 +380,7 @@ def test_two_runs_of_one_new_name_at_once(tmp_path, shared_datasets_dir_module):
                 kill_group(p)
     logs = [(tmp_path / f"driver{i}.log").read_text() for i in range(2)]
     assert codes == [0, 2], logs
-    loser = next(text for text in logs if "already exists" in text)
+    loser = next(text for text in logs if "already exists" in text or "is being created by" in text)
     assert "Traceback" not in loser and "ttl-search resume race" in loser
     assert all(t.state == TrialState.COMPLETE for t in trials("race", url))
 
@@ -394,3 +397,67 @@ def test_a_study_that_learned_nothing_says_so(tmp_path, shared_datasets_dir_modu
     assert "WARNING: the validation loss exploded" in text
     best = _best("lr", url, log)
     assert best["at_chance"] and best["chance"] == 0.5 and len(best["warnings"]) == 2
+
+
+def test_one_driver_per_study_a_second_is_refused_and_force_takes_over(tmp_path, shared_datasets_dir_module):
+    """`resume` while the driver lives is refused (nothing marked failed, nothing trained twice);
+    `resume --force` takes the study over, the first driver stops without writing, and the study
+    finishes once."""
+    url = f"sqlite:///{tmp_path / 'dup.db'}"
+    first = start_driver(_study_args("dup", url, shared_datasets_dir_module, "--set", "trial.max_epochs=30",
+                                     "--set", "driver.heartbeat_s=1", "--set", "driver.stale_after_s=30"),
+                         tmp_path / "first.log")
+    try:
+        wait_for(lambda: any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials("dup", url)),
+                 first, what="a trial in training")
+        refused = subprocess.run([sys.executable, "-m", "ttl_search", "resume", "dup", "--storage", url, "--quiet"],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "is being run by the driver on" in refused.stderr, refused.stderr
+        assert f"pid {first.pid}" in refused.stderr and "--force" in refused.stderr
+        assert not [t for t in trials("dup", url) if t.state == TrialState.FAIL]
+        status = subprocess.run([sys.executable, "-m", "ttl_search", "status", "dup", "--storage", url],
+                                capture_output=True, text=True, timeout=120)
+        assert f"pid {first.pid}), last heartbeat" in status.stdout and "(alive)" in status.stdout
+
+        forced = run_cli(["resume", "dup", "--storage", url, "--quiet", "--force"], tmp_path / "forced.log")
+        assert forced == 0, (tmp_path / "forced.log").read_text()[-3000:]
+        assert first.wait(timeout=120) == 2
+    finally:
+        if first.poll() is None:
+            kill_group(first)
+    text = (tmp_path / "first.log").read_text()
+    assert "was taken over by the driver on" in text and "UpdateFinishedTrialError" not in text
+    ts = trials("dup", url)
+    keys = complete_keys(ts)
+    assert len(keys) == len(set(keys)), "a cut/seed was completed twice"
+    assert not [t for t in ts if t.state == TrialState.RUNNING]
+
+
+def test_a_database_outage_is_ridden_out(tmp_path, shared_datasets_dir_module):
+    """PostgreSQL stopped (`pg_ctl stop -m fast`) for 10 s while trials train: the driver waits and
+    says so, the trainings go on, and the study finishes with every cut once."""
+    from pgserver import PostgresServer
+
+    server = PostgresServer()
+    log = tmp_path / "driver.log"
+    try:
+        proc = start_driver(_study_args("outage", server.url, shared_datasets_dir_module,
+                                        "--set", "trial.max_epochs=8"), log)
+        try:
+            wait_for(lambda: any(t.state == TrialState.RUNNING and t.intermediate_values
+                                 for t in trials("outage", server.url)), proc, what="a trial in training")
+            server.stop()
+            time.sleep(10)
+            server.start()
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                kill_group(proc)
+        text = log.read_text()
+        assert "unreachable for" in text and "reachable again after" in text
+        ts = trials("outage", server.url)
+        keys = complete_keys(ts)
+        assert len(keys) == len(set(keys)) and len(keys) >= 4
+        assert not [t for t in ts if t.state != TrialState.COMPLETE]
+    finally:
+        server.close()

@@ -7,6 +7,7 @@ train and report; the driver is the only writer of the database.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -70,12 +71,7 @@ def trainable(config: dict[str, Any]) -> None:
         result = run_trial(cfg, on_epoch=on_epoch, keep_state=bool(config.get("checkpoint_path")))
         payload = result.to_dict()
         if result.state_dict is not None and result.status == "complete":
-            path = Path(config["checkpoint_path"])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            import torch
-
-            torch.save(result.state_dict, path)
-            payload["checkpoint"] = str(path)
+            payload.update(save_checkpoint(result.state_dict, Path(config["checkpoint_path"])))
     except TTLSearchError as exc:
         payload = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "epochs": 0}
     payload["node_id"] = node_id
@@ -83,6 +79,31 @@ def trainable(config: dict[str, Any]) -> None:
     value = payload.get("val", {}).get(cfg.metric) if payload.get("status") == "complete" else None
     tune.report({"final": True, "epoch": max(1, payload.get("epochs", 0)), VAL_KEY: _finite(value, mode),
                  "node_id": node_id, "payload": json.dumps(payload)})
+
+
+def save_checkpoint(state_dict: dict, path: Path) -> dict[str, Any]:
+    """Write a trial's checkpoint; what the trial's payload says about it. A file that cannot be
+    written (full disk, read-only folder) fails the trial with the folder and the reason, and
+    marks the failure as the infrastructure's (``infrastructure``), which stops the study."""
+    import torch
+
+    buffer = io.BytesIO()  # serialised in memory: a failed write is then an OSError with its errno
+    torch.save(state_dict, buffer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer.getbuffer())
+        return {"checkpoint": str(path)}
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        reason = f"cannot write the checkpoint to the artifact folder {path.parent}: {os_reason(exc)}"
+        return {"status": "failed", "reason": reason, "infrastructure": reason}
+
+
+def os_reason(exc: BaseException) -> str:
+    """``[Errno 28] No space left on device`` from an OSError, or from the OSError behind it."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return f"[Errno {exc.errno}] {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,20 +166,23 @@ def check_cluster_resources(cfg: StudyConfig) -> None:
 
 
 def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path | None,
-               progress: ProgressCallback | None = None) -> None:
-    """Run the study's remaining trials on Ray Tune until the sampler's plan is finished."""
+               progress: ProgressCallback | None = None, lease=None) -> None:
+    """Run the study's remaining trials on Ray Tune until the sampler's plan is finished.
+
+    Raises the searcher's fatal error (after Tune stopped every trial), e.g. a database that
+    stayed unreachable, a full artifact folder, or a lease another driver took over."""
     # Tune's own console output (experiment tables, result paths) is not ours to show; our
     # progress comes through ``progress`` and the log.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
-    from .searcher import StudySearcher
+    from .searcher import Halt, StudySearcher
 
     tune_dir = Path(tempfile.mkdtemp(prefix="ttl-search-tune-"))
     try:
         mode = "max" if cfg.resolved_direction == "maximize" else "min"
         scheduler = SCHEDULERS[cfg.scheduler.type].build(cfg.scheduler, cfg.trial.max_epochs)
-        searcher = StudySearcher(study, sampler, cfg, artifacts, progress)
+        searcher = StudySearcher(study, sampler, cfg, artifacts, progress, lease)
         resources = {"cpu": cfg.resources.cpus, "gpu": cfg.resources.gpus}
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),
@@ -166,9 +190,12 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
                                         num_samples=-1, max_concurrent_trials=cfg.concurrency,
                                         trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{cfg.name}-{int(time.time())}", storage_path=str(tune_dir), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0)),
+                                      failure_config=tune.FailureConfig(max_failures=0), stop=Halt(searcher)),
         )
         tuner.fit()
+        if searcher.fatal is not None:
+            searcher.stop_unfinished()
+            raise searcher.fatal
     finally:
         shutil.rmtree(tune_dir, ignore_errors=True)
 

@@ -4,40 +4,56 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 
 from .. import __version__
 from ..config import from_dict, merge, to_dict
-from ..data import ensure_data
+from ..data import ensure_data, load_data
 from ..errors import ConfigError, StudyError
+from ..lease import DriverLease, Lease
 from ..results import CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, stored_candidates
 from .cluster import ProgressCallback, ray_cluster, run_search
-from ..storage import load_study, mask_url, open_storage, reconcile_running, storage_url, study_names
-from ..search.study import StudyConfig, cut_candidates, make_sampler, resolve_paths, upgrade_stored_config
+from ..search.record import SEARCH_STRATEGY
+from ..search.samplers import CutCandidate
+from ..storage import (driver_storage, load_study, mask_url, open_storage, reconcile_running, storage_url,
+                       study_names)
+from ..search.study import (StudyConfig, baseline_cut, cut_candidates, make_sampler, resolve_paths,
+                            upgrade_stored_config)
+from ..train.trial import prepare_trial
 
 log = logging.getLogger(__name__)
 
 EXECUTION_KEYS = ("concurrency", "resources.", "ray_address", "storage", "scheduler.", "artifacts",
                   "trial.data.root", "trial.data.path", "trial.data.download", "trial.device", "trial.amp",
-                  "trial.eval_batch_size", "trial.latency_repeats")
+                  "trial.eval_batch_size", "trial.latency_repeats", "driver.")
 """Keys (or key prefixes) ``resume`` may change: where and how trials run, not what they train."""
 
 
 def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> optuna.Study:
     """Create the study ``cfg`` describes and run it to the end."""
     url = storage_url(cfg.storage)
-    storage = open_storage(url)
-    if cfg.name in study_names(storage):
+    rdb = open_storage(url)
+    if cfg.name in study_names(rdb):
         raise _exists(cfg.name, url)
     resolve_paths(cfg)
     candidates = cut_candidates(cfg)
     sampler = make_sampler(cfg, candidates)  # validates cuts and baselines before anything is stored
-    ensure_data(cfg.trial.data)
-    with ray_cluster(cfg):  # a cluster that cannot run the trials fails before the study exists
+    preflight(cfg, candidates)
+
+    def creating(held: Lease) -> str:
+        return (f"study {cfg.name!r} is being created by {held.describe()}; continue it later with "
+                f"`ttl-search resume {cfg.name}` or choose another name (--set name=...)")
+
+    with _driver_lease(rdb, cfg, force=False, refuse=creating) as (lease, _), ray_cluster(cfg):
+        # a cluster that cannot run the trials fails before the study exists
+        if cfg.name in study_names(rdb):  # created by a driver that held the name a moment ago
+            raise _exists(cfg.name, url)
+        storage = driver_storage(url, cfg.driver.storage_patience_s, cfg.name)
         try:
             study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction,
                                         sampler=sampler)
@@ -53,8 +69,35 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         study.set_user_attr("search", cfg.search.method)
         study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
         log.info("study %s created in %s", cfg.name, mask_url(url))
-        run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress)
+        run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
     return study
+
+
+def preflight(cfg: StudyConfig, candidates: Sequence[CutCandidate]) -> None:
+    """Check once, in the driver and before anything is stored or trained, what every trial needs:
+    the data is found, decodes and splits (a truncated or corrupt file fails here, not in nine
+    trainings); the backbone's weights load; the model of every planned strategy builds at its
+    cut (the cuts themselves were checked at the input size by :func:`cut_candidates`)."""
+    ensure_data(cfg.trial.data)
+    data = load_data(cfg.trial.data)
+    models = [(SEARCH_STRATEGY, max(c.index for c in candidates))] if cfg.search.method != "none" else []
+    models += [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]
+    for strategy, cut in models:
+        prepare_trial(replace(cfg.trial, strategy=strategy, cut=cut), data)
+    log.info("checked the data (%d/%d/%d images), the weights and %d model(s) before the study starts",
+             len(data.train), len(data.val), len(data.test), len(models))
+
+
+@contextmanager
+def _driver_lease(rdb, cfg: StudyConfig, force: bool, refuse: Callable[[Lease], str] | None = None
+                  ) -> Iterator[tuple[DriverLease, Lease | None]]:
+    """Hold the study's driver lease for the block: (the lease, the stale lease taken over)."""
+    lease = DriverLease(rdb.engine, cfg.name, cfg.driver.heartbeat_s, cfg.driver.stale_after_s)
+    previous = lease.acquire(force=force, refuse=refuse)
+    try:
+        yield lease, previous
+    finally:
+        lease.release()
 
 
 def _exists(name: str, url: str) -> StudyError:
@@ -63,12 +106,15 @@ def _exists(name: str, url: str) -> StudyError:
 
 
 def resume_study(name: str, storage: str | None = None, execution: dict[str, Any] | None = None,
-                 progress: ProgressCallback | None = None) -> optuna.Study:
+                 progress: ProgressCallback | None = None, force: bool = False) -> optuna.Study:
     """Continue a study after a crash: RUNNING leftovers become FAIL (and are retrained), completed
-    trainings are never repeated. ``execution`` may change how (not what) the study runs."""
+    trainings are never repeated. ``execution`` may change how (not what) the study runs.
+
+    A study whose driver is alive (fresh heartbeat) is refused; ``force`` takes it over anyway
+    (for a driver known to be dead whose heartbeat is not stale yet)."""
     url = storage_url(storage)
-    store = open_storage(url)
-    probe = load_study(name, store)
+    rdb = open_storage(url)
+    probe = load_study(name, rdb)
     values = upgrade_stored_config(dict(probe.user_attrs.get(CONFIG_ATTR) or {}))
     if not values:
         raise StudyError(f"study {name!r} was not created by ttl-search (no stored config)")
@@ -79,13 +125,16 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
     cfg = from_dict(StudyConfig, merge(values, execution or {}))
     cfg.storage = url
     resolve_paths(cfg)
-    sampler = make_sampler(cfg, stored_candidates(probe, cfg))
-    ensure_data(cfg.trial.data)
-    study = load_study(name, store, sampler)
-    with ray_cluster(cfg):
-        reconcile_running(store, study, "left RUNNING by a driver that stopped; resumed "
-                                 f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
-        run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress)
+    candidates = stored_candidates(probe, cfg)
+    sampler = make_sampler(cfg, candidates)
+    preflight(cfg, candidates)
+    with _driver_lease(rdb, cfg, force) as (lease, previous), ray_cluster(cfg):
+        store = driver_storage(url, cfg.driver.storage_patience_s, cfg.name)
+        study = load_study(name, store, sampler)
+        driver = f" ({previous.describe()})" if previous else ""
+        reconcile_running(store, study, f"left RUNNING by a driver that stopped{driver}; resumed "
+                                        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
     return study
 
 

@@ -22,13 +22,15 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
+from ray.tune import Stopper
 from ray.tune.search import Searcher
 
 from ..config import to_dict
+from ..errors import StudyError, TTLSearchError
 from ..search.record import PREDICTIONS_ATTR, TrialRecord
-from .cluster import ProgressCallback
+from .cluster import ProgressCallback, os_reason
 from ..search.samplers import CutCandidate, Plan, job_distributions, suggest_params
-from ..storage import attach_artifact, copied_system_attrs, set_trial_system_attr
+from ..storage import StorageUnavailableError, attach_artifact, copied_system_attrs, set_trial_system_attr
 from ..search.study import StudyConfig, trial_strategies
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class Outcome:
     """(epoch, validation metric) of every epoch the worker reported, for intermediate values."""
     predictions: dict[str, Any] = field(default_factory=dict)
     """The selected checkpoint's encoded ``val`` and ``test`` predictions (COMPLETE only)."""
+    infrastructure: str = ""
+    """Why the trial failed when the fault is the infrastructure's, not the trial's (the artifact
+    folder is full): the study stops rather than burn its retries on the same fault."""
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -95,7 +100,7 @@ def trial_outcome(result: dict[str, Any] | None, error: bool, metric: str) -> Ou
         record.stopped_by = payload.get("reason", "")
         return Outcome(TrialState.PRUNED, record=record, history=history)
     record.fail_reason = payload.get("reason") or "failed"
-    return Outcome(TrialState.FAIL, record=record, history=history)
+    return Outcome(TrialState.FAIL, record=record, history=history, infrastructure=payload.get("infrastructure", ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +149,15 @@ class StudySearcher(Searcher):
     """
 
     def __init__(self, study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path | None,
-                 progress: ProgressCallback | None = None) -> None:
+                 progress: ProgressCallback | None = None, lease=None) -> None:
         super().__init__()
+        self.lease = lease
+        self.fatal: TTLSearchError | None = None
+        """Set when the study must stop: Tune then stops every trial (see :class:`Halt`) and the
+        driver raises it. Nothing more is written to the study from then on."""
+        storage = getattr(study, "_storage", None)
+        if hasattr(storage, "on_wait"):  # the driver's RetryingStorage: say on the progress line that it waits
+            storage.on_wait = self._database_notice
         self.study = study
         self.sampler = sampler
         self.cfg = cfg
@@ -161,8 +173,49 @@ class StudySearcher(Searcher):
         self.counts = {"complete": 0, "failed": 0, "pruned": 0}
         self.last_progress: tuple = ()
 
+    # -- stopping -----------------------------------------------------------------------------------
+    def fail(self, error: TTLSearchError) -> None:
+        """Stop the study with ``error`` (the first fatal error wins)."""
+        if self.fatal is None:
+            self.fatal = error
+            log.error("%s", error)
+
+    def halted(self) -> bool:
+        """Whether the study must stop (a fatal error, or the lease was taken over)."""
+        if self.fatal is None and self.lease is not None and self.lease.lost.is_set():
+            self.fail(StudyError(self.lease.lost_reason))
+        return self.fatal is not None
+
+    def stop_unfinished(self) -> None:
+        """After Tune stopped every trial of a halted study (it does not tell the searcher): store
+        the trials that were running as FAIL where the study may still be written, else leave
+        them RUNNING for ``status`` to call orphaned and ``resume`` to retrain."""
+        for trial_id in list(self.live):
+            live = self.live.pop(trial_id)
+            if self._may_write():
+                self._store_failure(live, f"stopped unfinished when the study stopped: {self.fatal}")
+
+    def _may_write(self) -> bool:
+        """Whether a halted study may still store trials: not when the database is gone, nor when
+        another driver took the study over."""
+        lost = self.lease is not None and self.lease.lost.is_set()
+        return not lost and not isinstance(self.fatal, StorageUnavailableError)
+
+    def _database_notice(self, line: str | None) -> None:
+        if self.progress is not None:
+            self.progress({"notice": line, **self.counts, "running": len(self.live)})
+
     # -- Tune asks for the next trial ------------------------------------------------------------
     def suggest(self, trial_id: str) -> dict | None:
+        if self.halted():
+            return Searcher.FINISHED
+        try:
+            return self._suggest(trial_id)
+        except StorageUnavailableError as exc:
+            self.fail(exc)
+            return Searcher.FINISHED
+
+    def _suggest(self, trial_id: str) -> dict | None:
         plan = self.sampler.plan(self.study.get_trials(deepcopy=False))
         while plan.reuse is not None:  # a twin already trained this model: store its copy
             copy_twin(self.study, plan, self.distributions)
@@ -206,9 +259,12 @@ class StudySearcher(Searcher):
     # -- Tune reports ------------------------------------------------------------------------------
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         live = self.live.get(trial_id)
-        if live is None or result.get("final"):
+        if live is None or result.get("final") or self.halted():
             return
-        self._report(live, int(result["epoch"]), result.get("val_raw"))
+        try:
+            self._report(live, int(result["epoch"]), result.get("val_raw"))
+        except StorageUnavailableError as exc:
+            self.fail(exc)
 
     def _report(self, live: LiveTrial, epoch: int, value: float | None) -> None:
         if value is not None and math.isfinite(value) and epoch not in live.reported:
@@ -219,32 +275,67 @@ class StudySearcher(Searcher):
         live = self.live.pop(trial_id, None)
         if live is None:
             return
-        outcome = trial_outcome(result, error, self.cfg.metric)
-        self._store(live, outcome)
+        if self.halted():  # Tune stopped the trial because the study stops
+            self.live[trial_id] = live
+            self.stop_unfinished()
+            return
+        try:
+            self._store(live, trial_outcome(result, error, self.cfg.metric))
+        except StorageUnavailableError as exc:
+            self.fail(exc)
+        except Exception as exc:  # noqa: BLE001 - never leave the trial RUNNING: the plan would wait for it forever
+            log.exception("trial %d: its result could not be stored", live.trial.number)
+            self._store_failure(live, f"the driver could not store this trial's result: {type(exc).__name__}: {exc}")
         self._progress(None)
 
+    def _store_failure(self, live: LiveTrial, reason: str) -> None:
+        """End a trial whose result could not be stored as FAIL with ``reason``; stop the study
+        when even that cannot be stored."""
+        try:
+            for key, value in TrialRecord(fail_reason=reason).measured_attrs().items():
+                live.trial.set_user_attr(key, value)
+            self.study.tell(live.trial, None, state=TrialState.FAIL)
+            self.counts["failed"] += 1
+        except Exception as exc:  # noqa: BLE001
+            self.fail(exc if isinstance(exc, StorageUnavailableError) else StudyError(
+                f"trial {live.trial.number} could not be stored ({reason}; then {type(exc).__name__}: {exc}); the "
+                f"study stops: `ttl-search resume {self.cfg.name}` retrains it"))
+
     def _store(self, live: LiveTrial, outcome: Outcome) -> None:
-        """Write ``outcome`` to the study: intermediate values, attributes, checkpoint, state."""
+        """Write ``outcome`` to the study: intermediate values, attributes, checkpoint, state. A
+        checkpoint that cannot be stored fails the trial and, as the infrastructure's fault, stops
+        the study."""
         trial = live.trial
         for epoch, value in outcome.history:
             self._report(live, epoch, value)
         record = outcome.record
         record.driver_duration_s = round(time.time() - live.started, 3)
+        state, value, infrastructure = outcome.state, outcome.value, outcome.infrastructure
         if record.checkpoint:
-            record.checkpoint_artifact_id = self._attach_checkpoint(trial, record.checkpoint, record.node_id or "?")
-        for key, value in outcome.attrs.items():
-            trial.set_user_attr(key, value)
-        if outcome.predictions:
+            try:
+                record.checkpoint_artifact_id = self._attach_checkpoint(trial, record.checkpoint,
+                                                                        record.node_id or "?")
+            except OSError as exc:
+                infrastructure = record.fail_reason = (
+                    f"cannot store the checkpoint in the artifact folder {self.artifacts}: {os_reason(exc)}")
+                state, value = TrialState.FAIL, None
+        for key, attr in record.measured_attrs().items():
+            trial.set_user_attr(key, attr)
+        if outcome.predictions and state == TrialState.COMPLETE:
             set_trial_system_attr(trial, PREDICTIONS_ATTR, outcome.predictions)
-        self.study.tell(trial, outcome.value, state=outcome.state)
-        key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[outcome.state]
+        self.study.tell(trial, value, state=state)
+        key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[state]
         self.counts[key] += 1
-        if outcome.state == TrialState.COMPLETE:
-            log.info("trial %d complete: val %s %.4f", trial.number, self.cfg.metric, outcome.value)
-        elif outcome.state == TrialState.PRUNED:
-            log.info("trial %d stopped early (%s)", trial.number, outcome.reason)
+        if state == TrialState.COMPLETE:
+            log.info("trial %d complete: val %s %.4f", trial.number, self.cfg.metric, value)
+        elif state == TrialState.PRUNED:
+            log.info("trial %d stopped early (%s)", trial.number, record.note)
         else:
-            log.warning("trial %d failed: %s", trial.number, outcome.reason)
+            log.warning("trial %d failed: %s", trial.number, record.note)
+        if infrastructure:
+            self.fail(StudyError(
+                f"{infrastructure}; the study stops (trial {trial.number} is stored as failed). Free space or set "
+                f"another folder (--set artifacts=...), then `ttl-search resume {self.cfg.name}`"))
 
     def _attach_checkpoint(self, trial: optuna.Trial, checkpoint: str, node_id: str) -> str | None:
         """Register the checkpoint in the study's artifact store; its artifact id, or None when
@@ -266,8 +357,29 @@ class StudySearcher(Searcher):
             self.last_progress = state
             self.progress({"plan": plan, **self.counts, "running": len(self.live)})
 
+    def __getstate__(self) -> dict:  # Tune pickles its config once; the lease (a thread) stays here
+        return {**self.__dict__, "lease": None}
+
     def save(self, checkpoint_path: str) -> None:  # state lives in the database
         pass
 
     def restore(self, checkpoint_path: str) -> None:
         pass
+
+
+class Halt(Stopper):
+    """Ray Tune's stopper for a study that must stop: every trial is stopped at once when the
+    searcher hit a fatal error (the database stayed unreachable, the artifact folder is full) or
+    this driver's lease was taken over."""
+
+    def __init__(self, searcher: StudySearcher) -> None:
+        self.searcher = searcher
+
+    def __getstate__(self) -> dict:  # Tune pickles its run config; the searcher stays with the driver
+        return {"searcher": None}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.searcher is not None and self.searcher.halted()

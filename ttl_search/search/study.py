@@ -74,6 +74,21 @@ class SchedulerConfig:
 
 
 @dataclass
+class DriverConfig:
+    """How the driver holds its study and rides out outages of the study database."""
+
+    heartbeat_s: float = 10.0
+    """Seconds between the driver's heartbeats in the study database (its lease on the study)."""
+    stale_after_s: float = 60.0
+    """A driver whose last heartbeat is older than this is taken for dead: ``resume`` takes its
+    study over, and ``status`` calls its RUNNING trials orphaned (on the driver's own host, a
+    driver whose process is gone is known dead at once)."""
+    storage_patience_s: float = 300.0
+    """How long the driver retries a lost database connection (with backoff, said on the progress
+    line) before it stops; running trainings go on meanwhile."""
+
+
+@dataclass
 class StudyConfig:
     """A study: one search of the cut points of one backbone on one dataset."""
 
@@ -110,6 +125,8 @@ class StudyConfig:
     started for the study."""
     artifacts: str | None = None
     """Folder for checkpoints and plots; default ``<database folder>/ttl-artifacts``."""
+    driver: DriverConfig = field(default_factory=DriverConfig)
+    """The driver's lease on the study (one driver per study) and its patience with the database."""
 
     def __post_init__(self) -> None:
         validate_study_config(self)
@@ -160,6 +177,10 @@ def validate_study_config(cfg: StudyConfig) -> None:
         raise ConfigError(f"resources: cpus must be > 0 and gpus >= 0, got {cfg.resources}")
     if cfg.resources.gpus > 1 and not float(cfg.resources.gpus).is_integer():
         raise ConfigError(f"resources.gpus above 1 must be a whole number, got {cfg.resources.gpus}")
+    d = cfg.driver
+    if d.heartbeat_s <= 0 or d.storage_patience_s < 0 or d.stale_after_s < 3 * d.heartbeat_s:
+        raise ConfigError(f"driver: heartbeat_s must be > 0, stale_after_s at least 3 x heartbeat_s and "
+                          f"storage_patience_s >= 0, got {d}")
     if cfg.scheduler.type not in SCHEDULERS:
         raise ConfigError(f"scheduler.type {cfg.scheduler.type!r} is unknown; valid schedulers: {choices(SCHEDULERS)}")
 

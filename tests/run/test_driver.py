@@ -1,0 +1,37 @@
+"""The driver checks what every trial needs before anything is stored or trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttl_search.errors import DataError, WeightsError
+from ttl_search.run.driver import run_study
+from ttl_search.search.study import load_study_config
+from ttl_search.storage import open_storage, study_names
+
+from studyutil import DEBUG_STUDY
+
+
+def _cfg(tmp_path, *overrides: str):
+    return load_study_config(DEBUG_STUDY, [f"storage=sqlite:///{tmp_path / 's.db'}", *overrides])
+
+
+def test_a_truncated_data_file_fails_before_the_study_exists(tmp_path, breastmnist):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "breastmnist.npz").write_bytes(breastmnist.read_bytes()[:20000])  # a download cut short
+    cfg = _cfg(tmp_path, f"trial.data.root={root}", "trial.data.verify_md5=false")
+    with pytest.raises(DataError) as info:
+        run_study(cfg)
+    assert "breastmnist.npz" in str(info.value)
+    assert study_names(open_storage(cfg.storage)) == []  # the name is not used up
+
+
+def test_weights_that_do_not_fit_fail_before_the_study_exists(tmp_path, breastmnist):
+    weights = tmp_path / "wrong.pt"
+    torch.save({"not_a_layer.weight": torch.zeros(3)}, weights)
+    cfg = _cfg(tmp_path, f"trial.data.root={breastmnist.parent}", f"trial.weights={weights}")
+    with pytest.raises(WeightsError):
+        run_study(cfg)
+    assert study_names(open_storage(cfg.storage)) == []
