@@ -113,3 +113,17 @@ def test_the_heartbeat_thread_renews_the_lease(engine, name):
             time.sleep(0.05)
         assert read_lease(engine, name).heartbeat > first
         assert read_lease(engine, name).alive(1)
+
+
+def test_a_pid_from_another_pid_namespace_is_not_taken_for_dead(engine, name):
+    """A driver in a container that shares this host name has pids of its own: only its heartbeat
+    can say it is dead."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    first = _lease(engine, name)
+    first.acquire()
+    _set(engine, name, pid=gone.pid, pid_namespace="another-namespace")
+    assert not read_lease(engine, name).process_gone()
+    with pytest.raises(StudyError):
+        _lease(engine, name).acquire()
+    first.release()

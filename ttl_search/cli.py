@@ -360,7 +360,8 @@ def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[i
 
     study, cfg = open_study(name, storage)
     frame = trial_rows(study, cfg.metric)
-    plan = study_sampler(study, cfg).plan(study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    plan = study_sampler(study, cfg).plan(trials)
     metric = cfg.metric
     if fmt != "table":
         records = frame_rows(frame)
@@ -390,7 +391,7 @@ def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[i
     line = driver_line(study, cfg, [r[0] for r in rows if r[6] == "RUNNING"])
     if line:
         print(line)
-    best = chosen_cut(study, cfg)
+    best = chosen_cut(study, cfg, trials)
     if best is not None:
         print_ranking(best)
     return done, finished

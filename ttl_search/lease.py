@@ -8,7 +8,8 @@ is an UPDATE guarded by the old holder and heartbeat (compare-and-swap).
 
 A lease is *alive* while its heartbeat is younger than ``stale_after_s`` and, when it was taken
 on this host, its process still exists (a driver killed with SIGKILL on this host is known dead
-at once). ``status`` reads leases without Ray; only drivers write them.
+at once; the PID namespace is part of the check, for containers that share a host name).
+``status`` reads leases without Ray; only drivers write them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ LEASES = Table(
     Column("holder", String(64), nullable=False),
     Column("host", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
+    Column("pid_namespace", String(64), nullable=True),
     Column("started", Float, nullable=False),
     Column("heartbeat", Float, nullable=False),
 )
@@ -55,6 +57,9 @@ class Lease:
     """Host name of the driver."""
     pid: int
     """Process id of the driver on its host."""
+    pid_namespace: str | None
+    """The driver's PID namespace: a pid means the same process only within one (containers that
+    share a host name have their own)."""
     started: float
     """When the driver took the lease (seconds since the epoch)."""
     heartbeat: float
@@ -66,7 +71,7 @@ class Lease:
 
     def process_gone(self) -> bool:
         """Whether the lease was taken on this host by a process that no longer exists."""
-        if self.host != socket.gethostname():
+        if self.host != socket.gethostname() or self.pid_namespace != pid_namespace():
             return False
         try:
             os.kill(self.pid, 0)
@@ -83,6 +88,14 @@ class Lease:
     def describe(self, now: float | None = None) -> str:
         """``the driver on HOST (pid N), last heartbeat 12 s ago``."""
         return f"the driver on {self.host} (pid {self.pid}), last heartbeat {_ago(self.age(now))}"
+
+
+def pid_namespace() -> str | None:
+    """This process's PID namespace (Linux), or None where there is no such thing."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return None
 
 
 def _ago(seconds: float) -> str:
@@ -156,7 +169,7 @@ class DriverLease:
         for _ in range(5):
             now = time.time()
             row = {"study_name": self.study_name, "holder": self.holder, "host": self.host, "pid": self.pid,
-                   "started": now, "heartbeat": now}
+                   "pid_namespace": pid_namespace(), "started": now, "heartbeat": now}
             try:
                 with self.engine.begin() as conn:
                     conn.execute(insert(LEASES).values(**row))
