@@ -4,7 +4,8 @@ Runs a study file (default ``studies/demo.yaml``) once per seed (``search.seed=S
 ``<name>-s<S>``; studies already in the database are reused), then prints per seed: the chosen cut,
 its validation metric with its bootstrap interval, its test metric with its interval, and full
 fine-tuning of the same backbone in the same study (TTL at the last cut, which the two-stage search
-trains in stage 1). The test split decides nothing here; it only measures.
+trains in stage 1), and the pick the other selection rule would make on the same trials. The test
+split decides nothing here; it only measures.
 
     TTL_SEARCH_DATA=../shared/datasets python benchmarks/demo_stability.py --seeds 0 1 2 3 4
     python benchmarks/demo_stability.py --study old_demo.yaml --prefix old --set selection.rule=best
@@ -20,8 +21,10 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from ttl_search.results import best_cut, open_study
-from ttl_search.results.answer import trial_evidence
+from dataclasses import replace
+
+from ttl_search.results import best_cut, open_study, stored_candidates
+from ttl_search.results.answer import study_answer, trial_evidence
 from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, records, summarize_cut
 from ttl_search.search.selection import score_candidates
 from ttl_search.search.study import load_study_config
@@ -50,6 +53,9 @@ def seed_row(seed: int, name: str, storage: str) -> dict:
     evidence, _ = trial_evidence(trials, "test")
     tests = score_candidates(evidence, metric, cfg.resolved_direction, cfg.selection) if evidence else {}
     full = summarize_cut(completed_by_cut(records(trials))[(SEARCH_STRATEGY, last)])
+    other = "best" if best["rule"] == "smallest_within_ci" else "smallest_within_ci"
+    other_cfg = replace(cfg, selection=replace(cfg.selection, rule=other))
+    other_pick = study_answer(trials, other_cfg, stored_candidates(study, cfg)).pick
     chosen_test = tests.get((SEARCH_STRATEGY, best["cut"]))
     full_test = tests.get((SEARCH_STRATEGY, last))
     return {
@@ -57,9 +63,12 @@ def seed_row(seed: int, name: str, storage: str) -> dict:
         "params": best["params"], "val": best["val"][metric],
         "val_ci": f"[{best['val_ci'][0]:.3f}, {best['val_ci'][1]:.3f}]" if best["val_ci"] else "-",
         "same_as_best": ",".join(map(str, best["indistinguishable"])), "test": best["test"][metric],
+
         "test_ci": f"[{chosen_test.ci[0]:.3f}, {chosen_test.ci[1]:.3f}]" if chosen_test else "-",
         f"full (cut {last}) val": full.val.get(metric), f"full (cut {last}) test": full.test.get(metric),
         "full_test_ci": f"[{full_test.ci[0]:.3f}, {full_test.ci[1]:.3f}]" if full_test else "-",
+        f"pick if rule {other}": other_pick,
+        "its test": summarize_cut(completed_by_cut(records(trials))[(SEARCH_STRATEGY, other_pick)]).test.get(metric),
         "wall_s": sum((r.wall_s or 0) for r in records(trials)),
     }
 
@@ -91,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     cut, count = picks.most_common(1)[0]
     print(f"\npicks over {len(frame)} seeds: {dict(picks)}; the most frequent (cut {cut}) in {count}/{len(frame)}; "
           f"mean test {frame['test'].mean():.4f} (sd {frame['test'].std(ddof=0):.4f})")
+    other = next(c for c in frame.columns if c.startswith("pick if rule"))
+    print(f"{other}: {dict(collections.Counter(frame[other]))}; mean test {frame['its test'].mean():.4f} "
+          f"(sd {frame['its test'].std(ddof=0):.4f})")
     return 0
 
 

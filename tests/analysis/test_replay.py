@@ -89,3 +89,27 @@ def test_search_quality_benchmark_replays_a_stored_study(tmp_path, capsys):
     assert {"full (cut 7)", "linear_probe (cut 7)"} <= set(answers.model) and answers.test_ci.notna().all()
     assert (tmp_path / "search_quality.png").stat().st_size > 10_000
     assert bench.main(["--replay-only", "--storage", url, "--tasks", "pneumonia_lite0_64", "--out", str(tmp_path)]) == 2
+
+
+def test_demo_stability_benchmark_reads_stored_seed_studies(tmp_path, capsys):
+    """benchmarks/demo_stability.py --replay-only over two stored (synthetic) two-stage studies: a
+    row per seed with the pick under both rules, and the summary lines."""
+    import importlib.util
+
+    import optuna
+
+    from studyutil import REPO
+
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    for seed in (0, 1):
+        cfg = load_study_config(DEBUG_STUDY, ["search.method=exhaustive", f"name=demo-s{seed}",
+                                              f"search.seed={seed}"])
+        study, _ = synthetic_study(cfg, STRENGTH, seeds=1, baselines={})
+        optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage, to_storage=url)
+    spec = importlib.util.spec_from_file_location("demo_stability", REPO / "benchmarks" / "demo_stability.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--replay-only", "--storage", url, "--seeds", "0", "1", "--prefix", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "demo-s0" in out and "demo-s1" in out and "pick if rule best" in out
+    assert "picks over 2 seeds:" in out and "pick if rule best: {" in out
