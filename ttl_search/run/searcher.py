@@ -186,6 +186,15 @@ class StudySearcher(Searcher):
             self.fail(StudyError(self.lease.lost_reason))
         return self.fatal is not None
 
+    def _check_lease(self) -> None:
+        """Renew the lease now, before a result is stored: a driver taken over since its last
+        heartbeat learns it here instead of writing into the new driver's study."""
+        if self.lease is not None and not self.lease.lost.is_set():
+            try:
+                self.lease.renew()
+            except Exception as exc:  # noqa: BLE001 - a database outage: the storage's own retries handle it
+                log.debug("lease not renewed before storing a result: %s", exc)
+
     def stop_unfinished(self) -> None:
         """After Tune stopped every trial of a halted study (it does not tell the searcher): store
         the trials that were running as FAIL where the study may still be written, else leave
@@ -275,6 +284,7 @@ class StudySearcher(Searcher):
         live = self.live.pop(trial_id, None)
         if live is None:
             return
+        self._check_lease()
         if self.halted():  # Tune stopped the trial because the study stops
             self.live[trial_id] = live
             self.stop_unfinished()
