@@ -27,7 +27,7 @@ def _bindir() -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -49,7 +49,7 @@ class PostgresServer:
         self.dir = Path(tempfile.mkdtemp(prefix="ttl-test-pg-"))
         if self.as_postgres:
             shutil.chown(self.dir, "postgres", "postgres")
-        self.port = _free_port()
+        self.port = free_port()
         self.running = False
         self._run("initdb", "-D", str(self.dir / "db"), "-A", "trust", "-U", "postgres")
         self.start()

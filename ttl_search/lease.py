@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, delete, insert, select, update
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, delete, insert, inspect, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
@@ -119,22 +119,11 @@ def _ensure_table(engine: Engine) -> None:
 
 def read_lease(engine: Engine, study_name: str) -> Lease | None:
     """The stored lease of ``study_name``, or None (no driver has held it since the table existed)."""
-    from sqlalchemy import inspect
-
     if not inspect(engine).has_table(LEASES.name):
         return None
     with engine.connect() as conn:
         row = conn.execute(select(LEASES).where(LEASES.c.study_name == study_name)).mappings().first()
     return Lease(**row) if row else None
-
-
-def forget_lease(engine: Engine, study_name: str) -> None:
-    """Drop the lease row of ``study_name`` (when the study itself is deleted)."""
-    from sqlalchemy import inspect
-
-    if inspect(engine).has_table(LEASES.name):
-        with engine.begin() as conn:
-            conn.execute(delete(LEASES).where(LEASES.c.study_name == study_name))
 
 
 class DriverLease:

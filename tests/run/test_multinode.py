@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from pgserver import PostgresServer, skip_or_fail
+from pgserver import PostgresServer, free_port, skip_or_fail
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -63,12 +63,6 @@ def _ray_cli() -> list[str]:
     if not found:
         pytest.skip("the `ray` command is not installed")
     return [found]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_port_range(size: int = 64) -> tuple[int, int]:
