@@ -4,7 +4,8 @@ For each task in ``benchmarks/tasks/`` (an exhaustive study file: every valid cu
 plus full fine-tuning and a linear probe), the study is run, or resumed, or reused from the
 database. Then each search method is *replayed* on its stored trials, once per seed, without
 training again (see :mod:`ttl_search.analysis.replay`): two-stage (top_k 1 and 2), TPE with
-budgets 5 and 8, and exhaustive itself, each under both selection rules.
+budgets 5 and 8, probe-guided search (budgets 3 and 5; the frozen probe's table is computed once
+and stored with the exhaustive study), and exhaustive itself, each under both selection rules.
 
 Printed per task and as a summary: trainings, their share of exhaustive's compute seconds, the
 pick on each seed, its validation metric with its interval, its test metric, the regret (test
@@ -35,7 +36,7 @@ from tabulate import tabulate
 
 from ttl_search.analysis.replay import Method, indistinguishable, oracle_cut, replay, seeds_of
 from ttl_search.errors import TTLSearchError
-from ttl_search.results import best_cut, open_study, stored_candidates, study_sampler
+from ttl_search.results import best_cut, open_study, stored_candidates, stored_probe, study_sampler
 from ttl_search.results.answer import trial_evidence
 from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, mean_sd, records, summarize_cut
 from ttl_search.search.selection import score_candidates
@@ -50,7 +51,12 @@ METHODS = (
     Method("two_stage k=2", {"method": "two_stage", "top_k": 2}),
     Method("tpe budget 5", {"method": "tpe", "budget": 5}),
     Method("tpe budget 8", {"method": "tpe", "budget": 8}),
+    Method("guided budget 3", {"method": "guided", "budget": 3, "initial": 1}),
+    Method("guided budget 5", {"method": "guided", "budget": 5, "initial": 2}),
+    Method("guided budget 5 logme", {"method": "guided", "budget": 5, "initial": 2, "guide": "logme"}),
 )
+"""The methods replayed; the guided ones read the frozen probe table stored with the exhaustive
+study (computed once by :func:`ensure_probe`, its seconds counted as their compute)."""
 RULES = ("smallest_within_ci", "best")
 QUICK = ["trial.max_epochs=2", "trial.early_stopping=0", "trial.latency_repeats=0", "search.repeats=2"]
 QUICK_FRACTION = 0.2
@@ -91,18 +97,35 @@ def ensure_study(task: str, storage: str, quick: bool, replay_only: bool) -> str
     return cfg.name
 
 
+def ensure_probe(task: str, name: str, storage: str) -> dict[str, Any]:
+    """The exhaustive study's frozen-probe table: stored once (computed here when missing), so that
+    replays of the guided methods are exact."""
+    from ttl_search.run.driver import probe_study
+
+    study, cfg = open_study(name, storage)
+    table = stored_probe(study)
+    if table is None:
+        print(f"{task}: probing every cut of {cfg.trial.backbone} for study {name}", flush=True)
+        cfg.storage = storage
+        _, table, _ = probe_study(cfg)
+        print(f"{task}: probe took {table['seconds']:.1f} s (features {table['feature_seconds']:.1f} s, "
+              f"{table['peak_feature_mb']:.1f} MB of pooled features)", flush=True)
+    return table
+
+
 def replay_task(task: str, name: str, storage: str) -> list[dict[str, Any]]:
     """One row per (method, rule, seed)."""
     study, cfg = open_study(name, storage)
     trials = study.get_trials(deepcopy=False)
     candidates = stored_candidates(study, cfg)
+    probe = stored_probe(study)
     sign = 1.0 if cfg.resolved_direction == "maximize" else -1.0
     rows = []
     for rule in RULES:
         for seed in seeds_of(trials):
             oracle, oracle_test = oracle_cut(trials, cfg, seed)
-            results = {m.label: replay(trials, cfg, candidates, Method(m.label, m.search, {"rule": rule}), seed)
-                       for m in METHODS}
+            results = {m.label: replay(trials, cfg, candidates, Method(m.label, m.search, {"rule": rule}), seed,
+                                       probe) for m in METHODS}
             exh = results["exhaustive"]
             for label, r in results.items():
                 rows.append({
@@ -187,6 +210,15 @@ def study_answer_rows(task: str, name: str, storage: str) -> list[dict[str, Any]
             "test_ci": f"[{ts.ci[0]:.3f}, {ts.ci[1]:.3f}]" if ts else "",
             "reference": REFERENCE.get(dataset),
         })
+    probe = stored_probe(study)
+    if probe is not None:  # the frozen probe's own pick (validation decides), as a cheap model
+        row = next(r for r in probe["rows"] if r.get("best"))
+        rows.append({
+            "task": task, "model": f"frozen probe (cut {row['cut']})", "rule": "best probe_val", "seeds": 1,
+            "params": row["params"], "val": row["probe_val"],
+            "val_ci": f"[{row['probe_val_ci'][0]:.3f}, {row['probe_val_ci'][1]:.3f}]", "test": row["probe_test"],
+            "test_sd": None, "test_ci": "", "reference": REFERENCE.get(dataset),
+        })
     return rows
 
 
@@ -241,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for task in args.tasks:
             name = ensure_study(task, storage, args.quick, args.replay_only)
+            ensure_probe(task, name, storage)
             task_rows = replay_task(task, name, storage)
             rows += task_rows
             answers += study_answer_rows(task, name, storage)

@@ -149,6 +149,8 @@ def command_args(study, tmp_path_factory) -> dict[str, list[str]]:
         "compare": [study_name, "--storage", url],
         "svcca": [study_name, "--storage", url, "--samples", "20", "--spatial", "pool", "--output", str(out),
                   "--no-attach"],
+        "probe": [str(Path(__file__).resolve().parents[1] / "studies" / "debug.yaml"), "--storage", f"sqlite:///{out / 'probe.db'}",
+                  "--set", f"trial.data.root={SHARED_DATASETS}", "--quiet"],
     }
 
 

@@ -306,6 +306,12 @@ def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
         rows.append([m, *cells])
     print_table(f"cut {best['cut']}: mean over {best['repeats']} seed(s)", ["metric", "validation", "test"], rows)
     print_ranking(best)
+    for r in best["ranking"]:
+        if r["strategy"] == "probe":
+            same = " (indistinguishable from the best cut)" if r["indistinguishable"] else ""
+            print(f"frozen probe at cut {r['cut']} ({r['cut_name']}): validation {metric} {r['mean_val']:.4f} "
+                  f"{fmt_interval(r['val_ci'])}{same}, {fmt_params(r['params'], r['trainable_params'])} parameters, "
+                  f"no fine-tuning; export it with `ttl-search export {name} --trial {r['trials'][0]} --output DIR`")
 
 
 def _print_outcome(name: str, storage: str | None) -> int:
@@ -355,8 +361,62 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _print_outcome(args.name, args.storage)
 
 
+PROBE_COLUMNS = ("cut", "name", "stage", "params", "channels", "probe_val", "probe_val_ci", "indistinguishable",
+                 "knn_val", "logme", "probe_test", "c", "seconds")
+"""Fields of a probe row as ``ttl-search probe`` writes them (JSON, CSV, Markdown)."""
+
+
+def print_probe(table: dict, metric: str, fine_tuned: dict[int, float] | None = None, confidence: float = 0.95) -> None:
+    """The frozen probe's table: per cut its probe's validation metric with its interval, kNN
+    score, LogME and seconds; ``fine_tuned``: the fine-tuned cuts' mean validation metric beside it."""
+    level = f"{confidence:.0%}"
+    rows = []
+    for r in table["rows"]:
+        mark = "best probe" if r.get("best") else ("same" if r.get("indistinguishable") else "")
+        tuned = (fine_tuned or {}).get(r["cut"])
+        rows.append([r["cut"], r["name"], fmt_count(r["params"]), f"{r['probe_val']:.4f}",
+                     fmt_interval(r.get("probe_val_ci")), f"{r['knn_val']:.4f}", f"{r['logme']:.3f}",
+                     *(["-" if tuned is None else f"{tuned:.4f}"] if fine_tuned is not None else []),
+                     f"{r['seconds']:.1f}s", mark])
+    columns = ["cut", "name", "params", f"probe val {metric}", f"{level} interval", f"kNN val {metric}", "LogME",
+               *([f"fine-tuned val {metric}"] if fine_tuned is not None else []), "seconds", ""]
+    print_table(f"frozen probe of {table['backbone']} at {table['input_size']} px on {table['device']}: features "
+                f"{table['feature_seconds']:.1f}s, all {table['seconds']:.1f}s ('same': indistinguishable from the "
+                f"best probe)", columns, rows)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .run.driver import probe_study
+    from .search.study import load_study_config
+
+    cfg = load_study_config(args.study, args.set, {"storage": args.storage} if args.storage else None)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="probing cuts", unit="cut", disable=args.quiet or args.format != "table")
+        bar.n = done
+        bar.refresh()
+
+    try:
+        study, table, computed = probe_study(cfg, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.format != "table":
+        write_rows([{k: r.get(k) for k in PROBE_COLUMNS} for r in table["rows"]], args.format)
+        return 0
+    stored = "computed and stored in" if computed else "stored earlier in"
+    print(f"probe {stored} study {study.study_name}: best probe at cut {table['best_cut']}")
+    print_probe(table, table["metric"], confidence=cfg.selection.confidence)
+    return 0
+
+
 def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[int, bool]:
-    from .results import chosen_cut, open_study, study_sampler, trial_rows
+    from .results import chosen_cut, open_study, stored_probe, study_sampler, trial_rows
 
     study, cfg = open_study(name, storage)
     frame = trial_rows(study, cfg.metric)
@@ -392,6 +452,10 @@ def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[i
     if line:
         print(line)
     best = chosen_cut(study, cfg, trials)
+    probe = stored_probe(study)
+    if probe is not None:
+        tuned = {r["cut"]: r["mean_val"] for r in (best or {}).get("ranking", []) if r["strategy"] == "ttl"}
+        print_probe(probe, metric, tuned, cfg.selection.confidence)
     if best is not None:
         print_ranking(best)
     return done, finished
@@ -550,6 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study YAML (see studies/)")
     _execution_args(p, "override a setting, e.g. --set trial.max_epochs=3 --set concurrency=2 (repeatable)")
     p.set_defaults(handler=cmd_run)
+
+    p = sub.add_parser("probe", help="score every cut with a frozen probe (one forward pass) and store it in the study")
+    p.add_argument("study", help="study YAML (see studies/); the study is created when it does not exist")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study setting (repeatable), e.g. --set probe.knn_k=20")
+    _storage_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _format_arg(p)
+    p.set_defaults(handler=cmd_probe)
 
     p = sub.add_parser("resume", help="continue a study after a crash or interruption")
     p.add_argument("name", help="study name")

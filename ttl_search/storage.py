@@ -257,12 +257,14 @@ def artifact_store(artifacts: Path):
     return FileSystemArtifactStore(base)
 
 
-def attach_artifact(artifacts: Path, study_or_trial, path: Path, mimetype: str | None = None) -> str:
-    """Register a file with the study's artifact store; returns the artifact id."""
+def attach_artifact(artifacts: Path, study_or_trial, path: Path, mimetype: str | None = None,
+                    storage=None) -> str:
+    """Register a file with the study's artifact store; returns the artifact id (``storage``: the
+    study's, for a stored ``FrozenTrial``)."""
     from optuna.artifacts import upload_artifact
 
     return upload_artifact(artifact_store=artifact_store(artifacts), file_path=str(path), study_or_trial=study_or_trial,
-                           mimetype=mimetype)
+                           mimetype=mimetype, storage=storage)
 
 
 def set_trial_system_attr(trial, key: str, value: object) -> None:

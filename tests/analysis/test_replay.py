@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from studyutil import DEBUG_STUDY, synthetic_study
 from ttl_search.analysis.replay import Method, indistinguishable, oracle_cut, replay, seeds_of
 from ttl_search.results.answer import study_answer
@@ -80,13 +82,23 @@ def test_search_quality_benchmark_replays_a_stored_study(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "## summary over 1 task(s)" in out and "two_stage k=1" in out and "tpe budget 5" in out
     rows = pd.read_csv(tmp_path / "search_quality.csv")
-    assert len(rows) == 5 * 2 * 3  # methods x rules x seeds
+    assert len(rows) == len(bench.METHODS) * 2 * 3  # methods x rules x seeds
+    guided = rows[rows.method == "guided budget 3"]
+    assert (guided.trainings == 3).all()  # the probe was run once and stored with the study, then replayed
+    from ttl_search.results import open_study, stored_probe
+
+    probe = stored_probe(open_study("sq-breast-lite0-64", url)[0])
+    trained = sum(float(t.user_attrs["train_time_s"]) for t in study.trials if t.params["repeat"] == 0
+                  and t.params["strategy"] == "ttl" and str(t.params["cut"]) in guided.trained.iloc[0].split())
+    assert guided.compute_s.iloc[0] == pytest.approx(trained + probe["seconds"], abs=0.05)  # the probe's cost counts
     exh = rows[rows.method == "exhaustive"]
     assert (exh.trainings == 7).all() and (exh.compute_share == 1).all() and (exh.regret_vs_exhaustive == 0).all()
     assert (rows[rows.method == "tpe budget 5"].trainings == 5).all()
     assert rows.indistinguishable_from_exhaustive.dtype == bool
     answers = pd.read_csv(tmp_path / "search_quality_answers.csv")
-    assert {"full (cut 7)", "linear_probe (cut 7)"} <= set(answers.model) and answers.test_ci.notna().all()
+    assert {"full (cut 7)", "linear_probe (cut 7)"} <= set(answers.model)
+    assert f"frozen probe (cut {probe['best_cut']})" in set(answers.model)
+    assert answers[~answers.model.str.startswith("frozen probe")].test_ci.notna().all()
     assert (tmp_path / "search_quality.png").stat().st_size > 10_000
     assert bench.main(["--replay-only", "--storage", url, "--tasks", "pneumonia_lite0_64", "--out", str(tmp_path)]) == 2
 

@@ -268,7 +268,7 @@ def test_tpe_spends_its_budget():
 
 
 def test_bad_search_settings():
-    with pytest.raises(ConfigError, match="valid methods: two_stage, exhaustive, tpe, none"):
+    with pytest.raises(ConfigError, match="valid methods: two_stage, exhaustive, tpe, guided, none"):
         _study_cfg(method="grid").__post_init__()
     cfg = _study_cfg(backbone="test_cnn", input_size=28, method="tpe")
     cfg.baselines = ["full"]
@@ -280,3 +280,85 @@ def test_ledger_ignores_trials_without_params():
     study = optuna.create_study()
     study.ask()
     assert Ledger.from_trials(study.trials).running == set()
+
+
+# -- the probe-guided search ------------------------------------------------------------------
+
+def _probe_table(scores: dict[int, float]) -> dict:
+    """A stored probe table (only what the ranking reads): ``probe_val`` per cut."""
+    return {"rows": [{"cut": c, "probe_val": v, "knn_val": v, "logme": -v, "params": c * 100}
+                     for c, v in scores.items()]}
+
+
+def test_probe_ranking_orders_by_the_guide_and_breaks_ties_by_size():
+    from ttl_search.search.samplers import probe_ranking
+
+    rows = _probe_table({3: 0.8, 5: 0.9, 7: 0.9, 9: float("nan")})["rows"]
+    assert probe_ranking(rows, "probe_val", "maximize") == [5, 7, 3, 9]  # 5 and 7 tie: the smaller model first
+    assert probe_ranking(rows, "probe_val", "minimize") == [3, 5, 7, 9]
+    assert probe_ranking(rows, "logme", "maximize") == [3, 5, 7, 9]  # LogME: higher is better
+    with pytest.raises(ConfigError, match="valid guides: probe_val, knn_val, logme"):
+        probe_ranking(rows, "accuracy", "maximize")
+
+
+def test_guided_trains_the_probes_best_then_climbs_to_the_best_trained_neighbours():
+    # The probe likes cuts 14 and 15, then 9: the first cuts are 14 and 9 (15 is next to 14).
+    # Fine-tuning peaks at cut 11: 9 beats 14, so its neighbours 10 and 8 are next (10 first: the
+    # probe prefers it); then 10 is the best and its untried neighbour 11 spends the budget of 5.
+    probe = {c: 0.5 + 0.01 * c for c in range(1, 18)}
+    probe.update({14: 0.99, 15: 0.98, 9: 0.97})
+    cfg = _study_cfg(method="guided", budget=5)
+    sampler = make_sampler(cfg, probe=_probe_table(probe))
+    assert sampler.first_cuts() == [14, 9]
+    study = drive(sampler, lambda p: 1.0 - abs(p["cut"] - 11) * 0.02)
+    assert [t.params["cut"] for t in study.trials] == [14, 9, 10, 8, 11]
+    assert [t.user_attrs["phase"] for t in study.trials] == ["guided1"] * 2 + ["guided2"] * 3
+    assert sampler.ranking(study.trials)[0][0] == 11
+
+
+def test_guided_rounds_do_not_depend_on_concurrency():
+    # With 14 and 9 done, the round is {10, 8}: both are asked for before either has a result.
+    probe = {c: 0.5 + 0.01 * c for c in range(1, 18)}
+    probe.update({14: 0.99, 15: 0.98, 9: 0.97})
+    sampler = make_sampler(_study_cfg(method="guided", budget=5), probe=_probe_table(probe))
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    for cut in (14, 9):
+        trial = study.ask()
+        suggest_params(trial, sampler.candidates, ("ttl",), 1)
+        study.tell(trial, 1.0 - abs(cut - 11) * 0.02)
+    asked = []
+    for _ in range(2):
+        plan = sampler.plan(study.get_trials(deepcopy=False))
+        assert plan.action == "run"
+        trial = study.ask()
+        asked.append(suggest_params(trial, sampler.candidates, ("ttl",), 1)["cut"])
+    assert asked == [10, 8]
+    assert sampler.plan(study.get_trials(deepcopy=False)).action == "wait"
+
+
+def test_guided_stops_at_a_local_optimum_before_the_budget():
+    probe = {c: 0.5 for c in range(1, 18)}
+    probe.update({6: 0.9, 12: 0.8})
+    sampler = make_sampler(_study_cfg(method="guided", budget=8), probe=_probe_table(probe))
+    study = drive(sampler, lambda p: 1.0 - abs(p["cut"] - 6) * 0.02)
+    assert sorted(t.params["cut"] for t in study.trials) == [5, 6, 7, 12]
+
+
+def test_guided_resumes_from_the_stored_trials_alone():
+    probe = _probe_table({c: 0.5 + 0.01 * c for c in range(1, 18)})
+    cfg = _study_cfg(method="guided", budget=4)
+    full = drive(make_sampler(cfg, probe=probe), lambda p: p["cut"] / 20)
+    # a fresh sampler on the first two trials asks for exactly what the first one did next
+    partial = optuna.create_study(direction="maximize")
+    for t in full.trials[:2]:
+        partial.add_trial(t)
+    plan = make_sampler(cfg, probe=probe).plan(partial.get_trials(deepcopy=False))
+    assert plan.job.cut == full.trials[2].params["cut"]
+
+
+def test_guided_without_a_probe_table_says_what_to_do():
+    sampler = make_sampler(_study_cfg(method="guided"))
+    with pytest.raises(ConfigError, match="probe table"):
+        sampler.plan([])
+    with pytest.raises(ConfigError, match="search.guide 'x' is unknown; valid guides"):
+        _study_cfg(method="guided", guide="x").__post_init__()

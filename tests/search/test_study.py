@@ -9,7 +9,7 @@ import pytest
 from ttl_search.errors import ConfigError, TTLSearchError
 from ttl_search.search.samplers import TwoStageSampler
 from ttl_search.config import to_dict
-from ttl_search.search.study import load_study_config, make_sampler
+from ttl_search.search.study import cut_candidates, load_study_config, make_sampler, needs_probe
 
 STUDIES = sorted((Path(__file__).resolve().parents[2] / "studies").glob("*.yaml"))
 
@@ -22,7 +22,11 @@ def test_there_are_studies():
 @pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
 def test_every_study_file_loads_and_plans(path):
     cfg = load_study_config(path)
-    sampler = make_sampler(cfg)
+    probe = None
+    if needs_probe(cfg):  # a guided search plans from the stored probe table: a stand-in for it
+        probe = {"rows": [{"cut": c.index, "probe_val": c.index / 100, "knn_val": 0.5, "logme": 0.0,
+                           "params": c.params} for c in cut_candidates(cfg)]}
+    sampler = make_sampler(cfg, probe=probe)
     plan = sampler.plan([])
     assert plan.action == "run" and plan.job.strategy in ("ttl", *cfg.baselines)
     again = load_study_config(None, extra=to_dict(cfg))
@@ -46,7 +50,7 @@ def test_overrides_beat_the_file():
 @pytest.mark.parametrize("override,message", [
     ("serch.repeats=2", "unknown config key 'serch'"),
     ("search.stratgy=tpe", "unknown config key 'search.stratgy'"),
-    ("search.method=grid", "valid methods: two_stage, exhaustive, tpe, none"),
+    ("search.method=grid", "valid methods: two_stage, exhaustive, tpe, guided, none"),
     ("search.strategy=exhaustive", "'search.strategy' was renamed to 'search.method'"),
     ("trial.backbone=vgg16", "valid backbones"),
     ("baselines=[fine_tune]", "full, linear_probe, lwft, transfusion, scratch"),

@@ -26,7 +26,7 @@ from ..results.answer import study_answer, trial_evidence
 from ..search.record import PREDICTIONS_ATTR, SEARCH_STRATEGY, TrialRecord
 from ..search.samplers import CutCandidate, suggest_params, trial_key
 from ..search.selection import score_candidates
-from ..search.study import StudyConfig, make_sampler
+from ..search.study import StudyConfig, make_sampler, needs_probe
 from ..storage import set_trial_system_attr
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ class Replay:
     trained: list[int]
     """Cuts in the order the method trained them (a cut TPE asks twice appears twice)."""
     compute_s: float
-    """Training seconds of those trainings (as the exhaustive study measured them)."""
+    """Training seconds of those trainings (as the exhaustive study measured them), plus the probe's
+    seconds for a guided method."""
     pick: int | None
     """The chosen cut."""
     val: float | None = None
@@ -95,17 +96,22 @@ def method_config(cfg: StudyConfig, method: Method, seed: int) -> StudyConfig:
 
 
 def replay(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Sequence[CutCandidate], method: Method,
-           repeat: int) -> Replay:
-    """Replay ``method`` on seed ``repeat`` of an exhaustive study's ``trials``."""
+           repeat: int, probe: dict[str, Any] | None = None) -> Replay:
+    """Replay ``method`` on seed ``repeat`` of an exhaustive study's ``trials``; ``probe``: the
+    study's stored probe table, which a guided method needs (its seconds count as compute)."""
     if cfg.selection.folds > 1:
         raise StudyError("replays use the validation split; this study cross-validates (selection.folds > 1)")
     source = seed_trials(trials, repeat)
     mcfg = method_config(cfg, method, seed=repeat)
-    sampler = make_sampler(mcfg, candidates)
+    guided = needs_probe(mcfg)
+    if guided and probe is None:
+        raise StudyError(f"method {method.label!r} is guided by the probe, and the study has no stored probe table; "
+                         "run `ttl-search probe` on it first")
+    sampler = make_sampler(mcfg, candidates, probe if guided else None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=mcfg.resolved_direction, sampler=sampler, study_name="replay")
     trained: list[int] = []
-    compute = 0.0
+    compute = float(probe["seconds"]) if guided else 0.0
     while True:
         plan = sampler.plan(study.get_trials(deepcopy=False))
         if plan.action != "run":

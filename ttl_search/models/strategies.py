@@ -8,6 +8,9 @@
 - ``transfusion``: pretrained units up to the cut, every later unit re-created at half width with
   random init (Raghu et al., 2019).
 - ``scratch``: the ``ttl`` architecture from random init.
+- ``probe``: the frozen probe's model (a logistic regression on the pooled frozen features at the
+  cut, fitted by :mod:`ttl_search.train.probe` rather than trained): the same architecture as
+  ``linear_probe``; not a baseline a study schedules, the probe phase stores it.
 """
 
 from __future__ import annotations
@@ -200,9 +203,12 @@ STRATEGIES: dict[str, TransferStrategy] = {s.name: s for s in (
     TransferStrategy("lwft", "layer-wise fine-tuning", "P", _lwft),
     TransferStrategy("transfusion", "TransFusion", "h", _transfusion, families=TRANSFUSION_FAMILIES),
     TransferStrategy("scratch", "from scratch", "v", _scratch),
+    TransferStrategy("probe", "frozen probe (logistic regression)", "*", _linear_probe),
 )}
-"""Every transfer strategy by name; all but ``ttl`` can be a study's baseline."""
-BASELINES = tuple(name for name in STRATEGIES if name != "ttl")
+"""Every transfer strategy by name; all but ``ttl`` and ``probe`` can be a study's baseline."""
+PROBE_STRATEGY = "probe"
+"""The strategy of the frozen probe's stored model (see :mod:`ttl_search.train.probe`)."""
+BASELINES = tuple(name for name in STRATEGIES if name not in ("ttl", PROBE_STRATEGY))
 
 
 def fresh_parameters(model: nn.Module) -> list[str]:

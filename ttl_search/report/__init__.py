@@ -135,6 +135,34 @@ def add_intervals(frame: pd.DataFrame, ranking: list[dict]) -> None:
         frame.at[i, "indistinguishable"] = r["indistinguishable"]
 
 
+def probe_section(study: optuna.Study, cfg, ttl: pd.DataFrame) -> list[str]:
+    """The frozen probe's table beside the fine-tuned cuts' validation metric (empty when the study
+    has no probe)."""
+    from ..results import stored_probe
+
+    table = stored_probe(study)
+    if table is None:
+        return []
+    metric = cfg.metric
+    tuned = {int(r["cut"]): r["val_mean"] for r in ttl.to_dict("records")} if ttl is not None and not ttl.empty else {}
+    header = ["cut", "last unit", "parameters", f"probe val {metric}", "interval", f"kNN val {metric}", "LogME",
+              f"probe test {metric}", f"fine-tuned val {metric}", "seconds"]
+    lines = ["", "## Frozen probe (one forward pass of the pretrained backbone)", "",
+             f"A logistic regression on the globally pooled frozen features of every cut (C chosen by 3-fold "
+             f"cross-validation on the training split), a {cfg.probe.knn_k}-nearest-neighbour score and LogME; "
+             f"{len(table['rows'])} cuts in {table['seconds']:.1f} s on {table['device']} (features "
+             f"{table['feature_seconds']:.1f} s). The best probe (cut {table['best_cut']}) is stored as a model "
+             "of its own when the study ran the probe first.", "", _row(header), "|" + "---|" * len(header)]
+    for r in table["rows"]:
+        mark = " **(best probe)**" if r.get("best") else (" (same)" if r.get("indistinguishable") else "")
+        tuned_val = tuned.get(r["cut"])
+        lines.append(_row([f"{r['cut']}{mark}", str(r["name"]), fmt_count(r["params"]), f"{r['probe_val']:.4f}",
+                           fmt_interval(r.get("probe_val_ci")), f"{r['knn_val']:.4f}", f"{r['logme']:.3f}",
+                           f"{r['probe_test']:.4f}", "-" if tuned_val is None else f"{tuned_val:.4f}",
+                           f"{r['seconds']:.1f}"]))
+    return lines
+
+
 def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results: pd.DataFrame, ttl: pd.DataFrame,
               order: pd.DataFrame, files: dict[str, Path]) -> str:
     metric = cfg.metric
@@ -212,6 +240,7 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
                              for m in extra for split in ("val", "test")]
                           + [fmt_count(r["params"]), fmt_count(r["trainable_params"]), fmt_count(r["macs"]),
                              _ms(r["latency_batch1_ms"])]))
+    lines += probe_section(study, cfg, ttl)
     lines += [
         "",
         "## Plots",

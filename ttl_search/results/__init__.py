@@ -29,6 +29,13 @@ CONFIG_ATTR = "config"
 CANDIDATES_ATTR = "cut_candidates"
 """Study attribute with the cuts the search may train (index, name, stage, parameters), stored when
 the study is created so that reading it needs no model."""
+PROBE_ATTR = "probe"
+"""Study attribute with the frozen probe's table: per cut its logistic-regression probe's
+validation metric with its interval, kNN score, LogME, size and seconds (see
+:mod:`ttl_search.train.probe`); stored once, before the search."""
+PROBE_PREDICTIONS_ATTR = "ttl_probe_predictions"
+"""Study system attribute with every probed cut's ``val`` and ``test`` predictions (encoded), so
+that the probe's metrics and intervals can be recomputed."""
 
 
 def default_artifacts_dir(url: str) -> Path:
@@ -61,9 +68,15 @@ def stored_candidates(study: optuna.Study, cfg: StudyConfig) -> list[CutCandidat
     return [CutCandidate(**row) for row in rows]
 
 
+def stored_probe(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's frozen-probe table (None when the probe has not run)."""
+    table = study.user_attrs.get(PROBE_ATTR)
+    return table if isinstance(table, dict) and table.get("rows") else None
+
+
 def study_sampler(study: optuna.Study, cfg: StudyConfig):
     """The study's sampler, to read its plan and ranking (no model is built)."""
-    return make_sampler(cfg, stored_candidates(study, cfg))
+    return make_sampler(cfg, stored_candidates(study, cfg), stored_probe(study))
 
 
 def open_study(name: str, storage: str | None = None) -> tuple[optuna.Study, StudyConfig]:
@@ -136,7 +149,7 @@ def chosen_cut(study: optuna.Study, cfg: StudyConfig,
     summary = summarize_cut(chosen)
     best_trial = max(chosen, key=lambda r: r.value if cfg.resolved_direction == "maximize" else -r.value)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-    plan = make_sampler(cfg, candidates).plan(trials)
+    plan = study_sampler(study, cfg).plan(trials)
     score = answer.scores.get((SEARCH_STRATEGY, cut))
     return {
         "study": name, "cut": cut, "cut_name": summary.cut_name, "stage": summary.stage,
@@ -171,6 +184,7 @@ def _ranking_rows(answer: Answer, groups: dict[tuple[str, int], list[TrialRecord
             "indistinguishable": score.indistinguishable if score else None,
             "at_chance": (strategy, cut) in answer.at_chance if score else None,
             "chosen": strategy == SEARCH_STRATEGY and cut == answer.pick,
+            "trials": [r.number for r in group],
         })
     rows.sort(key=lambda r: -sign * r["mean_val"] if r["mean_val"] is not None else float("inf"))
     return rows

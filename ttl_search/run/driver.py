@@ -16,13 +16,14 @@ from ..config import from_dict, merge, to_dict
 from ..data import ensure_data, load_data
 from ..errors import ConfigError, StudyError
 from ..lease import DriverLease, Lease
-from ..results import CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, stored_candidates
+from ..results import CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, stored_candidates, stored_config, stored_probe
 from .cluster import ProgressCallback, ray_cluster, run_search
+from .probe import probe_phase
 from ..search.record import SEARCH_STRATEGY
 from ..search.samplers import CutCandidate
 from ..storage import (driver_storage, load_study, mask_url, open_storage, reconcile_running, storage_url,
                        study_names)
-from ..search.study import (StudyConfig, baseline_cut, cut_candidates, make_sampler, resolve_paths,
+from ..search.study import (StudyConfig, baseline_cut, cut_candidates, make_sampler, needs_probe, resolve_paths,
                             upgrade_stored_config)
 from ..train.trial import prepare_trial
 
@@ -51,26 +52,76 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
 
     with _driver_lease(rdb, cfg, force=False, refuse=creating) as (lease, _), ray_cluster(cfg):
         # a cluster that cannot run the trials fails before the study exists
-        if cfg.name in study_names(rdb):  # created by a driver that held the name a moment ago
-            raise _exists(cfg.name, url)
-        storage = driver_storage(url, cfg.driver.storage_patience_s, cfg.name)
-        try:
-            study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction,
-                                        sampler=sampler)
-        except optuna.exceptions.DuplicatedStudyError:  # another `run` created it a moment ago
-            raise _exists(cfg.name, url) from None
-        resolved = to_dict(cfg)
-        resolved["storage"] = mask_url(url)
-        study.set_user_attr(CONFIG_ATTR, resolved)
-        study.set_user_attr(CANDIDATES_ATTR, [asdict(c) for c in candidates])
-        study.set_user_attr("ttl_search_version", __version__)
-        study.set_user_attr("backbone", cfg.trial.backbone)
-        study.set_user_attr("dataset", cfg.trial.data.dataset)
-        study.set_user_attr("search", cfg.search.method)
-        study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        log.info("study %s created in %s", cfg.name, mask_url(url))
+        study = _create_study(cfg, rdb, url, sampler, candidates)
+        sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url))
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
     return study
+
+
+def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence[CutCandidate]) -> optuna.Study:
+    """Create the study with its resolved config and cut candidates (the caller holds the lease)."""
+    if cfg.name in study_names(rdb):  # created by a driver that held the name a moment ago
+        raise _exists(cfg.name, url)
+    storage = driver_storage(url, cfg.driver.storage_patience_s, cfg.name)
+    try:
+        study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction,
+                                    sampler=sampler)
+    except optuna.exceptions.DuplicatedStudyError:  # another `run` created it a moment ago
+        raise _exists(cfg.name, url) from None
+    resolved = to_dict(cfg)
+    resolved["storage"] = mask_url(url)
+    study.set_user_attr(CONFIG_ATTR, resolved)
+    study.set_user_attr(CANDIDATES_ATTR, [asdict(c) for c in candidates])
+    study.set_user_attr("ttl_search_version", __version__)
+    study.set_user_attr("backbone", cfg.trial.backbone)
+    study.set_user_attr("dataset", cfg.trial.data.dataset)
+    study.set_user_attr("search", cfg.search.method)
+    study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    log.info("study %s created in %s", cfg.name, mask_url(url))
+    return study
+
+
+def _probe_first(study: optuna.Study, cfg: StudyConfig, sampler, candidates: Sequence[CutCandidate],
+                 artifacts) -> Any:
+    """Run the probe phase when the study has one (on a Ray worker, once: a stored table is
+    reused); the sampler, rebuilt with the probe's ranking for a guided search."""
+    if not needs_probe(cfg):
+        return sampler
+    table = probe_phase(study, cfg, artifacts, remote=True)
+    sampler = make_sampler(cfg, candidates, table)
+    study.sampler = sampler
+    return sampler
+
+
+def probe_study(cfg: StudyConfig, progress: Callable[[int, int], None] | None = None
+                ) -> tuple[optuna.Study, dict[str, Any], bool]:
+    """``ttl-search probe``: the study's probe table, computed here and stored when the study has
+    none (the study is created first when it does not exist; ``resume`` then runs its search).
+    Returns (study, table, whether it was computed now)."""
+    url = storage_url(cfg.storage)
+    rdb = open_storage(url)
+    resolve_paths(cfg)
+    if cfg.name in study_names(rdb):
+        study = load_study(cfg.name, rdb)
+        table = stored_probe(study)
+        if table is not None:
+            return study, table, False
+        cfg = stored_config(study)  # the study's own settings, whatever the file says now
+        cfg.storage = url
+        resolve_paths(cfg)
+        candidates, create = stored_candidates(study, cfg), False
+    else:  # a study created to be probed keeps the probe: its best probe is a candidate model
+        cfg = replace(cfg, probe=replace(cfg.probe, run=True))
+        candidates, create = cut_candidates(cfg), True
+    sampler = make_sampler(cfg, candidates)
+    preflight(cfg, candidates)
+    with _driver_lease(rdb, cfg, force=False) as _:
+        if create:
+            study = _create_study(cfg, rdb, url, sampler, candidates)
+        else:
+            study = load_study(cfg.name, driver_storage(url, cfg.driver.storage_patience_s, cfg.name))
+        table = probe_phase(study, cfg, artifacts_dir(cfg, url), remote=False, progress=progress)
+    return study, table, True
 
 
 def preflight(cfg: StudyConfig, candidates: Sequence[CutCandidate]) -> None:
@@ -134,6 +185,7 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
         driver = f" ({previous.describe()})" if previous else ""
         reconcile_running(store, study, f"left RUNNING by a driver that stopped{driver}; resumed "
                                         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url))
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
     return study
 

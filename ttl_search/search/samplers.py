@@ -10,6 +10,9 @@ continues exactly where the database says the study is.
   stage 2 trains the other cuts of the best ``top_k`` stages; then the study is finished.
 - ``exhaustive``: every valid cut.
 - ``tpe``: Optuna's TPE over the cuts (optionally lr and weight decay) with a trial budget.
+- ``guided``: the frozen probe (:mod:`ttl_search.train.probe`) ranks every cut from one forward
+  pass; the probe's best cuts are trained first, then the search climbs from the best trained cut
+  to its untrained neighbours until the best cut's neighbours are trained or the budget is spent.
 - ``none``: no search, only the configured baselines (a sibling study for comparisons).
 
 Failed trials count as not tried and are retried up to ``max_retries`` times; a (strategy, cut,
@@ -305,6 +308,96 @@ class TwoStageSampler(PlannedSampler):
         return stage2, "stage2", False, len(stage1) + len(stage2)
 
 
+GUIDES = ("probe_val", "knn_val", "logme")
+"""Probe scores that can rank the cuts of a guided search."""
+
+
+def probe_ranking(rows: Sequence[dict[str, Any]], guide: str, direction: str) -> list[int]:
+    """Cuts of a stored probe table, best first by ``guide`` (``probe_val`` and ``knn_val`` follow
+    the study's direction, LogME is higher-better); ties go to the smaller model. Rows without a
+    finite score come last."""
+    if guide not in GUIDES:
+        raise ConfigError(f"unknown search.guide {guide!r}; valid guides: {choices(GUIDES)}")
+    sign = 1.0 if guide == "logme" or direction == "maximize" else -1.0
+
+    def key(row: dict[str, Any]) -> tuple:
+        value = row.get(guide)
+        finite = isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+        return (0 if finite else 1, -sign * value if finite else 0.0, row.get("params") or 0, row["cut"])
+
+    return [int(row["cut"]) for row in sorted(rows, key=key)]
+
+
+class GuidedSampler(PlannedSampler):
+    """Probe-guided search: train the probe's best cuts, then climb to the best trained cut's
+    neighbours, within a budget of cut trainings (each ``repeats`` x folds times).
+
+    Its state is the stored trials plus the stored probe table (``probe_order``): a resumed study
+    continues exactly where it stopped."""
+
+    def __init__(self, candidates: Sequence[CutCandidate], direction: str, ranking: Sequence[int] | None,
+                 budget: int = 5, initial: int = 2, repeats: int = 1, max_retries: int = 2,
+                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, folds: int = 1) -> None:
+        super().__init__(candidates, direction, repeats, max_retries, baselines, tolerance, folds)
+        if budget < 1 or initial < 1:
+            raise ConfigError(f"guided search: search.budget and search.initial must be >= 1, got {budget} and {initial}")
+        self.probe_order = None if ranking is None else [c for c in ranking if c in self.by_index]
+        """Cuts by probe score, best first (None while the study has no probe table)."""
+        self.budget = min(budget, len(self.candidates))
+        self.initial = min(initial, self.budget)
+
+    def first_cuts(self) -> list[int]:
+        """The probe's best ``initial`` cuts, not next to each other where the ranking allows."""
+        ranking = self._ranking()
+        chosen: list[int] = []
+        for cut in ranking:
+            if len(chosen) < self.initial and all(abs(cut - other) > 1 for other in chosen):
+                chosen.append(cut)
+        for cut in ranking:
+            if len(chosen) < self.initial and cut not in chosen:
+                chosen.append(cut)
+        return chosen
+
+    def _ranking(self) -> list[int]:
+        if self.probe_order is None:
+            raise ConfigError("the guided search needs the study's probe table, and none is stored; the driver "
+                              "runs the probe first (`ttl-search run`/`resume`), or run `ttl-search probe STUDY_FILE`")
+        return self.probe_order
+
+    def next_cuts(self, ledger: Ledger) -> list[int]:
+        """The climb's current round: the untried neighbours of the best cut trained before it (in
+        the probe's order), within the budget; while no cut has a result, the next cut by probe rank.
+
+        Rounds are replayed from the stored results alone, so what is trained does not depend on how
+        many trials ran at once. An empty round means the study is finished."""
+        ranking = self._ranking()
+        rank = {c: i for i, c in enumerate(ranking)}
+        params = {c.index: c.params for c in self.candidates}
+        tried = list(self.first_cuts())
+        while True:
+            left = self.budget - len(tried)
+            if left <= 0:
+                return []
+            scores = {c: m for c in tried if (m := ledger.mean(SEARCH_STRATEGY, c)) is not None}
+            if scores:
+                best = choose_best(scores, params, self.direction, self.tolerance)[0]
+                near = [c for c in (best - 1, best + 1) if c in self.by_index and c not in tried]
+                round_ = sorted(near, key=lambda c: rank.get(c, len(rank)))[:left]
+            else:
+                round_ = [c for c in ranking if c not in tried][:1]
+            if not round_ or self._open(self._jobs(SEARCH_STRATEGY, round_, "guided2"), ledger):
+                return round_
+            tried += round_
+
+    def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
+        expected = self.budget * self.repeats * self.folds
+        first = self._jobs(SEARCH_STRATEGY, self.first_cuts(), "guided1")
+        if self._open(first, ledger):
+            return first, "guided1", True, expected
+        climb = self._jobs(SEARCH_STRATEGY, self.next_cuts(ledger), "guided2")
+        return climb, "guided2", True, expected
+
+
 class TPESearch(TPESampler):
     """Optuna's TPE over the cut (and optionally lr and weight decay) with a trial budget."""
 
@@ -320,6 +413,7 @@ class TPESearch(TPESampler):
         self.tolerance = tolerance
 
     def plan(self, trials: Sequence[FrozenTrial]) -> Plan:
+        trials = [t for t in trials if t.params.get("strategy", SEARCH_STRATEGY) == SEARCH_STRATEGY]  # not the probe's
         done = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
         failed = sum(1 for t in trials if t.state == TrialState.FAIL)
         running = sum(1 for t in trials if t.state == TrialState.RUNNING)
@@ -372,7 +466,7 @@ def suggest_params(trial: optuna.Trial, candidates: Sequence[CutCandidate], stra
 # ---------------------------------------------------------------------------------------------
 # The registry of search methods
 
-SamplerBuilder = Callable[[Sequence[CutCandidate], str, Any, Sequence[tuple[str, int]], int], BaseSampler]
+SamplerBuilder = Callable[..., BaseSampler]
 
 
 @dataclass(frozen=True)
@@ -385,22 +479,35 @@ class SearchMethod:
     """One line for help texts and reports."""
     build: SamplerBuilder
     """(cut candidates, direction, the study's ``search`` settings, baselines as (strategy, cut),
-    cross-validation folds) -> the sampler."""
+    cross-validation folds, the probe's ranking of the cuts or None) -> the sampler."""
     takes_baselines: bool = True
     """Whether it can schedule baselines in the same study."""
     takes_folds: bool = True
     """Whether it can train every cut on each cross-validation fold."""
+    needs_probe: bool = False
+    """Whether it is guided by the frozen probe (run before the search, stored in the study)."""
 
 
 def _planned(cls: type[PlannedSampler], **extra: Callable[[Any], Any]) -> SamplerBuilder:
-    def build(candidates, direction, s, baselines, folds=1):
+    def build(candidates, direction, s, baselines, folds=1, ranking=None):
         return cls(candidates, direction=direction, repeats=s.repeats, max_retries=s.max_retries,
                    baselines=baselines, tolerance=s.tolerance, folds=folds, **{k: f(s) for k, f in extra.items()})
     return build
 
 
-def _tpe(candidates, direction, s, baselines, folds=1) -> TPESearch:
-    return TPESearch(candidates, direction, s.budget, seed=s.seed, max_retries=s.max_retries, tolerance=s.tolerance)
+def _tpe(candidates, direction, s, baselines, folds=1, ranking=None) -> TPESearch:
+    budget = s.budget if s.budget is not None else DEFAULT_BUDGETS["tpe"]
+    return TPESearch(candidates, direction, budget, seed=s.seed, max_retries=s.max_retries, tolerance=s.tolerance)
+
+
+def _guided(candidates, direction, s, baselines, folds=1, ranking=None) -> GuidedSampler:
+    budget = s.budget if s.budget is not None else DEFAULT_BUDGETS["guided"]
+    return GuidedSampler(candidates, direction, ranking, budget=budget, initial=s.initial, repeats=s.repeats,
+                         max_retries=s.max_retries, baselines=baselines, tolerance=s.tolerance, folds=folds)
+
+
+DEFAULT_BUDGETS = {"tpe": 10, "guided": 5}
+"""``search.budget`` when unset: TPE trials, guided cut trainings."""
 
 
 SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (
@@ -409,6 +516,8 @@ SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (
     SearchMethod("exhaustive", "every valid cut", _planned(ExhaustiveSampler)),
     SearchMethod("tpe", "Optuna's TPE over the cuts (and optionally lr, weight decay) with a trial budget", _tpe,
                  takes_baselines=False, takes_folds=False),
+    SearchMethod("guided", "the frozen probe ranks every cut; its best cuts are trained, then the best one's "
+                 "neighbours, within a budget of trainings", _guided, needs_probe=True),
     SearchMethod("none", "no search: only the baselines (a sibling study for comparisons)",
                  _planned(BaselinesOnlySampler)),
 )}

@@ -17,9 +17,10 @@ from ..config import load_config
 from ..errors import ConfigError, choices
 from ..train.metrics import metric_direction
 from .schedulers import SCHEDULERS
-from .samplers import SEARCH_METHODS, CutCandidate, check_search
+from .samplers import GUIDES, SEARCH_METHODS, CutCandidate, check_search, probe_ranking
 from .selection import SelectionConfig
-from ..models.strategies import BASELINES, STRATEGIES
+from ..models.strategies import BASELINES, PROBE_STRATEGY, STRATEGIES
+from ..train.probe import ProbeConfig
 from ..train.trial import TrialConfig
 from ..models.truncation import analyze_cuts
 
@@ -34,15 +35,24 @@ class SearchConfig:
 
     method: str = "two_stage"
     """``two_stage`` (the paper), ``exhaustive`` (every valid cut), ``tpe`` (Optuna's TPE with a
-    budget) or ``none`` (only the baselines)."""
+    budget), ``guided`` (the frozen probe ranks the cuts, a few are trained) or ``none`` (only the
+    baselines)."""
     top_k: int = 1
     """two_stage: how many of the best stages stage 2 searches."""
     tolerance: float = 0.0
     """Candidates within this much of the best validation metric go to the smaller model."""
     repeats: int = 1
     """Seeds per chosen cut (the paper used 3); decisions use the mean."""
-    budget: int = 10
-    """tpe: number of trials."""
+    budget: int | None = None
+    """Trainings the search may spend: tpe, its trials (default 10); guided, the cuts it trains
+    (default 5; each ``repeats`` x folds times)."""
+    initial: int = 2
+    """guided: cuts trained first (the probe's best, not next to each other); then the search
+    trains the untried neighbours of the best trained cut until they are trained or the budget is
+    spent."""
+    guide: str = "probe_val"
+    """guided: the probe score that ranks the cuts: ``probe_val`` (logistic regression on the frozen
+    pooled features, validation metric), ``knn_val`` or ``logme``."""
     tune_lr: bool = False
     """tpe: also search the learning rate and weight decay."""
     max_retries: int = 2
@@ -109,6 +119,9 @@ class StudyConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     """How the answer is chosen from the trained cuts: the rule, its bootstrap intervals, and
     optional k-fold cross-validation."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """The frozen probe: every cut scored from one forward pass of the pretrained backbone (run
+    before a guided search, or before any search with ``probe.run``)."""
     baselines: list[str] = field(default_factory=list)
     """Baselines trained in the same study: ``full``, ``linear_probe``, ``lwft``,
     ``transfusion``, ``scratch``."""
@@ -153,8 +166,8 @@ def validate_study_config(cfg: StudyConfig) -> None:
         folding = [m for m, spec in SEARCH_METHODS.items() if spec.takes_folds]
         raise ConfigError(f"selection.folds > 1 does not work with search.method {cfg.search.method}; methods that "
                           f"cross-validate: {choices(folding)}")
-    for key in ("repeats", "budget", "top_k"):
-        if getattr(cfg.search, key) < 1:
+    for key in ("repeats", "budget", "top_k", "initial"):
+        if getattr(cfg.search, key) is not None and getattr(cfg.search, key) < 1:
             raise ConfigError(f"search.{key} must be >= 1, got {getattr(cfg.search, key)}")
     if cfg.search.max_retries < 0:
         raise ConfigError(f"search.max_retries must be >= 0, got {cfg.search.max_retries}")
@@ -181,6 +194,16 @@ def validate_study_config(cfg: StudyConfig) -> None:
     if d.heartbeat_s <= 0 or d.storage_patience_s < 0 or d.stale_after_s < 3 * d.heartbeat_s:
         raise ConfigError(f"driver: heartbeat_s must be > 0, stale_after_s at least 3 x heartbeat_s and "
                           f"storage_patience_s >= 0, got {d}")
+    if cfg.search.guide not in GUIDES:
+        raise ConfigError(f"search.guide {cfg.search.guide!r} is unknown; valid guides: {choices(GUIDES)}")
+    if needs_probe(cfg):
+        if cfg.search.method == "tpe":
+            raise ConfigError("probe.run does not work with search.method tpe (TPE would learn from the probe's "
+                              "stored model); methods that can run the probe first: "
+                              f"{choices(m for m in SEARCH_METHODS if m != 'tpe')}")
+        if cfg.trial.head != "pool":
+            raise ConfigError(f"the frozen probe works on pooled features: trial.head must be pool with "
+                              f"{'probe.run' if cfg.probe.run else 'search.method guided'}, got {cfg.trial.head!r}")
     if cfg.scheduler.type not in SCHEDULERS:
         raise ConfigError(f"scheduler.type {cfg.scheduler.type!r} is unknown; valid schedulers: {choices(SCHEDULERS)}")
 
@@ -255,19 +278,29 @@ def baseline_cut(cfg: StudyConfig, baseline: str, candidates: Sequence[CutCandid
     return cut
 
 
-def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = None):
-    """The sampler of the configured search, built from the config alone (no stored state) and
-    the study's cut candidates (default: computed from the config, a forward pass per cut)."""
+def needs_probe(cfg: StudyConfig) -> bool:
+    """Whether the study runs the frozen probe before its search (and stores its model)."""
+    return cfg.probe.run or SEARCH_METHODS[cfg.search.method].needs_probe
+
+
+def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = None,
+                 probe: dict[str, Any] | None = None):
+    """The sampler of the configured search, built from the config alone (no stored state), the
+    study's cut candidates (default: computed from the config, a forward pass per cut) and, for a
+    guided search, the study's stored probe table (``probe``; None while it is not stored)."""
     candidates = list(candidates) if candidates is not None else cut_candidates(cfg)
     method = SEARCH_METHODS[cfg.search.method]
     if cfg.baselines and not method.takes_baselines:
         raise ConfigError(f"the {method.name} search cannot schedule baselines; run them in a sibling study with "
                           "search.method none")
     baselines = [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]
-    return method.build(candidates, cfg.resolved_direction, cfg.search, baselines, cfg.selection.folds)
+    ranking = probe_ranking(probe["rows"], cfg.search.guide, cfg.resolved_direction) if probe else None
+    return method.build(candidates, cfg.resolved_direction, cfg.search, baselines, cfg.selection.folds,
+                        ranking=ranking)
 
 
 def trial_strategies(cfg: StudyConfig) -> list[str]:
-    """Values of the ``strategy`` parameter in this study."""
-    return (["ttl"] if cfg.search.method != "none" else []) + list(cfg.baselines)
+    """Values of the ``strategy`` parameter in this study (the same list in every trial)."""
+    probe = [PROBE_STRATEGY] if needs_probe(cfg) else []
+    return (["ttl"] if cfg.search.method != "none" else []) + list(cfg.baselines) + probe
 

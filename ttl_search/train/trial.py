@@ -202,7 +202,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resolve_weights(cfg: TrialConfig) -> str | None:
+def resolve_weights(cfg: TrialConfig) -> str | None:
+    """The weights ``cfg`` names, with ``default`` resolved to the backbone's first named weights."""
     if cfg.weights is None or str(cfg.weights).lower() != "default":
         return cfg.weights
     spec = get_backbone(cfg.backbone)
@@ -283,7 +284,7 @@ def prepare_trial(cfg: TrialConfig, data: DatasetSplits) -> PreparedTrial:
         raise ConfigError(f"backbone {spec.name} takes {spec.dims}D input but dataset {data.name} is {data.dims}D")
     input_size = cfg.input_size or int(data.train.images.shape[-1])
     in_channels = cfg.in_channels or (3 if spec.dims == 2 else data.channels)
-    loaded = load_backbone(spec.name, _resolve_weights(cfg), in_channels)
+    loaded = load_backbone(spec.name, resolve_weights(cfg), in_channels)
     built = build_strategy_model(loaded, cfg.strategy, cfg.cut, data.num_classes, cfg.head, input_size, cfg.frozen_units)
     mean = loaded.mean if in_channels == len(loaded.mean) else (float(np.mean(loaded.mean)),)
     std = loaded.std if in_channels == len(loaded.std) else (float(np.mean(loaded.std)),)

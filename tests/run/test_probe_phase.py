@@ -1,0 +1,127 @@
+"""The probe phase end to end: `ttl-search probe`, a guided study on Ray, the best probe as a
+model of its own (best, compare, export), on real BreastMNIST and the tiny test backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from optuna.trial import TrialState
+
+from studyutil import DEBUG_STUDY, cli_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def data_root():
+    from conftest import SHARED_DATASETS
+
+    if not (SHARED_DATASETS / "breastmnist.npz").is_file():
+        pytest.skip(f"real data file {SHARED_DATASETS / 'breastmnist.npz'} is absent")
+    return SHARED_DATASETS
+
+
+def _cli(*args, cwd, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ttl_search", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(), cwd=str(cwd))
+
+
+@pytest.fixture(scope="module")
+def guided(tmp_path_factory, data_root):
+    """A finished guided debug study (budget 3) and its storage URL."""
+    root = tmp_path_factory.mktemp("guided")
+    url = f"sqlite:///{root / 'g.db'}"
+    done = _cli("run", DEBUG_STUDY, "--storage", url, "--quiet", "--set", "name=guided",
+                "--set", f"trial.data.root={data_root}", "--set", "search.method=guided", "--set", "search.budget=3",
+                "--set", "trial.weights=none", cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {"url": url, "root": root, "out": done.stdout}
+
+
+def test_probe_command_stores_the_table_and_prints_json(tmp_path, data_root):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    args = ("probe", DEBUG_STUDY, "--storage", url, "--set", "name=probed", "--set", f"trial.data.root={data_root}")
+    first = _cli(*args, "--format", "json", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    rows = json.loads(first.stdout)
+    assert [r["cut"] for r in rows] == list(range(1, 8))  # every valid cut of test_cnn at 28 px
+    for row in rows:
+        assert {"cut", "name", "params", "probe_val", "probe_val_ci", "knn_val", "logme", "seconds"} <= set(row)
+        low, high = row["probe_val_ci"]
+        assert low <= row["probe_val"] <= high
+    # stored: a second call reads it back, the same numbers, without computing
+    again = _cli(*args, cwd=tmp_path)
+    assert again.returncode == 0 and "stored earlier in study probed" in again.stdout
+    from ttl_search.results import open_study, stored_probe
+
+    study, cfg = open_study("probed", url)
+    assert [r["probe_val"] for r in stored_probe(study)["rows"]] == [r["probe_val"] for r in rows]
+    assert cfg.probe.run  # a study created by `probe` keeps its probe: the best probe is a model of it
+    probe_trials = [t for t in study.trials if t.params.get("strategy") == "probe"]
+    assert len(probe_trials) == 1 and probe_trials[0].state == TrialState.COMPLETE
+
+
+def test_guided_study_trains_within_its_budget_and_lists_the_probe(guided):
+    from ttl_search.results import best_cut, open_study, stored_probe
+
+    study, cfg = open_study("guided", guided["url"])
+    table = stored_probe(study)
+    assert table is not None and len(table["rows"]) == 7
+    ttl = [t for t in study.trials if t.params["strategy"] == "ttl"]
+    assert len(ttl) == 3 and all(t.state == TrialState.COMPLETE for t in ttl)
+    phases = [t.user_attrs["phase"] for t in ttl]
+    assert phases.count("guided1") == 2 and phases.count("guided2") == 1
+    first = {t.params["cut"] for t in ttl if t.user_attrs["phase"] == "guided1"}
+    order = [r["cut"] for r in sorted(table["rows"], key=lambda r: (-r["probe_val"], r["params"]))]
+    assert order[0] in first  # the probe's best cut is trained first
+    best = best_cut("guided", guided["url"])
+    probe_rows = [r for r in best["ranking"] if r["strategy"] == "probe"]
+    assert len(probe_rows) == 1 and probe_rows[0]["cut"] == table["best_cut"]
+    assert probe_rows[0]["val_ci"] is not None  # an interval like every other model's
+    assert "frozen probe" in guided["out"]  # the run's answer shows the probe beside the cuts
+
+
+def test_status_and_report_show_the_probe_beside_the_fine_tuned_cuts(guided):
+    status = _cli("status", "guided", "--storage", guided["url"], cwd=guided["root"])
+    assert status.returncode == 0, status.stderr
+    assert "frozen probe of test_cnn" in status.stdout and "fine-tuned val auroc" in status.stdout
+    report = _cli("report", "guided", "--storage", guided["url"], "--no-attach", "--output", guided["root"] / "rep",
+                  cwd=guided["root"])
+    assert report.returncode == 0, report.stderr
+    text = (guided["root"] / "rep" / "summary.md").read_text()
+    assert "## Frozen probe" in text and "(best probe)" in text
+
+
+def test_the_best_probe_exports_and_predicts_what_the_probe_predicted(guided, tmp_path):
+    from ttl_search.export import restore_trial
+    from ttl_search.export import predict_probabilities
+    from ttl_search.results import open_study
+    from ttl_search.search.record import trial_predictions
+
+    study, _ = open_study("guided", guided["url"])
+    trial = next(t for t in study.trials if t.params["strategy"] == "probe")
+    restored = restore_trial("guided", guided["url"], trial.number)
+    probs = predict_probabilities(restored.model, restored.data.val, restored.transform, restored.data.dims)
+    _, stored = trial_predictions(trial, "val")
+    assert probs == pytest.approx(stored, abs=1e-4)  # the checkpoint is the probe itself
+    out = _cli("export", "guided", "--storage", guided["url"], "--trial", trial.number, "--output", tmp_path / "x",
+               cwd=guided["root"])
+    assert out.returncode == 0, out.stderr
+    assert any(p.suffix == ".onnx" for p in (tmp_path / "x").iterdir())
+
+
+def test_probe_settings_are_checked():
+    from ttl_search.errors import ConfigError
+    from ttl_search.search.study import load_study_config
+
+    with pytest.raises(ConfigError, match="probe.run does not work with search.method tpe"):
+        load_study_config(DEBUG_STUDY, ["search.method=tpe", "probe.run=true"])
+    with pytest.raises(ConfigError, match="trial.head must be pool"):
+        load_study_config(DEBUG_STUDY, ["search.method=guided", "trial.head=flatten"])
+    with pytest.raises(ConfigError, match="unknown config key 'probe.k'"):
+        load_study_config(DEBUG_STUDY, ["probe.k=3"])
+    assert os.path.isfile(DEBUG_STUDY)

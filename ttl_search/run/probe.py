@@ -1,0 +1,197 @@
+"""The probe phase (driver side): the frozen probe scores every cut of the pretrained backbone
+before the search, and the driver stores what it found in the study.
+
+- the probe table (per cut: logistic-regression probe's validation metric with its bootstrap
+  interval, kNN score, LogME, size, seconds) as the study attribute ``probe``;
+- every cut's validation and test predictions as a study system attribute (metrics and intervals
+  can be recomputed, and a replay of the study stays exact);
+- the best probe (by validation metric; a smaller model wins a tie) as a completed trial of
+  strategy ``probe``: a cheap candidate model with a checkpoint, listed by ``best`` and
+  ``compare`` next to the fine-tuned cuts and the baselines, and exportable.
+
+The probe runs as a Ray task with a trial's resources (so on a trial's device), or in this
+process for ``ttl-search probe``. The table is computed once: a resumed study reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ..config import from_dict, to_dict
+from ..errors import StudyError, TTLSearchError
+from ..models.backbones import load_backbone
+from ..models.strategies import PROBE_STRATEGY, build_strategy_model
+from ..results import PROBE_ATTR, PROBE_PREDICTIONS_ATTR, stored_probe
+from ..search.record import PREDICTIONS_ATTR, TrialRecord
+from ..search.samplers import job_distributions, probe_ranking
+from ..search.selection import Evidence, score_candidates
+from ..search.study import StudyConfig, trial_strategies
+from ..train.metrics import compute_metrics
+from ..train.predictions import decode_predictions
+from ..train.probe import ProbeConfig, ProbeResult, run_probe
+from ..train.trial import TrialConfig, resolve_weights, seed_everything
+from .cluster import os_reason, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+def probe_phase(study: optuna.Study, cfg: StudyConfig, artifacts: Path | None, remote: bool = True,
+                progress: Progress | None = None) -> dict[str, Any]:
+    """The study's probe table: the stored one, else the probe is run (as a Ray task with a trial's
+    resources when ``remote``, else here) and its results stored."""
+    table = stored_probe(study)
+    if table is not None:
+        return table
+    log.info("probing every valid cut of %s (one forward pass of the frozen backbone)", cfg.trial.backbone)
+    tcfg = probe_trial_config(cfg)
+    result = _run_remote(cfg, tcfg) if remote else run_probe(tcfg, cfg.probe, progress=progress)
+    return store_probe(study, cfg, result, artifacts)
+
+
+def _probe_task(trial_values: dict[str, Any], probe_values: dict[str, Any], cpus: float) -> ProbeResult:
+    """The probe on a Ray worker (threads as a trial's)."""
+    tcfg = from_dict(TrialConfig, trial_values)
+    tcfg.threads = max(1, int(cpus))
+    return run_probe(tcfg, from_dict(ProbeConfig, probe_values))
+
+
+def probe_trial_config(cfg: StudyConfig) -> TrialConfig:
+    """The trial settings the probe runs with: the study's, with repeat 0's seed (the seed its
+    stored model records, so a backbone with random weights is rebuilt identically)."""
+    return replace(cfg.trial, seed=cfg.search.seed)
+
+
+def _run_remote(cfg: StudyConfig, tcfg: TrialConfig) -> ProbeResult:
+    import ray
+
+    task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus, max_retries=0)(_probe_task)
+    try:
+        return ray.get(task.remote(to_dict(tcfg), to_dict(cfg.probe), cfg.resources.cpus))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, TTLSearchError):  # bad data, weights or config: the user's to fix
+            raise exc.cause from None
+        raise StudyError(f"the probe failed on its Ray worker: {str(exc).strip().splitlines()[-1]}") from exc
+    except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory)
+        raise StudyError(f"the probe's Ray worker died: {type(exc).__name__}: {exc}; "
+                         f"`ttl-search resume {cfg.name}` runs it again") from exc
+
+
+def probe_scores(cfg: StudyConfig, result: ProbeResult) -> list[dict[str, Any]]:
+    """The probe's rows with each cut's bootstrap interval of the validation metric and whether it
+    is indistinguishable (paired bootstrap) from the best probe, as the study stores them."""
+    rows = [row.as_dict() for row in result.rows]
+    best = probe_ranking(rows, "probe_val", cfg.resolved_direction)[0]
+    evidence = {}
+    for row in rows:
+        labels, probs = decode_predictions(result.predictions[row["cut"]]["val"])
+        evidence[row["cut"]] = Evidence({0: (labels, [probs])})
+    scores = score_candidates(evidence, cfg.metric, cfg.resolved_direction, cfg.selection, reference=best)
+    for row in rows:
+        score = scores[row["cut"]]
+        row["probe_val_ci"] = [float(score.ci[0]), float(score.ci[1])]
+        row["indistinguishable"] = bool(score.indistinguishable)
+        row["best"] = row["cut"] == best
+    return rows
+
+
+def store_probe(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, artifacts: Path | None) -> dict[str, Any]:
+    """Store ``result`` in the study (table, predictions, the best probe's trial); the table."""
+    rows = probe_scores(cfg, result)
+    best = next(row for row in rows if row["best"])
+    table = {
+        "metric": result.metric, "backbone": result.backbone, "input_size": result.input_size,
+        "in_channels": result.in_channels, "num_classes": result.num_classes, "device": result.device,
+        "feature_seconds": round(result.feature_seconds, 3), "seconds": round(result.seconds, 3),
+        "peak_feature_mb": round(result.peak_feature_mb, 2), "best_cut": best["cut"], "data": result.data,
+        "rows": rows,
+    }
+    study._storage.set_study_system_attr(study._study_id, PROBE_PREDICTIONS_ATTR,
+                                         {str(cut): preds for cut, preds in result.predictions.items()})
+    if PROBE_STRATEGY in trial_strategies(cfg):
+        _store_probe_trial(study, cfg, result, best, artifacts)
+    else:  # its trials' strategy parameter has no "probe" choice, and Optuna cannot widen it
+        log.info("study %s was created without the probe (probe.run false): its table is stored, its best probe "
+                 "is not stored as a candidate model", cfg.name)
+    study.set_user_attr(PROBE_ATTR, table)  # last: a table stored means the phase is done
+    log.info("probe: %d cuts in %.1f s; best probe at cut %d (%s), val %s %.4f", len(rows), result.seconds,
+             best["cut"], best["name"], cfg.metric, best["probe_val"])
+    return table
+
+
+def _store_probe_trial(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, row: dict[str, Any],
+                       artifacts: Path | None) -> None:
+    """The best probe as a completed ``probe`` trial with its checkpoint (the truncated pretrained
+    units and the probe's linear head)."""
+    cut = row["cut"]
+    predictions = result.predictions[cut]
+    metrics = {split: _metrics(predictions[split]) for split in ("val", "test")}
+    record = TrialRecord(
+        strategy=PROBE_STRATEGY, cut=cut, repeat=0, cut_name=row["name"], stage=row["stage"], phase="probe",
+        seed=cfg.search.seed, val=metrics["val"], test=metrics["test"], params=row["params"],
+        trainable_params=int(result.heads[cut][0].size + result.heads[cut][1].size), epochs=0,
+        train_time_s=round(row["seconds"], 3), duration_s=round(result.seconds, 3), device=result.device,
+        input_size=result.input_size, dataset_md5=(result.data or {}).get("md5"),
+    )
+    if artifacts is not None:
+        path = artifacts / cfg.name / f"probe-cut-{cut}.pt"
+        saved = save_checkpoint(_probe_state(cfg, result, cut), path)
+        if "infrastructure" in saved:
+            raise StudyError(f"{saved['infrastructure']}; the probe's table is not stored. Free space or set another "
+                             f"folder (--set artifacts=...), then `ttl-search resume {cfg.name}`")
+        record.checkpoint = saved["checkpoint"]
+    distributions = job_distributions(_candidates(study, cfg), trial_strategies(cfg), cfg.search.repeats,
+                                      cfg.selection.folds)
+    params = {"strategy": PROBE_STRATEGY, "cut": cut, "repeat": 0, "fold": 0}
+    # Stored RUNNING first: Optuna attaches artifacts only to unfinished trials.
+    study.add_trial(optuna.trial.create_trial(
+        params={k: v for k, v in params.items() if k in distributions}, distributions=distributions,
+        user_attrs=record.to_attrs(), state=TrialState.RUNNING, system_attrs={PREDICTIONS_ATTR: predictions},
+    ))
+    trial = study.get_trials(deepcopy=False)[-1]
+    if record.checkpoint and artifacts is not None:
+        _attach(study, trial, artifacts, Path(record.checkpoint))
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [float(metrics["val"][cfg.metric])])
+
+
+def _attach(study: optuna.Study, trial, artifacts: Path, path: Path) -> None:
+    from ..storage import attach_artifact
+
+    try:
+        artifact_id = attach_artifact(artifacts, trial, path, "application/octet-stream", storage=study._storage)
+    except OSError as exc:
+        log.warning("the probe's checkpoint %s could not be copied into the artifact store: %s", path, os_reason(exc))
+        return
+    study._storage.set_trial_user_attr(trial._trial_id, "checkpoint_artifact_id", artifact_id)
+
+
+def _candidates(study: optuna.Study, cfg: StudyConfig):
+    from ..results import stored_candidates
+
+    return stored_candidates(study, cfg)
+
+
+def _metrics(encoded: dict[str, Any]) -> dict[str, float]:
+    labels, probs = decode_predictions(encoded)
+    nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+    return {k: float(v) for k, v in compute_metrics(labels, probs, nll).items()}
+
+
+def _probe_state(cfg: StudyConfig, result: ProbeResult, cut: int) -> dict[str, torch.Tensor]:
+    """The state dict of the ``probe`` strategy's model at ``cut``: pretrained units, probe head."""
+    seed_everything(cfg.search.seed)  # as the probe (and a restore) did before loading: random weights agree
+    loaded = load_backbone(cfg.trial.backbone, resolve_weights(cfg.trial), result.in_channels)
+    model = build_strategy_model(loaded, PROBE_STRATEGY, cut, result.num_classes, "pool", result.input_size).model
+    weight, bias = result.heads[cut]
+    model.head.fc.weight.data.copy_(torch.as_tensor(weight))
+    model.head.fc.bias.data.copy_(torch.as_tensor(bias))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
