@@ -42,10 +42,12 @@ def guided(tmp_path_factory, data_root):
     return {"url": url, "root": root, "out": done.stdout}
 
 
-def test_probe_command_stores_the_table_and_prints_json(tmp_path, data_root):
-    url = f"sqlite:///{tmp_path / 'p.db'}"
-    args = ("probe", DEBUG_STUDY, "--storage", url, "--set", "name=probed", "--set", f"trial.data.root={data_root}")
-    first = _cli(*args, "--format", "json", cwd=tmp_path)
+def test_probe_command_prints_the_stored_table(guided):
+    """`ttl-search probe` on a study that has its probe (here: run as the guided study's first phase,
+    on a Ray worker) prints the stored table, computing nothing. Computing it from the command line
+    is covered by tests/test_packaging.py (every format of every command)."""
+    args = ("probe", DEBUG_STUDY, "--storage", guided["url"], "--set", "name=guided")
+    first = _cli(*args, "--format", "json", cwd=guided["root"])
     assert first.returncode == 0, first.stderr
     rows = json.loads(first.stdout)
     assert [r["cut"] for r in rows] == list(range(1, 8))  # every valid cut of test_cnn at 28 px
@@ -53,16 +55,30 @@ def test_probe_command_stores_the_table_and_prints_json(tmp_path, data_root):
         assert {"cut", "name", "params", "probe_val", "probe_val_ci", "knn_val", "logme", "seconds"} <= set(row)
         low, high = row["probe_val_ci"]
         assert low <= row["probe_val"] <= high
-    # stored: a second call reads it back, the same numbers, without computing
-    again = _cli(*args, cwd=tmp_path)
-    assert again.returncode == 0 and "stored earlier in study probed" in again.stdout
+    table = _cli(*args, cwd=guided["root"])
+    assert table.returncode == 0 and "stored earlier in study guided" in table.stdout
     from ttl_search.results import open_study, stored_probe
 
-    study, cfg = open_study("probed", url)
+    study, _ = open_study("guided", guided["url"])
     assert [r["probe_val"] for r in stored_probe(study)["rows"]] == [r["probe_val"] for r in rows]
-    assert cfg.probe.run  # a study created by `probe` keeps its probe: the best probe is a model of it
+
+
+def test_a_study_created_by_probe_keeps_the_probe(tmp_path, data_root):
+    from ttl_search.results import open_study
+    from ttl_search.run.driver import probe_study
+    from ttl_search.search.study import load_study_config
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    cfg = load_study_config(DEBUG_STUDY, [f"storage={url}", "name=probed", f"trial.data.root={data_root}",
+                                          f"artifacts={tmp_path / 'a'}"])
+    study, table, computed = probe_study(cfg)
+    assert computed and table["best_cut"] in range(1, 8)
+    study, stored = open_study("probed", url)
+    assert stored.probe.run  # its best probe is a model of the study, and `resume` keeps probing it
     probe_trials = [t for t in study.trials if t.params.get("strategy") == "probe"]
     assert len(probe_trials) == 1 and probe_trials[0].state == TrialState.COMPLETE
+    assert (tmp_path / "a" / "probed" / f"probe-cut-{table['best_cut']}.pt").is_file()
+    assert probe_study(cfg)[2] is False  # stored: not computed again
 
 
 def test_guided_study_trains_within_its_budget_and_lists_the_probe(guided):

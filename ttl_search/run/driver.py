@@ -53,7 +53,7 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
     with _driver_lease(rdb, cfg, force=False, refuse=creating) as (lease, _), ray_cluster(cfg):
         # a cluster that cannot run the trials fails before the study exists
         study = _create_study(cfg, rdb, url, sampler, candidates)
-        sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url))
+        sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
     return study
 
@@ -82,12 +82,12 @@ def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence
 
 
 def _probe_first(study: optuna.Study, cfg: StudyConfig, sampler, candidates: Sequence[CutCandidate],
-                 artifacts) -> Any:
+                 artifacts, lease: DriverLease) -> Any:
     """Run the probe phase when the study has one (on a Ray worker, once: a stored table is
     reused); the sampler, rebuilt with the probe's ranking for a guided search."""
     if not needs_probe(cfg):
         return sampler
-    table = probe_phase(study, cfg, artifacts, remote=True)
+    table = probe_phase(study, cfg, artifacts, remote=True, lease=lease)
     sampler = make_sampler(cfg, candidates, table)
     study.sampler = sampler
     return sampler
@@ -115,12 +115,12 @@ def probe_study(cfg: StudyConfig, progress: Callable[[int, int], None] | None = 
         candidates, create = cut_candidates(cfg), True
     sampler = make_sampler(cfg, candidates)
     preflight(cfg, candidates)
-    with _driver_lease(rdb, cfg, force=False) as _:
+    with _driver_lease(rdb, cfg, force=False) as (lease, _):
         if create:
             study = _create_study(cfg, rdb, url, sampler, candidates)
         else:
             study = load_study(cfg.name, driver_storage(url, cfg.driver.storage_patience_s, cfg.name))
-        table = probe_phase(study, cfg, artifacts_dir(cfg, url), remote=False, progress=progress)
+        table = probe_phase(study, cfg, artifacts_dir(cfg, url), remote=False, progress=progress, lease=lease)
     return study, table, True
 
 
@@ -185,7 +185,7 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
         driver = f" ({previous.describe()})" if previous else ""
         reconcile_running(store, study, f"left RUNNING by a driver that stopped{driver}; resumed "
                                         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
-        sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url))
+        sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
     return study
 

@@ -46,15 +46,20 @@ Progress = Callable[[int, int], None]
 
 
 def probe_phase(study: optuna.Study, cfg: StudyConfig, artifacts: Path | None, remote: bool = True,
-                progress: Progress | None = None) -> dict[str, Any]:
+                progress: Progress | None = None, lease=None) -> dict[str, Any]:
     """The study's probe table: the stored one, else the probe is run (as a Ray task with a trial's
-    resources when ``remote``, else here) and its results stored."""
+    resources when ``remote``, else here) and its results stored, unless the driver's ``lease``
+    was taken over meanwhile (then nothing is written)."""
     table = stored_probe(study)
     if table is not None:
         return table
     log.info("probing every valid cut of %s (one forward pass of the frozen backbone)", cfg.trial.backbone)
     tcfg = probe_trial_config(cfg)
     result = _run_remote(cfg, tcfg) if remote else run_probe(tcfg, cfg.probe, progress=progress)
+    if lease is not None:
+        lease.renew()
+        if lease.lost.is_set():
+            raise StudyError(lease.lost_reason)
     return store_probe(study, cfg, result, artifacts)
 
 
