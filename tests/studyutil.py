@@ -40,6 +40,20 @@ def kill_group(proc: subprocess.Popen) -> None:
     time.sleep(1.0)
 
 
+def cli(*args: object) -> subprocess.CompletedProcess:
+    """``ttl-search ARGS`` in this process (no interpreter and torch start-up, seconds per call):
+    its exit status, stdout and stderr. For commands that start no Ray (reading, refusals)."""
+    import contextlib
+    import io
+
+    from ttl_search.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return subprocess.CompletedProcess([str(a) for a in args], rc, out.getvalue(), err.getvalue())
+
+
 def run_cli(args: list[str], log: Path, timeout: float = 600) -> int:
     proc = start_driver(args, log)
     try:
@@ -129,6 +143,7 @@ def synthetic_study(cfg, strength: dict[int, float], seeds: int = 1, n_pos: int 
             system = ({PREDICTIONS_ATTR: {k: encode_predictions(labels, p) for k, p in split_probs.items()}}
                       if predictions else {})
             study.add_trial(optuna.trial.create_trial(
-                params={"strategy": strategy, "cut": cut, "repeat": repeat}, distributions=dists,
+                params={k: v for k, v in {"strategy": strategy, "cut": cut, "repeat": repeat}.items() if k in dists},
+                distributions=dists,
                 value=val[cfg.metric], user_attrs=record.to_attrs(), system_attrs=system))
     return study, candidates

@@ -15,7 +15,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import TTLSearchError
-from .search.record import fmt_count, fmt_diff, fmt_interval, fmt_params
+from .search.record import fmt_count, fmt_diff, fmt_interval, fmt_params, fmt_value
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -374,9 +374,9 @@ def print_probe(table: dict, metric: str, fine_tuned: dict[int, float] | None = 
     for r in table["rows"]:
         mark = "best probe" if r.get("best") else ("same" if r.get("indistinguishable") else "")
         tuned = (fine_tuned or {}).get(r["cut"])
-        rows.append([r["cut"], r["name"], fmt_count(r["params"]), f"{r['probe_val']:.4f}",
-                     fmt_interval(r.get("probe_val_ci")), f"{r['knn_val']:.4f}", f"{r['logme']:.3f}",
-                     *(["-" if tuned is None else f"{tuned:.4f}"] if fine_tuned is not None else []),
+        rows.append([r["cut"], r["name"], fmt_count(r["params"]), fmt_value(r["probe_val"]),
+                     fmt_interval(r.get("probe_val_ci")), fmt_value(r["knn_val"]), fmt_value(r["logme"], 3),
+                     *([fmt_value(tuned)] if fine_tuned is not None else []),
                      f"{r['seconds']:.1f}s", mark])
     columns = ["cut", "name", "params", f"probe val {metric}", f"{level} interval", f"kNN val {metric}", "LogME",
                *([f"fine-tuned val {metric}"] if fine_tuned is not None else []), "seconds", ""]
@@ -489,7 +489,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_best(args: argparse.Namespace) -> int:
     _print_best(args.name, args.storage, args.format)
+    _publish(args.name, args.storage)
     return 0
+
+
+def _publish(name: str, storage: str | None) -> None:
+    """Store the answer where optuna-dashboard shows it; a database that refuses writes (a
+    read-only user) only loses that, with a warning."""
+    from .results import open_study
+    from .results.dashboard import publish_answer
+
+    try:
+        study, cfg = open_study(name, storage)
+        publish_answer(study, cfg)
+    except Exception as exc:  # noqa: BLE001 - the answer was printed; the dashboard's copy is extra
+        logging.getLogger(__name__).warning("the answer is not stored for the dashboard: %s", exc)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -519,12 +533,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .results import serve_dashboard
+    from .results.dashboard import serve_dashboard
     from .storage import mask_url, storage_url
 
     url = storage_url(args.storage)
-    print(f"optuna-dashboard on http://{args.host}:{args.port} for {mask_url(url)} (Ctrl-C stops it)", flush=True)
-    serve_dashboard(url, args.host, args.port, args.artifacts)
+    mode = "deletions allowed" if args.allow_deletions else "read-only: nothing can be deleted"
+    print(f"optuna-dashboard on http://{args.host}:{args.port} for {mask_url(url)}, {mode} (Ctrl-C stops it)",
+          flush=True)
+    serve_dashboard(url, args.host, args.port, args.artifacts, args.allow_deletions)
     return 0
 
 
@@ -656,7 +672,11 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--artifacts", default=None, help="artifact folder (default: ttl-artifacts beside a SQLite database)")
+    p.add_argument("--artifacts", default=None,
+                   help="an extra artifact folder (every study's own folder is served: its `artifacts:` setting, "
+                        "or ttl-artifacts beside a SQLite database)")
+    p.add_argument("--allow-deletions", action="store_true",
+                   help="let the dashboard delete studies, trials' artifacts and notes (default: read-only)")
     p.set_defaults(handler=cmd_dashboard)
 
     p = sub.add_parser("svcca", help="SVCCA and CKA: pretrained vs fine-tuned units, unit vs unit, random baseline")

@@ -25,7 +25,7 @@ def test_exhaustive_replay_is_the_study_itself_on_one_seed():
     r = replay(trials, cfg, candidates, Method("exhaustive", {"method": "exhaustive"}), repeat=1)
     assert sorted(r.trained) == [c.index for c in candidates]
     assert r.compute_s == sum(10.0 * c.index for c in candidates)
-    seed1 = [t for t in trials if t.params["repeat"] == 1]
+    seed1 = [t for t in trials if t.params.get("repeat", 0) == 1]
     assert r.pick == study_answer(seed1, cfg, candidates).pick == 5
     assert r.val == next(t.value for t in seed1 if t.params["cut"] == 5)
     low, high = r.val_ci
@@ -55,7 +55,7 @@ def test_tpe_replay_spends_its_budget_and_rules_differ_only_in_the_answer():
 def test_oracle_and_indistinguishable():
     trials, cfg, _ = exhaustive()
     cut, value = oracle_cut(trials, cfg, 0)
-    tests = {t.params["cut"]: t.user_attrs["test_auroc"] for t in trials if t.params["repeat"] == 0}
+    tests = {t.params["cut"]: t.user_attrs["test_auroc"] for t in trials if t.params.get("repeat", 0) == 0}
     assert value == max(tests.values()) and tests[cut] == value
     assert indistinguishable(trials, cfg, 0, 5, 5)
     assert not indistinguishable(trials, cfg, 0, 1, 5)
@@ -88,8 +88,8 @@ def test_search_quality_benchmark_replays_a_stored_study(tmp_path, capsys):
     from ttl_search.results import open_study, stored_probe
 
     probe = stored_probe(open_study("sq-breast-lite0-64", url)[0])
-    trained = sum(float(t.user_attrs["train_time_s"]) for t in study.trials if t.params["repeat"] == 0
-                  and t.params["strategy"] == "ttl" and str(t.params["cut"]) in guided.trained.iloc[0].split())
+    trained = sum(float(t.user_attrs["train_time_s"]) for t in study.trials if t.params.get("repeat", 0) == 0
+                  and t.params.get("strategy", "ttl") == "ttl" and str(t.params["cut"]) in guided.trained.iloc[0].split())
     assert guided.compute_s.iloc[0] == pytest.approx(trained + probe["seconds"], abs=0.05)  # the probe's cost counts
     exh = rows[rows.method == "exhaustive"]
     assert (exh.trainings == 7).all() and (exh.compute_share == 1).all() and (exh.regret_vs_exhaustive == 0).all()

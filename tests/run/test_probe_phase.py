@@ -11,7 +11,7 @@ import sys
 import pytest
 from optuna.trial import TrialState
 
-from studyutil import DEBUG_STUDY, cli_env
+from studyutil import DEBUG_STUDY, cli, cli_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -47,7 +47,7 @@ def test_probe_command_prints_the_stored_table(guided):
     on a Ray worker) prints the stored table, computing nothing. Computing it from the command line
     is covered by tests/test_packaging.py (every format of every command)."""
     args = ("probe", DEBUG_STUDY, "--storage", guided["url"], "--set", "name=guided")
-    first = _cli(*args, "--format", "json", cwd=guided["root"])
+    first = cli(*args, "--format", "json")
     assert first.returncode == 0, first.stderr
     rows = json.loads(first.stdout)
     assert [r["cut"] for r in rows] == list(range(1, 8))  # every valid cut of test_cnn at 28 px
@@ -55,7 +55,7 @@ def test_probe_command_prints_the_stored_table(guided):
         assert {"cut", "name", "params", "probe_val", "probe_val_ci", "knn_val", "logme", "seconds"} <= set(row)
         low, high = row["probe_val_ci"]
         assert low <= row["probe_val"] <= high
-    table = _cli(*args, cwd=guided["root"])
+    table = cli(*args)
     assert table.returncode == 0 and "stored earlier in study guided" in table.stdout
     from ttl_search.results import open_study, stored_probe
 
@@ -87,7 +87,7 @@ def test_guided_study_trains_within_its_budget_and_lists_the_probe(guided):
     study, cfg = open_study("guided", guided["url"])
     table = stored_probe(study)
     assert table is not None and len(table["rows"]) == 7
-    ttl = [t for t in study.trials if t.params["strategy"] == "ttl"]
+    ttl = [t for t in study.trials if t.params.get("strategy", "ttl") == "ttl"]
     assert len(ttl) == 3 and all(t.state == TrialState.COMPLETE for t in ttl)
     phases = [t.user_attrs["phase"] for t in ttl]
     assert phases.count("guided1") == 2 and phases.count("guided2") == 1
@@ -102,11 +102,10 @@ def test_guided_study_trains_within_its_budget_and_lists_the_probe(guided):
 
 
 def test_status_and_report_show_the_probe_beside_the_fine_tuned_cuts(guided):
-    status = _cli("status", "guided", "--storage", guided["url"], cwd=guided["root"])
+    status = cli("status", "guided", "--storage", guided["url"])
     assert status.returncode == 0, status.stderr
     assert "frozen probe of test_cnn" in status.stdout and "fine-tuned val auroc" in status.stdout
-    report = _cli("report", "guided", "--storage", guided["url"], "--no-attach", "--output", guided["root"] / "rep",
-                  cwd=guided["root"])
+    report = cli("report", "guided", "--storage", guided["url"], "--no-attach", "--output", guided["root"] / "rep")
     assert report.returncode == 0, report.stderr
     text = (guided["root"] / "rep" / "summary.md").read_text()
     assert "## Frozen probe" in text and "(best probe)" in text
@@ -119,13 +118,12 @@ def test_the_best_probe_exports_and_predicts_what_the_probe_predicted(guided, tm
     from ttl_search.search.record import trial_predictions
 
     study, _ = open_study("guided", guided["url"])
-    trial = next(t for t in study.trials if t.params["strategy"] == "probe")
+    trial = next(t for t in study.trials if t.params.get("strategy") == "probe")
     restored = restore_trial("guided", guided["url"], trial.number)
     probs = predict_probabilities(restored.model, restored.data.val, restored.transform, restored.data.dims)
     _, stored = trial_predictions(trial, "val")
     assert probs == pytest.approx(stored, abs=1e-4)  # the checkpoint is the probe itself
-    out = _cli("export", "guided", "--storage", guided["url"], "--trial", trial.number, "--output", tmp_path / "x",
-               cwd=guided["root"])
+    out = cli("export", "guided", "--storage", guided["url"], "--trial", trial.number, "--output", tmp_path / "x")
     assert out.returncode == 0, out.stderr
     assert any(p.suffix == ".onnx" for p in (tmp_path / "x").iterdir())
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from studyutil import DEBUG_STUDY, complete_keys, kill_group, run_cli, start_driver, trials, wait_for
+from studyutil import DEBUG_STUDY, cli, complete_keys, kill_group, run_cli, start_driver, trials, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -40,8 +40,7 @@ def storage_url(request, tmp_path):
 
 
 def _best(name: str, url: str, log: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "ttl_search", "best", name, "--storage", url, "--format", "json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli("best", name, "--storage", url, "--format", "json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -105,8 +104,7 @@ def test_debug_study_end_to_end(reference):
 
 def test_status_best_compare_cli(reference):
     url = reference["url"]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ttl_search", *a, "--storage", url],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+    run = lambda *a: cli(*a, "--storage", url)  # noqa: E731 - in this process: seconds, not an interpreter each
     status = run("status", "ref")
     assert status.returncode == 0 and "COMPLETE" in status.stdout and "stage1" in status.stdout
     best = run("best", "ref")
@@ -137,8 +135,7 @@ def test_killed_driver_resumes_to_the_same_answer(reference, storage_url, tmp_pa
     finally:
         kill_group(proc)
     assert any(t.state == TrialState.RUNNING for t in trials(name, storage_url))
-    status = subprocess.run([sys.executable, "-m", "ttl_search", "status", name, "--storage", storage_url],
-                            capture_output=True, text=True, timeout=120)
+    status = cli("status", name, "--storage", storage_url)
     assert "ORPHANED: RUNNING trial(s)" in status.stdout and f"pid {proc.pid}" in status.stdout, status.stdout
 
     # 2. resume, and kill again while a stage-2 trial runs
@@ -411,13 +408,11 @@ def test_one_driver_per_study_a_second_is_refused_and_force_takes_over(tmp_path,
     try:
         wait_for(lambda: any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials("dup", url)),
                  first, what="a trial in training")
-        refused = subprocess.run([sys.executable, "-m", "ttl_search", "resume", "dup", "--storage", url, "--quiet"],
-                                 capture_output=True, text=True, timeout=300)
+        refused = cli("resume", "dup", "--storage", url, "--quiet")
         assert refused.returncode == 2 and "is being run by the driver on" in refused.stderr, refused.stderr
         assert f"pid {first.pid}" in refused.stderr and "--force" in refused.stderr
         assert not [t for t in trials("dup", url) if t.state == TrialState.FAIL]
-        status = subprocess.run([sys.executable, "-m", "ttl_search", "status", "dup", "--storage", url],
-                                capture_output=True, text=True, timeout=120)
+        status = cli("status", "dup", "--storage", url)
         assert f"pid {first.pid}), last heartbeat" in status.stdout and "(alive)" in status.stdout
 
         forced = start_driver(["resume", "dup", "--storage", url, "--quiet", "--force"], tmp_path / "forced.log")

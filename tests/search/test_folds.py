@@ -66,8 +66,7 @@ def drive(sampler, cfg, value_of, strategies=("ttl",), max_trials=200):
 
 
 def done(study) -> list[tuple[str, int, int, int]]:
-    return [(t.params["strategy"], t.params["cut"], t.params["repeat"], t.params["fold"])
-            for t in study.trials if t.state == TrialState.COMPLETE]
+    return [tuple(vars(trial_key(t)).values()) for t in study.trials if t.state == TrialState.COMPLETE]
 
 
 # --------------------------------------------------------------------------- planning
@@ -151,7 +150,7 @@ def test_full_baseline_reuses_the_ttl_twin_of_the_same_fold() -> None:
 
 
 def _trial(cut: int, fold: int, value: float, repeat: int = 0, folds: int = 2):
-    params = {"strategy": "ttl", "cut": cut, "repeat": repeat}
+    params = {"cut": cut, "repeat": repeat}  # TTL alone: no strategy parameter
     if folds > 1:
         params["fold"] = fold
     return optuna.trial.create_trial(
@@ -211,12 +210,16 @@ def test_selection_folds_sets_the_data_folds() -> None:
 def test_without_folds_distributions_and_params_have_no_fold() -> None:
     cands = list(_candidates())
     cfg = config("selection.folds=1", "search.method=exhaustive")
-    assert set(job_distributions(cands, ["ttl"], 1)) == {"strategy", "cut", "repeat"}
-    assert set(job_distributions(cands, ["ttl"], 1, cfg.selection.folds)) == {"strategy", "cut", "repeat"}
+    # a parameter that never varies is left out: TTL alone has no strategy, one seed no repeat
+    assert set(job_distributions(cands, ["ttl"], 1)) == {"cut"}
+    assert set(job_distributions(cands, ["ttl"], 1, cfg.selection.folds)) == {"cut"}
+    assert set(job_distributions(cands, ["ttl", "full"], 2)) == {"strategy", "cut", "repeat"}
+    assert set(job_distributions(cands, ["full"], 1)) == {"strategy", "cut"}  # a baselines-only study says which
     dists = job_distributions(cands, ["ttl"], 1, 3)
     assert dists["fold"] == IntDistribution(0, 2)
     study, plans = drive(sampler_of(cfg), cfg, lambda p: 0.5)
-    assert all(set(t.params) == {"strategy", "cut", "repeat"} for t in study.trials)
+    assert all(set(t.params) == {"cut"} for t in study.trials)
+    assert {trial_key(t) for t in study.trials} == {Key("ttl", c.index, 0, 0) for c in cands}
     assert len(study.trials) == len(cands) and plans[0].expected_total == len(cands)
 
 
@@ -238,7 +241,7 @@ def test_a_finished_study_without_fold_params_stays_finished() -> None:
 def test_trial_config_gives_the_stored_fold(fold: int) -> None:
     cfg = config("selection.folds=2", "search.method=exhaustive")
     trial = optuna.trial.create_trial(
-        params={"strategy": "ttl", "cut": 5, "repeat": 1, "fold": fold},
+        params={"cut": 5, "repeat": 1, "fold": fold},
         distributions=job_distributions(list(_candidates()), ["ttl"], 2, 2),
         value=0.8, user_attrs={"seed": 11, "cut_name": "layer2.1", "stage": 2})
     tc = trial_config(cfg, trial)

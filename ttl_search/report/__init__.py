@@ -31,7 +31,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from ..errors import StudyError
-from ..search.record import fmt_count, fmt_diff, fmt_interval
+from ..search.record import fmt_count, fmt_diff, fmt_interval, fmt_value
 from .plots import (
     STRATEGY_LABELS, _cut_dicts, plot_metric_vs_cost, plot_metric_vs_cut, plot_search_order, trainable_note,
 )
@@ -156,10 +156,9 @@ def probe_section(study: optuna.Study, cfg, ttl: pd.DataFrame) -> list[str]:
     for r in table["rows"]:
         mark = " **(best probe)**" if r.get("best") else (" (same)" if r.get("indistinguishable") else "")
         tuned_val = tuned.get(r["cut"])
-        lines.append(_row([f"{r['cut']}{mark}", str(r["name"]), fmt_count(r["params"]), f"{r['probe_val']:.4f}",
-                           fmt_interval(r.get("probe_val_ci")), f"{r['knn_val']:.4f}", f"{r['logme']:.3f}",
-                           f"{r['probe_test']:.4f}", "-" if tuned_val is None else f"{tuned_val:.4f}",
-                           f"{r['seconds']:.1f}"]))
+        lines.append(_row([f"{r['cut']}{mark}", str(r["name"]), fmt_count(r["params"]), fmt_value(r["probe_val"]),
+                           fmt_interval(r.get("probe_val_ci")), fmt_value(r["knn_val"]), fmt_value(r["logme"], 3),
+                           fmt_value(r["probe_test"]), fmt_value(tuned_val), f"{r['seconds']:.1f}"]))
     return lines
 
 

@@ -16,10 +16,10 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import from_dict, to_dict
-from ..errors import ConfigError, StudyError
+from ..errors import StudyError
 from ..search.record import SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, records, summarize_cut
 from ..search.samplers import CutCandidate
-from ..storage import artifact_store, load_study, open_storage, sqlite_path, storage_url
+from ..storage import load_study, open_storage, sqlite_path
 from ..search.study import StudyConfig, cut_candidates, make_sampler, upgrade_stored_config
 from .answer import Answer, study_answer
 from ..train.trial import TrialConfig
@@ -220,16 +220,3 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
                        latency_batch1_ms=summary.latency_batch1_ms)
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def serve_dashboard(storage: str | None = None, host: str = "127.0.0.1", port: int = 8080,
-                    artifacts: str | None = None) -> None:
-    """Serve optuna-dashboard on the study database (blocks), with the artifact store when there is one."""
-    try:
-        from optuna_dashboard import run_server
-    except ImportError as exc:
-        raise ConfigError("the dashboard needs optuna-dashboard: pip install 'ttl-search[dashboard]'") from exc
-    url = storage_url(storage)
-    base = Path(artifacts) if artifacts else default_artifacts_dir(url)
-    store = artifact_store(base) if base.exists() or artifacts else None
-    run_server(open_storage(url), host=host, port=port, artifact_store=store)

@@ -16,6 +16,7 @@ from ..config import from_dict, merge, to_dict
 from ..data import ensure_data, load_data
 from ..errors import ConfigError, StudyError
 from ..lease import DriverLease, Lease
+from ..results.dashboard import ANSWER_ATTR, ANSWER_PENDING, name_metric, publish_answer
 from ..results import CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, stored_candidates, stored_config, stored_probe
 from .cluster import ProgressCallback, ray_cluster, run_search
 from .probe import probe_phase
@@ -55,6 +56,7 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         study = _create_study(cfg, rdb, url, sampler, candidates)
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
+        publish_answer(study, cfg)
     return study
 
 
@@ -70,6 +72,7 @@ def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence
         raise _exists(cfg.name, url) from None
     resolved = to_dict(cfg)
     resolved["storage"] = mask_url(url)
+    study.set_user_attr(ANSWER_ATTR, ANSWER_PENDING)  # first: the dashboard's attribute table shows it first
     study.set_user_attr(CONFIG_ATTR, resolved)
     study.set_user_attr(CANDIDATES_ATTR, [asdict(c) for c in candidates])
     study.set_user_attr("ttl_search_version", __version__)
@@ -77,6 +80,7 @@ def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence
     study.set_user_attr("dataset", cfg.trial.data.dataset)
     study.set_user_attr("search", cfg.search.method)
     study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    name_metric(study, cfg.metric)
     log.info("study %s created in %s", cfg.name, mask_url(url))
     return study
 
@@ -187,6 +191,7 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
                                         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
+        publish_answer(study, cfg)
     return study
 
 

@@ -339,6 +339,13 @@ def _unknown(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def fmt_value(value: Any, digits: int = 4) -> str:
+    """A metric for people: ``digits`` decimals, ``-`` when missing or not finite."""
+    if _unknown(value) or not math.isfinite(float(value)):
+        return "-"
+    return f"{float(value):.{digits}f}"
+
+
 def fmt_interval(ci: Sequence[Any] | None) -> str:
     """``[0.8123, 0.9456]``; ``-`` when unknown."""
     if not ci or any(_unknown(v) for v in ci):

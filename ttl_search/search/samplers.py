@@ -434,13 +434,16 @@ class TPESearch(TPESampler):
 
 def job_distributions(candidates: Sequence[CutCandidate], strategies: Sequence[str],
                       repeats: int, folds: int = 1) -> dict[str, BaseDistribution]:
-    """The distributions of a trial's ``strategy``, ``cut``, ``repeat`` and, in a cross-validated
-    study, ``fold`` (the same in every trial)."""
-    dists: dict[str, BaseDistribution] = {
-        "strategy": CategoricalDistribution(list(strategies)),
-        "cut": CategoricalDistribution([c.index for c in candidates]),
-        "repeat": IntDistribution(0, max(0, repeats - 1)),
-    }
+    """The distributions of a trial's parameters, the same in every trial: ``cut``; ``strategy``
+    unless the study trains TTL alone (no baselines, no probe), ``repeat`` with more than
+    one seed and ``fold`` in a cross-validated study. A parameter that never varies is left out
+    (optuna-dashboard would plot it and rank its importance); readers default it (``ttl``, 0, 0)."""
+    dists: dict[str, BaseDistribution] = {}
+    if list(strategies) != [SEARCH_STRATEGY]:
+        dists["strategy"] = CategoricalDistribution(list(strategies))
+    dists["cut"] = CategoricalDistribution([c.index for c in candidates])
+    if repeats > 1:
+        dists["repeat"] = IntDistribution(0, repeats - 1)
     if folds > 1:
         dists["fold"] = IntDistribution(0, folds - 1)
     return dists
@@ -448,12 +451,14 @@ def job_distributions(candidates: Sequence[CutCandidate], strategies: Sequence[s
 
 def suggest_params(trial: optuna.Trial, candidates: Sequence[CutCandidate], strategies: Sequence[str],
                    repeats: int, tune_lr: bool = False, folds: int = 1) -> dict[str, Any]:
-    """Ask ``trial`` for its parameters with fixed distributions (the same in every trial)."""
+    """Ask ``trial`` for its parameters with fixed distributions (the same in every trial); the
+    ones that never vary (see :func:`job_distributions`) are filled in, not asked for."""
     dists = job_distributions(candidates, strategies, repeats, folds)
     params: dict[str, Any] = {
-        "strategy": trial.suggest_categorical("strategy", dists["strategy"].choices),
+        "strategy": (trial.suggest_categorical("strategy", dists["strategy"].choices) if "strategy" in dists
+                     else strategies[0]),
         "cut": trial.suggest_categorical("cut", dists["cut"].choices),
-        "repeat": trial.suggest_int("repeat", dists["repeat"].low, dists["repeat"].high),
+        "repeat": trial.suggest_int("repeat", dists["repeat"].low, dists["repeat"].high) if "repeat" in dists else 0,
     }
     if "fold" in dists:
         params["fold"] = trial.suggest_int("fold", dists["fold"].low, dists["fold"].high)
