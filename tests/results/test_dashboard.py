@@ -88,7 +88,11 @@ def served(copied, tmp_path):
 
     name, url = copied
     study, cfg = open_study(name, url)
-    # a second study, created with its own `artifacts:` folder, with one attached file
+    port = free_port()
+    server = make_server("127.0.0.1", port, dashboard_app(url))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    # a second study, created with its own `artifacts:` folder (after the dashboard started), with one file
     other_dir = tmp_path / "elsewhere"
     cfg.name, cfg.artifacts = "second", str(other_dir)
     other = optuna.create_study(study_name="second", storage=url)
@@ -101,11 +105,6 @@ def served(copied, tmp_path):
     payload.write_bytes(b"second study's checkpoint")
     other_id = attach_artifact(other_dir, trial, payload, "application/octet-stream")
     other.tell(trial, 0.5)
-
-    port = free_port()
-    server = make_server("127.0.0.1", port, dashboard_app(url))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     yield {"base": f"http://127.0.0.1:{port}", "study": study, "other": other, "other_id": other_id,
            "trial": trial}
     server.shutdown()

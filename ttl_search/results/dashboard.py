@@ -183,18 +183,26 @@ class StudyArtifactStores:
     or ``ttl-artifacts/`` beside a SQLite database). Reads and deletions find the artifact in
     whichever folder holds it; uploads from the dashboard go to the first folder."""
 
-    def __init__(self, folders: Iterable[Path]) -> None:
+    def __init__(self, folders: Iterable[Path], refresh: Callable[[], Iterable[Path]] | None = None) -> None:
+        self.refresh = refresh
+        """Lists the folders again when an artifact is in none of them (a study created since)."""
+        self._set(folders)
+        if not self.folders:
+            raise ConfigError("no artifact folder to serve")
+
+    def _set(self, folders: Iterable[Path]) -> None:
         from optuna.artifacts import FileSystemArtifactStore
 
         self.folders = list(dict.fromkeys(Path(f).resolve() for f in folders))
-        if not self.folders:
-            raise ConfigError("no artifact folder to serve")
         self._stores = [FileSystemArtifactStore(f / "store") for f in self.folders]
 
     def _find(self, artifact_id: str):
-        for folder, store in zip(self.folders, self._stores):
-            if (folder / "store" / artifact_id).is_file():
-                return store
+        for attempt in range(2):
+            for folder, store in zip(self.folders, self._stores):
+                if (folder / "store" / artifact_id).is_file():
+                    return store
+            if attempt == 0 and self.refresh is not None:
+                self._set(self.refresh())
         from optuna.artifacts.exceptions import ArtifactNotFound
 
         raise ArtifactNotFound(f"artifact {artifact_id} is in none of {', '.join(map(str, self.folders))}")
@@ -250,7 +258,8 @@ def dashboard_app(storage: str | None = None, artifacts: str | None = None, allo
     except ImportError as exc:
         raise ConfigError("the dashboard needs optuna-dashboard: pip install 'ttl-search[dashboard]'") from exc
     url = storage_url(storage)
-    stores = StudyArtifactStores(study_artifact_folders(url, artifacts))
+    stores = StudyArtifactStores(study_artifact_folders(url, artifacts),
+                                 refresh=lambda: study_artifact_folders(url, artifacts))
     log.info("serving the artifacts of %s", ", ".join(map(str, stores.folders)))
     return read_only(wsgi(open_storage(url), artifact_store=stores), allow_deletions)
 
