@@ -56,8 +56,17 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         study = _create_study(cfg, rdb, url, sampler, candidates)
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
-        publish_answer(study, cfg)
+        _publish(study, cfg)
     return study
+
+
+def _publish(study: optuna.Study, cfg: StudyConfig) -> None:
+    """Store the answer where optuna-dashboard shows it; a failure there costs the dashboard its
+    copy of the answer, never the finished study (``ttl-search best`` publishes it again)."""
+    try:
+        publish_answer(study, cfg)
+    except Exception as exc:  # noqa: BLE001 - the study is finished and stored; this is a view of it
+        log.warning("the answer of study %s is not stored for the dashboard: %s", cfg.name, exc)
 
 
 def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence[CutCandidate]) -> optuna.Study:
@@ -191,7 +200,7 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
                                         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
-        publish_answer(study, cfg)
+        _publish(study, cfg)
     return study
 
 

@@ -197,6 +197,6 @@ def _probe_state(cfg: StudyConfig, result: ProbeResult, cut: int) -> dict[str, t
     loaded = load_backbone(cfg.trial.backbone, resolve_weights(cfg.trial), result.in_channels)
     model = build_strategy_model(loaded, PROBE_STRATEGY, cut, result.num_classes, "pool", result.input_size).model
     weight, bias = result.heads[cut]
-    model.head.fc.weight.data.copy_(torch.as_tensor(weight))
-    model.head.fc.bias.data.copy_(torch.as_tensor(bias))
+    model.head.fc.weight.data.copy_(torch.tensor(np.array(weight)))  # a copy: arrays from Ray are read-only
+    model.head.fc.bias.data.copy_(torch.tensor(np.array(bias)))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
