@@ -15,7 +15,7 @@ import sys
 from typing import Callable, Sequence
 
 from .errors import TTLSearchError
-from .search.record import fmt_count, fmt_diff, fmt_interval, fmt_params, fmt_value
+from .search.record import fmt_count, fmt_diff, fmt_interval, fmt_params
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -264,10 +264,10 @@ def print_ranking(best: dict) -> None:
                 ["strategy", "cut", "name", "params", "seeds", "mean", "interval", "vs best (paired)", ""], rows)
 
 
-def _print_best(name: str, storage: str | None, fmt: str = "table") -> None:
+def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict | None = None) -> None:
     from .results import best_cut
 
-    best = best_cut(name, storage)
+    best = best_cut(name, storage) if best is None else best
     if fmt == "json":
         print(json.dumps(best, indent=2, default=str))
         return
@@ -367,19 +367,10 @@ PROBE_COLUMNS = ("cut", "name", "stage", "params", "channels", "probe_val", "pro
 
 
 def print_probe(table: dict, metric: str, fine_tuned: dict[int, float] | None = None, confidence: float = 0.95) -> None:
-    """The frozen probe's table: per cut its probe's validation metric with its interval, kNN
-    score, LogME and seconds; ``fine_tuned``: the fine-tuned cuts' mean validation metric beside it."""
-    level = f"{confidence:.0%}"
-    rows = []
-    for r in table["rows"]:
-        mark = "best probe" if r.get("best") else ("same" if r.get("indistinguishable") else "")
-        tuned = (fine_tuned or {}).get(r["cut"])
-        rows.append([r["cut"], r["name"], fmt_count(r["params"]), fmt_value(r["probe_val"]),
-                     fmt_interval(r.get("probe_val_ci")), fmt_value(r["knn_val"]), fmt_value(r["logme"], 3),
-                     *([fmt_value(tuned)] if fine_tuned is not None else []),
-                     f"{r['seconds']:.1f}s", mark])
-    columns = ["cut", "name", "params", f"probe val {metric}", f"{level} interval", f"kNN val {metric}", "LogME",
-               *([f"fine-tuned val {metric}"] if fine_tuned is not None else []), "seconds", ""]
+    """The frozen probe's table (see :func:`~ttl_search.results.probe_cells`)."""
+    from .results import probe_cells
+
+    columns, rows = probe_cells(table, metric, fine_tuned, confidence)
     print_table(f"frozen probe of {table['backbone']} at {table['input_size']} px on {table['device']}: features "
                 f"{table['feature_seconds']:.1f}s, all {table['seconds']:.1f}s ('same': indistinguishable from the "
                 f"best probe)", columns, rows)
@@ -488,22 +479,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    _print_best(args.name, args.storage, args.format)
-    _publish(args.name, args.storage)
-    return 0
-
-
-def _publish(name: str, storage: str | None) -> None:
-    """Store the answer where optuna-dashboard shows it; a database that refuses writes (a
-    read-only user) only loses that, with a warning."""
-    from .results import open_study
+    from .results import open_study, required_cut
     from .results.dashboard import publish_answer
 
-    try:
-        study, cfg = open_study(name, storage)
-        publish_answer(study, cfg)
+    study, cfg = open_study(args.name, args.storage)
+    best = required_cut(study, cfg)
+    _print_best(args.name, args.storage, args.format, best)
+    try:  # a database that refuses writes (a read-only user) only loses the dashboard's copy
+        publish_answer(study, cfg, best)
     except Exception as exc:  # noqa: BLE001 - the answer was printed; the dashboard's copy is extra
         logging.getLogger(__name__).warning("the answer is not stored for the dashboard: %s", exc)
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

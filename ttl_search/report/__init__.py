@@ -31,7 +31,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from ..errors import StudyError
-from ..search.record import fmt_count, fmt_diff, fmt_interval, fmt_value
+from ..search.record import fmt_count, fmt_diff, fmt_interval
 from .plots import (
     STRATEGY_LABELS, _cut_dicts, plot_metric_vs_cost, plot_metric_vs_cut, plot_search_order, trainable_note,
 )
@@ -138,27 +138,20 @@ def add_intervals(frame: pd.DataFrame, ranking: list[dict]) -> None:
 def probe_section(study: optuna.Study, cfg, ttl: pd.DataFrame) -> list[str]:
     """The frozen probe's table beside the fine-tuned cuts' validation metric (empty when the study
     has no probe)."""
-    from ..results import stored_probe
+    from ..results import probe_cells, stored_probe
 
     table = stored_probe(study)
     if table is None:
         return []
-    metric = cfg.metric
     tuned = {int(r["cut"]): r["val_mean"] for r in ttl.to_dict("records")} if ttl is not None and not ttl.empty else {}
-    header = ["cut", "last unit", "parameters", f"probe val {metric}", "interval", f"kNN val {metric}", "LogME",
-              f"probe test {metric}", f"fine-tuned val {metric}", "seconds"]
+    header, rows = probe_cells(table, cfg.metric, tuned, cfg.selection.confidence, test=True)
     lines = ["", "## Frozen probe (one forward pass of the pretrained backbone)", "",
              f"A logistic regression on the globally pooled frozen features of every cut (C chosen by 3-fold "
              f"cross-validation on the training split), a {cfg.probe.knn_k}-nearest-neighbour score and LogME; "
              f"{len(table['rows'])} cuts in {table['seconds']:.1f} s on {table['device']} (features "
              f"{table['feature_seconds']:.1f} s). The best probe (cut {table['best_cut']}) is stored as a model "
              "of its own when the study ran the probe first.", "", _row(header), "|" + "---|" * len(header)]
-    for r in table["rows"]:
-        mark = " **(best probe)**" if r.get("best") else (" (same)" if r.get("indistinguishable") else "")
-        tuned_val = tuned.get(r["cut"])
-        lines.append(_row([f"{r['cut']}{mark}", str(r["name"]), fmt_count(r["params"]), fmt_value(r["probe_val"]),
-                           fmt_interval(r.get("probe_val_ci")), fmt_value(r["knn_val"]), fmt_value(r["logme"], 3),
-                           fmt_value(r["probe_test"]), fmt_value(tuned_val), f"{r['seconds']:.1f}"]))
+    lines += [_row(cells) for cells in rows]
     return lines
 
 

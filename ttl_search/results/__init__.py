@@ -17,7 +17,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import from_dict, to_dict
 from ..errors import StudyError
-from ..search.record import SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, records, summarize_cut
+from ..search.record import (SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, fmt_count, fmt_interval,
+                             fmt_value, records, summarize_cut)
 from ..search.samplers import CutCandidate
 from ..storage import load_study, open_storage, sqlite_path
 from ..search.study import StudyConfig, cut_candidates, make_sampler, upgrade_stored_config
@@ -74,6 +75,24 @@ def stored_probe(study: optuna.Study) -> dict[str, Any] | None:
     return table if isinstance(table, dict) and table.get("rows") else None
 
 
+def probe_cells(table: dict[str, Any], metric: str, fine_tuned: dict[int, float] | None = None,
+                confidence: float = 0.95, test: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The frozen probe's table for people (``probe``, ``status``, ``report``): columns and rows of
+    each cut's probe metric with its interval, kNN score, LogME, seconds, the test metric with
+    ``test``, and (with ``fine_tuned``) the fine-tuned cut's mean validation metric beside it."""
+    columns = ["cut", "name", "params", f"probe val {metric}", f"{confidence:.0%} interval", f"kNN val {metric}",
+               "LogME", *([f"probe test {metric}"] if test else []),
+               *([f"fine-tuned val {metric}"] if fine_tuned is not None else []), "seconds", ""]
+    rows = []
+    for r in table["rows"]:
+        mark = "(best probe)" if r.get("best") else ("(same)" if r.get("indistinguishable") else "")
+        tuned = [fmt_value(fine_tuned.get(r["cut"]))] if fine_tuned is not None else []
+        rows.append([str(r["cut"]), str(r["name"]), fmt_count(r["params"]), fmt_value(r["probe_val"]),
+                     fmt_interval(r.get("probe_val_ci")), fmt_value(r["knn_val"]), fmt_value(r["logme"], 3),
+                     *([fmt_value(r.get("probe_test"))] if test else []), *tuned, f"{r['seconds']:.1f}s", mark])
+    return columns, rows
+
+
 def study_sampler(study: optuna.Study, cfg: StudyConfig):
     """The study's sampler, to read its plan and ranking (no model is built)."""
     return make_sampler(cfg, stored_candidates(study, cfg), stored_probe(study))
@@ -124,10 +143,14 @@ def _summary_dict(summary: CutSummary) -> dict[str, Any]:
 def best_cut(name: str, storage: str | None = None) -> dict[str, Any]:
     """The search's chosen cut of study ``name`` under its selection rule (see :func:`chosen_cut`);
     a :class:`StudyError` while no search trial has completed."""
-    study, cfg = open_study(name, storage)
+    return required_cut(*open_study(name, storage))
+
+
+def required_cut(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
+    """:func:`chosen_cut` of an open study; a :class:`StudyError` while it has none."""
     best = chosen_cut(study, cfg)
     if best is None:
-        raise StudyError(f"study {name!r} has no completed search trial yet")
+        raise StudyError(f"study {study.study_name!r} has no completed search trial yet")
     return best
 
 

@@ -43,17 +43,17 @@ STRATEGY_NAMES = {"ttl": "TTL", "full": "full fine-tuning", "linear_probe": "lin
 # The answer, where the dashboard shows it
 
 
-def publish_answer(study: optuna.Study, cfg, trials: Sequence[FrozenTrial] | None = None) -> dict[str, Any] | None:
+def publish_answer(study: optuna.Study, cfg, best: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Store study ``study``'s answer for optuna-dashboard (see the module docstring); the
-    ``chosen_cut`` summary, or None while no search trial has completed. Writes only what changed."""
+    ``chosen_cut`` summary (``best``, when the caller computed it already), or None while no search
+    trial has completed. Writes only what changed."""
     from . import chosen_cut
 
-    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    trials = study.get_trials(deepcopy=False)
     name_metric(study, cfg.metric)
-    best = chosen_cut(study, cfg, trials)
+    best = chosen_cut(study, cfg, trials) if best is None else best
     if best is None:
         return None
-    score = next(r for r in best["ranking"] if r["strategy"] == SEARCH_STRATEGY and r["cut"] == best["cut"])
     attrs = {
         "chosen_trial": best["trial"], "chosen_cut": best["cut"], "chosen_cut_name": best["cut_name"],
         "chosen_val": best["val"].get(cfg.metric), "chosen_val_ci": best["val_ci"], "chosen_rule": best["rule"],
@@ -76,8 +76,7 @@ def publish_answer(study: optuna.Study, cfg, trials: Sequence[FrozenTrial] | Non
     for trial in trials:
         if trial.state == TrialState.COMPLETE:
             _save_note(study, trial, trial_note(trial, intervals, cfg.metric, best["trial"]), system_attrs)
-    log.debug("published the answer of %s: cut %d (trial %d, %s)", study.study_name, best["cut"], best["trial"],
-              score["val_ci"])
+    log.debug("published the answer of %s: cut %d (trial %d)", study.study_name, best["cut"], best["trial"])
     return best
 
 
@@ -159,7 +158,7 @@ def _save_note(study: optuna.Study, trial: FrozenTrial | None, body: str, system
     kept up to date here), so a finished trial's can be written."""
     try:
         from optuna_dashboard._note import (get_note_from_system_attrs, note_str_key_prefix, note_ver_key,
-                                            save_note_with_version)
+                                            save_note_with_version, split_body)
     except ImportError:  # the dashboard extra is not installed: nothing draws notes
         return
     trial_id = trial._trial_id if trial is not None else None
@@ -167,11 +166,11 @@ def _save_note(study: optuna.Study, trial: FrozenTrial | None, body: str, system
         return
     version = system_attrs.get(note_ver_key(trial_id), 0) + 1
     save_note_with_version(study._storage, study._study_id, trial_id, version, body)
+    # the copy, as save_note_with_version left the storage: the new parts, older extra parts blanked
     prefix = note_str_key_prefix(trial_id)
-    for key in [k for k in system_attrs if k.startswith(prefix)]:
-        del system_attrs[key]
-    system_attrs.update({k: v for k, v in study._storage.get_study_system_attrs(study._study_id).items()
-                         if k.startswith(prefix) or k == note_ver_key(trial_id)})
+    system_attrs.update({k: "" for k in system_attrs if k.startswith(prefix)})
+    system_attrs.update(split_body(body, trial_id))
+    system_attrs[note_ver_key(trial_id)] = version
 
 
 # ---------------------------------------------------------------------------------------------

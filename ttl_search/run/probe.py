@@ -29,12 +29,12 @@ from ..config import from_dict, to_dict
 from ..errors import StudyError, TTLSearchError
 from ..models.backbones import load_backbone
 from ..models.strategies import PROBE_STRATEGY, build_strategy_model
-from ..results import PROBE_ATTR, PROBE_PREDICTIONS_ATTR, stored_probe
+from ..results import PROBE_ATTR, PROBE_PREDICTIONS_ATTR, stored_candidates, stored_probe
 from ..search.record import PREDICTIONS_ATTR, TrialRecord
 from ..search.samplers import job_distributions, probe_ranking
 from ..search.selection import Evidence, score_candidates
 from ..search.study import StudyConfig, trial_strategies
-from ..train.metrics import compute_metrics
+from ..train.metrics import compute_metrics, metric_value
 from ..train.predictions import decode_predictions
 from ..train.probe import ProbeConfig, ProbeResult, run_probe
 from ..train.trial import TrialConfig, resolve_weights, seed_everything
@@ -154,7 +154,7 @@ def _store_probe_trial(study: optuna.Study, cfg: StudyConfig, result: ProbeResul
             raise StudyError(f"{saved['infrastructure']}; the probe's table is not stored. Free space or set another "
                              f"folder (--set artifacts=...), then `ttl-search resume {cfg.name}`")
         record.checkpoint = saved["checkpoint"]
-    distributions = job_distributions(_candidates(study, cfg), trial_strategies(cfg), cfg.search.repeats,
+    distributions = job_distributions(stored_candidates(study, cfg), trial_strategies(cfg), cfg.search.repeats,
                                       cfg.selection.folds)
     params = {"strategy": PROBE_STRATEGY, "cut": cut, "repeat": 0, "fold": 0}
     # Stored RUNNING first: Optuna attaches artifacts only to unfinished trials.
@@ -179,16 +179,9 @@ def _attach(study: optuna.Study, trial, artifacts: Path, path: Path) -> None:
     study._storage.set_trial_user_attr(trial._trial_id, "checkpoint_artifact_id", artifact_id)
 
 
-def _candidates(study: optuna.Study, cfg: StudyConfig):
-    from ..results import stored_candidates
-
-    return stored_candidates(study, cfg)
-
-
 def _metrics(encoded: dict[str, Any]) -> dict[str, float]:
     labels, probs = decode_predictions(encoded)
-    nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
-    return {k: float(v) for k, v in compute_metrics(labels, probs, nll).items()}
+    return {k: float(v) for k, v in compute_metrics(labels, probs, metric_value("loss", labels, probs)).items()}
 
 
 def _probe_state(cfg: StudyConfig, result: ProbeResult, cut: int) -> dict[str, torch.Tensor]:

@@ -33,15 +33,12 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Mapping, Sequence, TypeVar
+from typing import Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from ..errors import ConfigError, choices
-from ..train.metrics import (
-    MAXIMIZE, MINIMIZE, _check_inputs, accuracy, auroc, average_precision, balanced_accuracy,
-    f1_macro, metric_direction, pr_auc_trapezoid,
-)
+from ..train.metrics import LOSS_CLIP, MAXIMIZE, MINIMIZE, metric_direction, metric_value
 
 K = TypeVar("K", bound=Hashable)
 
@@ -52,8 +49,6 @@ RULES = (BEST, SMALLEST_WITHIN_CI)
 
 DIRECTIONS = (MAXIMIZE, MINIMIZE)
 MIN_RESAMPLES = 100
-LOSS_CLIP = 1e-12
-"""Probabilities are clipped from below at this value before the log of the loss."""
 
 
 # ------------------------------------------------------------------------------ config
@@ -154,33 +149,6 @@ class Score:
 
 
 # ------------------------------------------------------------------------- metrics
-
-
-def _nll(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class, probabilities clipped at 1e-12."""
-    y, p = _check_inputs(y_true, probs)
-    return float(np.mean(-np.log(np.clip(p[np.arange(y.size), y], LOSS_CLIP, None))))
-
-
-_METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
-    "auroc": auroc,
-    "auprc": average_precision,
-    "pr_auc_trapz": pr_auc_trapezoid,
-    "accuracy": accuracy,
-    "balanced_accuracy": balanced_accuracy,
-    "f1_macro": f1_macro,
-    "loss": _nll,
-}
-
-
-def metric_value(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
-    """One metric of :data:`~ttl_search.train.metrics.METRICS` from predictions.
-
-    ``"loss"`` is the mean negative log-likelihood of the true class (probabilities clipped at
-    1e-12). Unknown names raise :class:`ConfigError`; bad shapes raise ``ValueError``.
-    """
-    metric_direction(metric)
-    return float(_METRIC_FUNCTIONS[metric](labels, probs))
 
 
 # ------------------------------------------------------------------------ resampling

@@ -243,3 +243,34 @@ def compute_metrics(
     if loss is not None:
         result["loss"] = float(loss)
     return result
+
+
+LOSS_CLIP = 1e-12
+"""Probabilities are clipped from below at this value before the log of the loss."""
+
+
+def _nll(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class, probabilities clipped at 1e-12."""
+    y, p = _check_inputs(y_true, probs)
+    return float(np.mean(-np.log(np.clip(p[np.arange(y.size), y], LOSS_CLIP, None))))
+
+
+_METRIC_FUNCTIONS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "auroc": auroc,
+    "auprc": average_precision,
+    "pr_auc_trapz": pr_auc_trapezoid,
+    "accuracy": accuracy,
+    "balanced_accuracy": balanced_accuracy,
+    "f1_macro": f1_macro,
+    "loss": _nll,
+}
+
+
+def metric_value(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
+    """One metric of :data:`~ttl_search.train.metrics.METRICS` from predictions.
+
+    ``"loss"`` is the mean negative log-likelihood of the true class (probabilities clipped at
+    :data:`LOSS_CLIP`). Unknown names raise :class:`ConfigError`; bad shapes raise ``ValueError``.
+    """
+    metric_direction(metric)
+    return float(_METRIC_FUNCTIONS[metric](labels, probs))

@@ -39,9 +39,9 @@ from ..data import DatasetSplits, Split, TransformConfig, load_data, make_loader
 from ..errors import ConfigError, DataError, choices
 from ..models.backbones import LoadedBackbone
 from ..models.truncation import CutInfo, analyze_cuts
-from .metrics import compute_metrics, metric_direction
+from .metrics import metric_direction, metric_value
 from .predictions import encode_predictions
-from .trial import TrialConfig, _data_summary, prepare_trial, resolve_device, seed_everything
+from .trial import TrialConfig, data_summary, prepare_trial, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -314,14 +314,6 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
 # --------------------------------------------------------------------------- one cut
 
 
-def _score(labels: np.ndarray, probs: np.ndarray, metric: str) -> float:
-    """``metric`` of ``probs`` (N x K); ``loss`` is the mean log-loss."""
-    if metric == "loss":
-        picked = probs[np.arange(len(labels)), labels]
-        return float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0))))
-    return float(compute_metrics(labels, probs)[metric])
-
-
 def _all_classes(probs: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
     """Probabilities over every class from a classifier that saw only ``classes``."""
     out = np.zeros((probs.shape[0], num_classes), dtype=np.float64)
@@ -371,7 +363,7 @@ def _choose_c(x: np.ndarray, y: np.ndarray, num_classes: int, metric: str, cfg: 
         for c in grid:
             model = _fit_quietly(_logistic(c, cfg.max_iter), x[fit_idx], y[fit_idx])
             probs = _all_classes(model.predict_proba(x[held_idx]), model.classes_, num_classes)
-            scores[c].append(_score(y[held_idx], probs, metric))
+            scores[c].append(metric_value(metric, y[held_idx], probs))
     maximize = metric_direction(metric) == "maximize"
     best, best_value = grid[0], None
     for c in grid:
@@ -426,8 +418,8 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     knn_probs = _all_classes(knn.predict_proba(std_val), knn.classes_, num_classes)
 
     return ProbeFit(
-        probe_val=_score(val_y, val_probs, metric), knn_val=_score(val_y, knn_probs, metric),
-        logme=logme(train_x, train_y), probe_test=_score(test_y, test_probs, metric), c=c,
+        probe_val=metric_value(metric, val_y, val_probs), knn_val=metric_value(metric, val_y, knn_probs),
+        logme=logme(train_x, train_y), probe_test=metric_value(metric, test_y, test_probs), c=c,
         weight=weight, bias=bias, val_probs=val_probs, test_probs=test_probs,
         seconds=time.perf_counter() - start,
     )
@@ -469,7 +461,7 @@ def run_probe(cfg: TrialConfig, probe: ProbeConfig | None = None, data: DatasetS
     result = ProbeResult(rows=[], metric=cfg.metric, backbone=spec.name, input_size=tcfg.input_size,
                          in_channels=tcfg.in_channels, num_classes=data.num_classes, device=str(device),
                          feature_seconds=round(feature_seconds, 3), seconds=0.0,
-                         peak_feature_mb=round(feature_mb, 3), data=_data_summary(data))
+                         peak_feature_mb=round(feature_mb, 3), data=data_summary(data))
     for done, info in enumerate(rows_info, start=1):
         fit = fit_probe(features["train"][info.index], labels["train"], features["val"][info.index], labels["val"],
                         features["test"][info.index], labels["test"], data.num_classes, cfg.metric, probe, cfg.seed)

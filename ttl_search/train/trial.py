@@ -256,7 +256,8 @@ def _better(value: float, best: float | None, direction: str) -> bool:
     return value > best if direction == "maximize" else value < best
 
 
-def _data_summary(data: DatasetSplits) -> dict[str, Any]:
+def data_summary(data: DatasetSplits) -> dict[str, Any]:
+    """Dataset name, md5, source, class names, split sizes and task, as a result records them."""
     return {"name": data.name, "md5": data.md5, "source": data.source, "class_names": list(data.class_names),
             "train": len(data.train), "val": len(data.val), "test": len(data.test), "task": data.task}
 
@@ -323,7 +324,7 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
         status="complete", backbone=spec.name, strategy=cfg.strategy, cut=built.cut, cut_name=cut_info.name,
         stage=cut_info.stage, seed=cfg.seed, params=count_params(model),
         trainable_params=count_trainable(model),
-        input_size=input_size, in_channels=in_channels, device=str(device), data=_data_summary(data),
+        input_size=input_size, in_channels=in_channels, device=str(device), data=data_summary(data),
     )
     log.info("trial %s %s cut %d (%s) on %s: %s", spec.name, cfg.strategy, built.cut, cut_info.name, device, data.summary())
 
