@@ -28,7 +28,7 @@ from ttl_search.results.answer import study_answer, trial_evidence
 from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, records, summarize_cut
 from ttl_search.search.selection import score_candidates
 from ttl_search.search.study import load_study_config
-from ttl_search.storage import open_storage, study_names
+from ttl_search.storage import open_storage, study_names, study_trials
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,7 +47,7 @@ def run_seed(study: Path, seed: int, name: str, storage: str, overrides: list[st
 
 def seed_row(seed: int, name: str, storage: str) -> dict:
     study, cfg = open_study(name, storage)
-    trials = study.get_trials(deepcopy=False)
+    trials = study_trials(study)
     best = best_cut(name, storage)
     metric, last = cfg.metric, max(c for s, c in completed_by_cut(records(trials)) if s == SEARCH_STRATEGY)
     evidence, _ = trial_evidence(trials, "test")

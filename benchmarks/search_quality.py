@@ -41,7 +41,7 @@ from ttl_search.results.answer import trial_evidence
 from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, mean_sd, records, summarize_cut
 from ttl_search.search.selection import score_candidates
 from ttl_search.search.study import load_study_config
-from ttl_search.storage import open_storage, study_names
+from ttl_search.storage import open_storage, study_names, study_trials
 
 HERE = Path(__file__).resolve().parent
 TASKS = sorted(p.stem for p in (HERE / "tasks").glob("*.yaml"))
@@ -77,7 +77,7 @@ def ensure_study(task: str, storage: str, quick: bool, replay_only: bool) -> str
     cfg.storage = storage
     if cfg.name in study_names(open_storage(storage)):
         study, stored = open_study(cfg.name, storage)
-        trials = study.get_trials(deepcopy=False)
+        trials = study_trials(study)
         if study_sampler(study, stored).plan(trials).action == "finished" or replay_only:
             print(f"{task}: reusing study {cfg.name} ({len(trials)} trials)", flush=True)
             return cfg.name
@@ -116,7 +116,7 @@ def ensure_probe(task: str, name: str, storage: str) -> dict[str, Any]:
 def replay_task(task: str, name: str, storage: str) -> list[dict[str, Any]]:
     """One row per (method, rule, seed)."""
     study, cfg = open_study(name, storage)
-    trials = study.get_trials(deepcopy=False)
+    trials = study_trials(study)
     candidates = stored_candidates(study, cfg)
     probe = stored_probe(study)
     sign = 1.0 if cfg.resolved_direction == "maximize" else -1.0
@@ -189,7 +189,7 @@ def study_answer_rows(task: str, name: str, storage: str) -> list[dict[str, Any]
     """The study's own answer over all seeds and the baselines: validation and test means, and the
     bootstrap interval of the test metric (the same resampling as validation's)."""
     study, cfg = open_study(name, storage)
-    trials = study.get_trials(deepcopy=False)
+    trials = study_trials(study)
     best = best_cut(name, storage)
     evidence, _ = trial_evidence(trials, "test")
     test_scores = score_candidates(evidence, cfg.metric, cfg.resolved_direction, cfg.selection) if evidence else {}

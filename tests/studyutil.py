@@ -74,9 +74,11 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
 
 
 def trials(name: str, url: str) -> list[optuna.trial.FrozenTrial]:
-    """The trials of study ``name`` (none while it does not exist yet)."""
+    """The trials of study ``name`` and of its baselines study (none while it does not exist yet)."""
+    from ttl_search.storage import study_trials
+
     try:
-        return optuna.load_study(study_name=name, storage=_storage(url)).get_trials(deepcopy=False)
+        return study_trials(optuna.load_study(study_name=name, storage=_storage(url)))
     except KeyError:
         return []
 
@@ -93,8 +95,11 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300, interval: 
 
 
 def complete_keys(ts) -> list[tuple]:
-    return [(t.params.get("strategy"), t.params["cut"], t.params.get("repeat", 0)) for t in ts
-            if t.state == TrialState.COMPLETE]
+    """(strategy, cut, repeat) of the completed trials (parameters, or the launch attributes where a
+    study never varies one)."""
+    from ttl_search.search.samplers import trial_key
+
+    return [(k.strategy, k.cut, k.repeat) for t in ts if t.state == TrialState.COMPLETE and (k := trial_key(t))]
 
 
 def synthetic_study(cfg, strength: dict[int, float], seeds: int = 1, n_pos: int = 70, n_neg: int = 30,

@@ -12,7 +12,8 @@ import io
 import json
 import logging
 import sys
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 from .errors import TTLSearchError
 from .search.record import fmt_count, fmt_diff, fmt_interval, fmt_params
@@ -376,11 +377,10 @@ def print_probe(table: dict, metric: str, fine_tuned: dict[int, float] | None = 
                 f"best probe)", columns, rows)
 
 
-def cmd_probe(args: argparse.Namespace) -> int:
-    from .run.driver import probe_study
-    from .search.study import load_study_config
-
-    cfg = load_study_config(args.study, args.set, {"storage": args.storage} if args.storage else None)
+@contextmanager
+def count_bar(desc: str, unit: str, disable: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A progress callback ``(done, total)`` drawing a tqdm bar, opened at the first call and
+    closed when the block ends."""
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -388,15 +388,24 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if bar is None:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, desc="probing cuts", unit="cut", disable=args.quiet or args.format != "table")
+            bar = tqdm(total=total, desc=desc, unit=unit, disable=disable)
         bar.n = done
         bar.refresh()
 
     try:
-        study, table, computed = probe_study(cfg, progress)
+        yield progress
     finally:
         if bar is not None:
             bar.close()
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .run.driver import probe_study
+    from .search.study import load_study_config
+
+    cfg = load_study_config(args.study, args.set, {"storage": args.storage} if args.storage else None)
+    with count_bar("probing cuts", "cut", disable=args.quiet or args.format != "table") as progress:
+        study, table, computed = probe_study(cfg, progress)
     if args.format != "table":
         write_rows([{k: r.get(k) for k in PROBE_COLUMNS} for r in table["rows"]], args.format)
         return 0
@@ -408,10 +417,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[int, bool]:
     from .results import chosen_cut, open_study, stored_probe, study_sampler, trial_rows
+    from .storage import study_trials
 
     study, cfg = open_study(name, storage)
     frame = trial_rows(study, cfg.metric)
-    trials = study.get_trials(deepcopy=False)
+    trials = study_trials(study)
     plan = study_sampler(study, cfg).plan(trials)
     metric = cfg.metric
     if fmt != "table":
@@ -556,6 +566,18 @@ def cmd_svcca(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import make_report
 
+    if args.measure_latency:
+        from .results import open_study
+        from .run.latency import latency_phase
+
+        study, cfg = open_study(args.name, args.storage)
+        print(f"timing every trained model of {args.name}, one at a time", flush=True)
+        with count_bar("timing models", "model") as progress:
+            table = latency_phase(study, cfg, remote=False, progress=progress)
+        if table is None:
+            print("no latency measured: the study has no completed trial, or trial.latency_repeats is 0")
+        else:
+            print(f"timed {len(table['rows'])} models in {table['seconds']:.1f} s on {table['device_name']}")
     report = make_report(args.name, args.storage, args.output, attach=not args.no_attach)
     for path in report.files.values():
         print(f"wrote {path}")
@@ -668,7 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("svcca", help="SVCCA and CKA: pretrained vs fine-tuned units, unit vs unit, random baseline")
     p.add_argument("name", help="study name")
     _storage_arg(p)
-    p.add_argument("--trial", type=int, default=None, help="trial number (default: the chosen cut's best trial)")
+    p.add_argument("--trial", default=None, help="trial number, or baselines:N for a trial of the baselines study "
+                   "(default: the chosen cut's best trial)")
     p.add_argument("--samples", type=int, default=500, help="held-out images to use (default 500, at most the split)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="held-out split (default test)")
     p.add_argument("--spatial", choices=("positions", "subsample", "pool"), default="subsample",
@@ -689,12 +712,16 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_arg(p)
     p.add_argument("--output", default=None, help="folder (default: <artifacts>/<study>/report)")
     p.add_argument("--no-attach", action="store_true", help="do not attach the files to the study")
+    p.add_argument("--measure-latency", action="store_true",
+                   help="time every trained model here, one at a time (median and interquartile range), and store "
+                        "the figures with the study before the report uses them")
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("export", help="the chosen (or a given) trial's model as TorchScript and ONNX with a model card")
     p.add_argument("name", help="study name")
     _storage_arg(p)
-    p.add_argument("--trial", type=int, default=None, help="trial number (default: the chosen cut's best trial)")
+    p.add_argument("--trial", default=None, help="trial number, or baselines:N for a trial of the baselines study "
+                   "(default: the chosen cut's best trial)")
     p.add_argument("--output", required=True, help="folder for the model files and card")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.set_defaults(handler=cmd_export)

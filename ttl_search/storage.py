@@ -7,6 +7,7 @@ and a 30 s busy timeout, so optuna-dashboard can read while the driver writes. P
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -24,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from .errors import ConfigError, StudyError, choices
-from .search.record import PREDICTIONS_ATTR, TrialRecord
+from .search.record import BASELINES_PART, PART_TAG, PREDICTIONS_ATTR, TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,55 @@ def load_study(name: str, storage: RDBStorage, sampler=None) -> optuna.Study:
         names = study_names(storage)
         raise StudyError(f"no study named {name!r} in {mask_url(storage.url)}; studies there: {choices(names) or 'none'}")
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+
+
+BASELINES_ATTR = "baselines_study"
+"""Study attribute naming the study's baselines study (``NAME:baselines``; absent for a study that
+keeps its baselines with its search, as studies from before the split do)."""
+BASELINES_OF_ATTR = "baselines_of"
+"""Attribute of a baselines study: the study whose baselines it holds."""
+
+
+def baselines_name(name: str) -> str:
+    """The name of study ``name``'s baselines study."""
+    return f"{name}:{BASELINES_PART}"
+
+
+def baselines_study(study: optuna.Study, sampler=None) -> optuna.Study | None:
+    """Study ``study``'s baselines study on the same storage (None when it keeps its baselines
+    itself, or has none)."""
+    name = study.user_attrs.get(BASELINES_ATTR)
+    if not name:
+        return None
+    if name not in study_names(study._storage):  # e.g. the study alone was copied to another database
+        log.warning("study %s keeps its baselines in study %s, which is not in this database: its baselines are "
+                    "left out", study.study_name, name)
+        return None
+    return optuna.load_study(study_name=name, storage=study._storage,
+                             sampler=sampler if sampler is not None else optuna.samplers.RandomSampler())
+
+
+def study_trials(study: optuna.Study, baselines: optuna.Study | None | bool = True) -> list:
+    """Every trial of ``study`` and of its baselines study (``baselines``: that study when the
+    caller opened it already, None or False for none, True to open it here): the search's
+    trials, then the baselines study's, tagged (in memory, see
+    :data:`~ttl_search.search.record.PART_TAG`) so that records know where each lives."""
+    trials = list(study.get_trials(deepcopy=False))
+    if baselines is True:
+        baselines = baselines_study(study)
+    if baselines:
+        for trial in baselines.get_trials(deepcopy=False):
+            tagged = copy.copy(trial)
+            tagged._system_attrs = {**trial.system_attrs, PART_TAG: BASELINES_PART}
+            trials.append(tagged)
+    return trials
+
+
+def trial_ref(trial) -> int | str:
+    """How commands name a trial of a merged view (:func:`study_trials`): its number, or
+    ``baselines:N``."""
+    part = trial.system_attrs.get(PART_TAG)
+    return f"{part}:{trial.number}" if part else trial.number
 
 
 def reconcile_running(storage: RDBStorage, study: optuna.Study, reason: str) -> list[int]:

@@ -12,6 +12,8 @@ from ttl_search.analysis import (
     SVCCAOptions, cca, linear_cka, pool_to, position_index, random_baseline, run_svcca, svcca, svd_reduce, to_samples,
 )
 from ttl_search.errors import ConfigError, StudyError
+from ttl_search.search.record import records
+from ttl_search.storage import study_trials
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -199,7 +201,8 @@ def test_frozen_backbone_is_identical_to_the_pretrained_one(study, tmp_path):
     from ttl_search.results import open_study
 
     name, url = study
-    trials = {t.user_attrs["strategy"]: t.number for t in open_study(name, url)[0].trials}
+    trials = {r.strategy: r.ref for r in records(study_trials(open_study(name, url)[0]))}
+    assert trials["linear_probe"].startswith("baselines:")  # --trial's form for the baselines study's trials
     opts = SVCCAOptions(samples=60, spatial="pool")
     probe = run_svcca(name, url, trials["linear_probe"], opts, tmp_path / "probe", attach=False).units
     assert len(probe) == 7

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ttl_search.data import DataConfig, Split, TensorImageDataset, TransformConfig, load_data, make_loader
+from ttl_search.data import BatchLoader, DataConfig, Split, TransformConfig, load_data, make_loader
 from ttl_search.data import medmnist, splits
 from ttl_search.data.medmnist import dataset_md5, medmnist_filename, medmnist_sizes
 from ttl_search.errors import ConfigError, DataError
@@ -458,12 +458,59 @@ def test_train_loader_augmentation_is_reproducible(breastmnist: Path) -> None:
     assert torch.equal(a2, b2)
     assert not torch.equal(a1, c1)
     assert not torch.equal(a1, a2)  # epochs differ (shuffle and augmentation)
-    # augmentation really changes pixels: compare with the plain eval view of the same samples
-    ds = TensorImageDataset(d.train.images, d.train.labels, tcfg, train=True, dims=2, seed=0)
-    plain = TensorImageDataset(d.train.images, d.train.labels, tcfg, train=False, dims=2)
-    assert not torch.equal(ds[0][0], plain[0][0])
-    assert torch.equal(ds[0][0], ds[0][0])
-    assert ds[0][0].shape == (3, 32, 32)
+    # augmentation really changes pixels: compare with the plain view of the same samples
+    train = BatchLoader(d.train.images, d.train.labels, tcfg, train=True, batch_size=16, dims=2, seed=0)
+    batch = train.images[:16]
+    plain = train.transform(batch)
+    augmented = train.transform(batch, torch.Generator().manual_seed(3))
+    assert augmented.shape == plain.shape == (16, 3, 32, 32)
+    assert torch.equal(augmented, train.transform(batch, torch.Generator().manual_seed(3)))
+    changed = (augmented - plain).flatten(1).abs().amax(dim=1) > 1e-4
+    assert changed.sum() >= 12  # a draw per sample: (nearly) every image is cropped or flipped
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_batched_augmentation_on_the_device_is_seeded_per_sample_and_in_range(device: str) -> None:
+    """Crops and flips of a whole batch at once: the same generator seed gives the same batch (on
+    any device), each sample gets its own draw, values stay in the images' range, and a crop of
+    the whole image without a flip is the identity."""
+    from ttl_search.data.transforms import augment_batch, crop_boxes
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand((64, 1, 32, 32), generator=g).to(device)
+    tcfg = TransformConfig(input_size=32, in_channels=1, mean=(0.5,), std=(0.5,), crop_scale=(0.3, 1.0))
+    out = augment_batch(images, tcfg, 2, torch.Generator().manual_seed(7))
+    assert out.shape == images.shape and out.device.type == device
+    assert torch.equal(out, augment_batch(images, tcfg, 2, torch.Generator().manual_seed(7)))
+    assert not torch.equal(out, augment_batch(images, tcfg, 2, torch.Generator().manual_seed(8)))
+    assert 0 <= out.min() and out.max() <= 1
+    boxes = crop_boxes(4096, 32, 32, (0.3, 1.0), torch.Generator().manual_seed(1))
+    top, left, h, w = boxes.unbind(1)
+    assert (h >= 1).all() and (w >= 1).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    area = h * w / 1024
+    assert area.min() >= 0.3 - 0.05 and area.max() <= 1.0 and 0.55 < area.mean() < 0.75  # ~ U(0.3, 1)
+    assert len({tuple(b) for b in boxes.tolist()}) > 1000  # a draw per sample
+    whole = TransformConfig(input_size=32, in_channels=1, mean=(0.5,), std=(0.5,), crop_scale=(1.0, 1.0),
+                            hflip=False)
+    # aspect ratios other than 1 cannot cover the whole image at scale 1: such tries fall back to it
+    torch.testing.assert_close(augment_batch(images, whole, 2, torch.Generator().manual_seed(2)), images,
+                               atol=1e-5, rtol=0)
+    volumes = torch.rand((16, 1, 8, 8, 8), generator=g).to(device)
+    flipped = augment_batch(volumes, tcfg, 3, torch.Generator().manual_seed(4))
+    assert flipped.shape == volumes.shape and torch.equal(flipped.sort(dim=-1)[0].sum(), volumes.sort(dim=-1)[0].sum())
+    assert any(not torch.equal(a, b) for a, b in zip(flipped, volumes))
+    for a, b in zip(flipped, volumes):  # each volume is itself flipped along some of its axes
+        assert any(torch.equal(a, b.flip(axes)) for axes in ([], [1], [2], [3], [1, 2], [1, 3], [2, 3], [1, 2, 3]))
+
+
+def test_training_batches_live_on_the_loader_device(breastmnist: Path) -> None:
+    d = load_data(cfg_for(breastmnist))
+    loader = make_loader(d.train, TransformConfig(input_size=32), train=True, batch_size=16, seed=0, dims=2,
+                         device="cpu")
+    assert loader.images.dtype == torch.uint8 and loader.images.shape[-2:] == (32, 32)
+    assert len(loader) == -(-len(d.train.labels) // 16)
+    seen = torch.cat([y for _, y in loader])
+    assert torch.equal(seen.sort()[0], d.train.labels.sort()[0])  # every sample once per epoch
 
 
 def test_3d_loader(adrenalmnist3d: Path) -> None:

@@ -14,6 +14,9 @@ import torch
 
 from ttl_search.errors import StudyError
 from ttl_search.export import export_trial, predict_probabilities, restore_trial
+from ttl_search.results import stored_latency
+from ttl_search.search.record import latency_row, records
+from ttl_search.storage import study_trials
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,7 +56,10 @@ def test_restored_trial_reproduces_its_test_metrics(study):
     from ttl_search.train.metrics import compute_metrics
 
     name, url = study
-    for number in (0, 6):  # a TTL cut and the linear probe
+    probe = next(r.ref for r in records(study_trials(optuna.load_study(study_name=name, storage=url)))
+                 if r.strategy == "linear_probe")
+    assert isinstance(probe, str) and probe.startswith("baselines:")  # in the baselines study
+    for number in (0, probe):  # a TTL cut and the linear probe
         restored = restore_trial(name, url, number)
         t = restored.trial
         assert restored.cut == t.user_attrs["cut"]
@@ -134,7 +140,10 @@ def test_model_card(study, exported):
     assert card["metrics"]["trial"]["val"]["auroc"] == a["val_auroc"] and card["metrics"]["trial"]["seed"] == a["seed"]
     assert card["metrics"]["cut_over_seeds"]["seeds"] == [a["seed"]]
     assert (card["cost"]["params"], card["cost"]["macs"]) == (a["params"], a["macs"])
-    assert card["cost"]["latency_batch1_ms"] == a["latency_batch1_ms"]
+    timed = latency_row(stored_latency(optuna.load_study(study_name=name, storage=url)), "ttl", a["cut"])
+    assert card["cost"]["latency_batch1_ms"] == timed["batch1_ms"] and card["cost"]["latency_batch1_iqr"] == \
+        timed["batch1_iqr"]
+    assert "the study's latency pass, one model at a time" in exported.files["card_md"].read_text()
     assert {"torch", "onnx", "onnxruntime", "ttl-search", "python"} <= set(card["versions"])
     md = exported.files["card_md"].read_text()
     assert f"truncated at cut {a['cut']} ({a['cut_name']})" in md and "0: malignant, 1: normal, benign" in md
@@ -145,7 +154,7 @@ def test_export_errors(study, tmp_path, capsys):
     from ttl_search.cli import main
 
     name, url = study
-    with pytest.raises(StudyError, match=r"no trial 42; completed trials: 0, 1, 2, 3, 4, 5, 6"):
+    with pytest.raises(StudyError, match=r"no trial 42; completed trials: 0, 1, 2, 3, 4, baselines:0, baselines:1"):
         export_trial(name, url, 42, tmp_path)
     assert main(["export", name, "--storage", url, "--trial", "42", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ from ttl_search.models.backbones import load_backbone
 from ttl_search.data import DataConfig
 from ttl_search.errors import ConfigError
 from ttl_search.models.strategies import STRATEGIES, build_strategy_model, fresh_parameters
-from ttl_search.train.trial import TrialConfig, _make_optimizer, run_trial
+from ttl_search.train.trial import TrialConfig, make_optimizer, run_trial
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_lwft_frozen_units_get_no_gradients_and_two_learning_rates(pretrained_fi
         assert all(p.grad is None and not p.requires_grad for p in unit.parameters())
     for unit in units[3:]:
         assert all(p.grad is not None for p in unit.parameters())
-    optimizer = _make_optimizer(TrialConfig(lr=1e-3), built.param_groups)
+    optimizer = make_optimizer(TrialConfig(lr=1e-3), built.param_groups)
     assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([1e-4, 1e-3])
     head_group = next(g for g in optimizer.param_groups if g["lr"] == pytest.approx(1e-3))
     assert {id(p) for p in head_group["params"]} == {id(p) for p in model.head.parameters()}

@@ -14,8 +14,10 @@ from optuna.trial import TrialState, create_trial
 from ttl_search.errors import StudyError
 from ttl_search.report import make_report
 from ttl_search.report.plots import baseline_points, line_segments, plot_metric_vs_cut
-from ttl_search.report.tables import cut_metrics, pareto_front
-from ttl_search.search.record import fmt_count
+from ttl_search.report.tables import cut_metrics, pareto_front, spreads_overlap
+from ttl_search.results import stored_latency
+from ttl_search.search.record import fmt_count, latency_row
+from ttl_search.storage import study_trials, trial_ref
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,6 +34,29 @@ def test_pareto_front():
     # Minimising (a loss): lower is better.
     assert pareto_front([1, 2, 3], [0.3, 0.2, 0.25], maximize=False).tolist() == [True, True, False]
     assert pareto_front([1, 1], [0.5, 0.4]).tolist() == [True, False]
+
+
+def test_latency_spreads_decide_whether_a_front_is_drawn():
+    assert not spreads_overlap([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])  # apart: a front means something
+    assert spreads_overlap([1.0, 2.0], [2.1, 2.5])  # touching quartiles: the order is noise
+    assert spreads_overlap([1.0, float("nan")], [1.5, float("nan")])  # a spread unknown: nothing to rule out
+    assert not spreads_overlap([1.0], [9.0])
+
+
+def test_report_measures_latency_on_demand(study, tmp_path, capsys):
+    """`report --measure-latency` times every trained model here, one at a time, stores the table
+    with the study, and the report shows the medians with their interquartile ranges."""
+    from ttl_search.cli import main
+
+    name, url = study
+    assert main(["report", name, "--storage", url, "--output", str(tmp_path), "--no-attach", "--measure-latency"]) == 0
+    table = stored_latency(optuna.load_study(study_name=name, storage=url))
+    models = {(r["strategy"], r["cut"]) for r in table["rows"]}
+    assert {("full", 7), ("linear_probe", 7)} <= models and len(models) >= 4
+    md = (tmp_path / "summary.md").read_text()
+    assert f"one model at a time after the search on {table['device_name']}" in md
+    row = latency_row(table, "linear_probe", 7)
+    assert f"{row['batch1_ms']:.3f} [{row['batch1_iqr'][0]:.3f}, {row['batch1_iqr'][1]:.3f}]" in md
 
 
 def _trial(strategy: str, cut: int, seed: int, val: float, test: float, state=TrialState.COMPLETE):
@@ -135,7 +160,7 @@ def test_report_files_table_and_artifacts(study, tmp_path):
     for key in ("metric_vs_cut_png", "metric_vs_cost_png", "search_order_png"):
         _png_ok(report.files[key])
     best = best_cut(name, url)
-    trials = optuna.load_study(study_name=name, storage=url).trials
+    trials = study_trials(optuna.load_study(study_name=name, storage=url))
     by_strategy = {t.user_attrs["strategy"]: t for t in trials if t.user_attrs["strategy"] != "ttl"}
     assert set(by_strategy) == {"full", "linear_probe"}
 
@@ -148,7 +173,9 @@ def test_report_files_table_and_artifacts(study, tmp_path):
         t = by_strategy[row.strategy]
         assert row.test_auroc == pytest.approx(t.user_attrs["test_auroc"])
         assert row.test_auprc == pytest.approx(t.user_attrs["test_auprc"])
-        assert row.latency_batch1_ms == pytest.approx(t.user_attrs["latency_batch1_ms"])
+        timed = latency_row(stored_latency(optuna.load_study(study_name=name, storage=url)), row.strategy, row.cut)
+        assert row.latency_batch1_ms == pytest.approx(timed["batch1_ms"])  # the quiet pass's, not the trial's
+        assert (row.latency_batch1_q1, row.latency_batch1_q3) == pytest.approx(timed["batch1_iqr"])
 
     md = report.files["summary_md"].read_text()
     assert ("| method | cut | seeds | AUROC | AUPRC | accuracy | balanced accuracy | macro F1 | parameters | "
@@ -182,8 +209,9 @@ def test_report_files_table_and_artifacts(study, tmp_path):
         assert f"]({png})" in md
 
     order = pd.read_csv(report.files["search_order_csv"])
-    assert list(order["trial"]) == [t.number for t in trials]
-    assert list(order["cut"]) == [t.user_attrs["cut"] for t in trials]
+    started = sorted(trials, key=lambda t: t.datetime_start)
+    assert list(order["trial"]) == [str(trial_ref(t)) for t in started]  # the study's and its baselines', in time
+    assert list(order["cut"]) == [t.user_attrs["cut"] for t in started]
     assert list(order["phase"])[:3] == ["stage1"] * 3
 
     attached = lambda: [m.filename for m in get_all_artifact_meta(optuna.load_study(study_name=name, storage=url))]  # noqa: E731

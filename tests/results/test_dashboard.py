@@ -4,6 +4,7 @@ study's own artifact folder served, and no deletions unless asked for (a real da
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import urllib.error
@@ -21,14 +22,15 @@ optuna_dashboard = pytest.importorskip("optuna_dashboard")
 
 @pytest.fixture
 def copied(study, tmp_path):
-    """A copy of the session's finished debug study (full and linear-probe baselines) in a fresh
+    """A copy of the session's finished debug study and its baselines study (full and linear-probe) in a fresh
     database whose artifact folder is the default one beside it, checkpoints included."""
     from ttl_search.results import artifacts_dir, open_study
 
     name, url = study
     source, cfg = open_study(name, url)
     target = f"sqlite:///{tmp_path / 'copy.db'}"
-    optuna.copy_study(from_study_name=name, from_storage=url, to_storage=target)
+    for copied_name in (name, f"{name}:baselines"):
+        optuna.copy_study(from_study_name=copied_name, from_storage=url, to_storage=target)
     store = artifacts_dir(cfg, url) / "store"
     shutil.copytree(store, tmp_path / "ttl-artifacts" / "store")
     return name, target
@@ -61,8 +63,22 @@ def test_the_answer_is_stored_where_the_dashboard_shows_it(copied):
     assert notes[best["trial"]].startswith(f"TTL cut {best['cut']} ({best['cut_name']}), stage ")
     assert notes[best["trial"]].endswith(", CHOSEN")
     assert sum(n.endswith("CHOSEN") for n in notes.values()) == 1
-    assert any(n.startswith("full fine-tuning cut 7") for n in notes.values())
     assert "val AUROC" in notes[best["trial"]] and "[" in notes[best["trial"]]  # the cut's interval
+    # the study holds the search alone: no baseline, no parameter that never varies; its note says where they are
+    assert all(n.startswith("TTL cut") for n in notes.values())
+    assert all(set(t.params) == {"cut"} for t in study.trials)
+    assert f"The baselines (and the frozen probe's model) are in study `{name}:baselines`" in note
+    baselines = optuna.load_study(study_name=f"{name}:baselines", storage=url)
+    assert baselines.user_attrs["baselines_of"] == name and baselines.metric_names == ["val_auroc"]
+    side = [_trial_note(baselines, t) for t in baselines.trials]
+    assert sorted(n.split(" cut ")[0] for n in side) == ["full fine-tuning", "linear probe"]
+    full = next(n for n in side if n.startswith("full"))  # a copy of TTL at the last cut, which the note names
+    assert re.search(rf", same model as trial \d+ of study {name}", full), full
+    assert all(set(t.params) == {"strategy"} for t in baselines.trials)  # both at the last cut
+    assert get_note(baselines).startswith(f"# Baselines of study `{name}`")
+    assert f"## Chosen: cut {best['cut']}" in get_note(baselines)
+    assert [r["trials"] for r in best["ranking"] if r["strategy"] == "full"] == [["baselines:0"]] or \
+        [r["trials"] for r in best["ranking"] if r["strategy"] == "full"] == [["baselines:1"]]
     # publishing again changes nothing (no new note versions)
     before = dict(study._storage.get_study_system_attrs(study._study_id))
     publish_answer(study, cfg)
@@ -129,7 +145,8 @@ def test_every_study_serves_its_own_artifacts_and_nothing_can_be_deleted(served)
     assert _get(f"{base}/artifacts/{other._study_id}/{other_trial._trial_id}/{other_id}") == \
         b"second study's checkpoint"
     studies = json.loads(_get(f"{base}/api/studies"))
-    assert {s["study_name"] for s in studies["study_summaries"]} == {study.study_name, "second"}
+    assert {s["study_name"] for s in studies["study_summaries"]} == {study.study_name, f"{study.study_name}:baselines",
+                                                                     "second"}
     request = urllib.request.Request(f"{base}/api/artifacts/{study._study_id}/{trial._trial_id}/{artifact}",
                                      method="DELETE")
     with pytest.raises(urllib.error.HTTPError) as refused:

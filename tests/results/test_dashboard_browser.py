@@ -108,3 +108,16 @@ def test_the_dashboard_alone_answers_which_cut(chromium, dashboard):
     study, _ = open_study(dashboard["name"], dashboard["url"])
     trial = next(t for t in study.trials if t.number == best["trial"])
     assert body == Path(TrialRecord.from_trial(trial).checkpoint).read_bytes()  # the checkpoint downloads
+
+
+def test_the_baselines_have_a_study_page_of_their_own(chromium, dashboard):
+    """The study's page shows the search alone; its baselines' page says whose they are and shows
+    each baseline's one-line note."""
+    base, root, name = dashboard["base"], dashboard["root"], dashboard["name"]
+    studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=5))["study_summaries"]
+    sid = next(s["study_id"] for s in studies if s["study_name"] == f"{name}:baselines")
+    note = _text(render(chromium, f"{base}/dashboard/studies/{sid}/note", root, "baselines-note.png"))
+    assert re.search(rf"Baselines of study\s+{name}\b", note), note[-3000:]
+    pages = [_text(render(chromium, f"{base}/dashboard/studies/{sid}/trials?numbers={n}", root,
+                          f"baselines-trial-{n}.png")) for n in (0, 1)]
+    assert any("full fine-tuning cut 7" in p for p in pages) and any("linear probe cut 7" in p for p in pages)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -75,8 +76,11 @@ def test_a_study_created_by_probe_keeps_the_probe(tmp_path, data_root):
     assert computed and table["best_cut"] in range(1, 8)
     study, stored = open_study("probed", url)
     assert stored.probe.run  # its best probe is a model of the study, and `resume` keeps probing it
-    probe_trials = [t for t in study.trials if t.params.get("strategy") == "probe"]
+    assert not study.trials  # the probe's model is in the baselines study; the study waits for its search
+    probe_trials = optuna.load_study(study_name="probed:baselines", storage=url).trials
     assert len(probe_trials) == 1 and probe_trials[0].state == TrialState.COMPLETE
+    assert probe_trials[0].user_attrs["strategy"] == "probe" and probe_trials[0].params == {
+        "cut": table["best_cut"]}  # one strategy in the baselines study; the probe's cut varies
     assert (tmp_path / "a" / "probed" / f"probe-cut-{table['best_cut']}.pt").is_file()
     assert probe_study(cfg)[2] is False  # stored: not computed again
 
@@ -87,7 +91,8 @@ def test_guided_study_trains_within_its_budget_and_lists_the_probe(guided):
     study, cfg = open_study("guided", guided["url"])
     table = stored_probe(study)
     assert table is not None and len(table["rows"]) == 7
-    ttl = [t for t in study.trials if t.params.get("strategy", "ttl") == "ttl"]
+    ttl = study.trials
+    assert all(set(t.params) == {"cut"} for t in ttl)  # the search alone: nothing that never varies
     assert len(ttl) == 3 and all(t.state == TrialState.COMPLETE for t in ttl)
     phases = [t.user_attrs["phase"] for t in ttl]
     assert phases.count("guided1") == 2 and phases.count("guided2") == 1
@@ -116,10 +121,11 @@ def test_the_best_probe_exports_and_predicts_what_the_probe_predicted(guided, tm
     from ttl_search.export import predict_probabilities
     from ttl_search.results import open_study
     from ttl_search.search.record import trial_predictions
+    from ttl_search.storage import study_trials
 
     study, _ = open_study("guided", guided["url"])
-    trial = next(t for t in study.trials if t.params.get("strategy") == "probe")
-    restored = restore_trial("guided", guided["url"], trial.number)
+    trial = next(t for t in study_trials(study) if t.user_attrs["strategy"] == "probe")
+    restored = restore_trial("guided", guided["url"], f"baselines:{trial.number}")
     probs = predict_probabilities(restored.model, restored.data.val, restored.transform, restored.data.dims)
     _, stored = trial_predictions(trial, "val")
     assert probs == pytest.approx(stored, abs=1e-4)  # the checkpoint is the probe itself

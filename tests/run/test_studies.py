@@ -13,6 +13,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -81,9 +82,21 @@ def test_debug_study_end_to_end(reference):
     assert all(t.user_attrs["stage"] == winner_stage for t in ts if t.user_attrs["phase"] == "stage2")
     assert stage2 | ({3, 5, 7} & {t.user_attrs["cut"] for t in ts if t.user_attrs["stage"] == winner_stage}) == {
         c for c in range(1, 8) if {1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 3}[c] == winner_stage}
-    for key in ("cut", "cut_name", "stage", "strategy", "seed", "params", "macs", "latency_batch1_ms", "test_auroc",
+    for key in ("cut", "cut_name", "stage", "strategy", "seed", "params", "macs", "test_auroc",
                 "node_id", "duration_s", "checkpoint"):
         assert key in ts[0].user_attrs, key
+    # latency is not timed beside other trials: the quiet pass after the search times every model alone
+    assert "latency_batch1_ms" not in ts[0].user_attrs
+    from ttl_search.results import open_study, stored_latency
+
+    latency = stored_latency(open_study("ref", reference["url"])[0])
+    timed = {(r["strategy"], r["cut"]) for r in latency["rows"]}
+    assert timed == {("ttl", t.user_attrs["cut"]) for t in ts} | {("ttl", 7)}  # every trained cut, and the full model
+    for row in latency["rows"]:
+        q1, q3 = row["batch1_iqr"]
+        assert 0 < q1 <= row["batch1_ms"] <= q3 and latency["repeats"] >= 20
+    assert best["latency_batch1_ms"] == next(r["batch1_ms"] for r in latency["rows"] if r["cut"] == best["cut"])
+    assert best["latency_batch1_iqr"] is not None and best["latency_device"].startswith("CPU")
     assert ts[0].intermediate_values  # per-epoch validation curve for the dashboard
     from ttl_search.search.record import PREDICTIONS_ATTR, trial_predictions
 
@@ -195,7 +208,7 @@ def test_killed_worker_is_retried(tmp_path, shared_datasets_dir_module):
     ts = trials(name, url)
     failed = [t for t in ts if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "worker failed" in failed[0].user_attrs["fail_reason"]
-    retried = [t for t in ts if t.state == TrialState.COMPLETE and t.params["cut"] == failed[0].params["cut"]]
+    retried = [t for t in ts if t.state == TrialState.COMPLETE and t.user_attrs["cut"] == failed[0].user_attrs["cut"]]
     assert len(retried) == 1
     assert not [t for t in ts if t.state == TrialState.RUNNING]
 
@@ -305,10 +318,20 @@ def test_full_baseline_reuses_ttl_at_the_last_cut_and_counts_show_trainable(stud
     from ttl_search.results import compare_studies, open_study
     from ttl_search.cli import main
 
+    from ttl_search.storage import study_trials, trial_ref
+
     name, url = study
-    ts = open_study(name, url)[0].get_trials()
-    full = [t for t in ts if t.params.get("strategy") == "full"]
-    ttl_last = [t for t in ts if t.params.get("strategy") == "ttl" and t.params["cut"] == 7]
+    main_study = open_study(name, url)[0]
+    baselines = optuna.load_study(study_name=f"{name}:baselines", storage=url)
+    # the search in the study, the baselines in its baselines study; both read as one
+    assert main_study.user_attrs["baselines_study"] == baselines.study_name
+    assert {t.user_attrs["strategy"] for t in main_study.trials} == {"ttl"}
+    assert {t.user_attrs["strategy"] for t in baselines.trials} == {"full", "linear_probe"}
+    ts = study_trials(main_study)
+    assert [trial_ref(t) for t in ts] == [t.number for t in main_study.trials] + [
+        f"baselines:{t.number}" for t in baselines.trials]
+    full = [t for t in ts if t.user_attrs["strategy"] == "full"]
+    ttl_last = [t for t in ts if t.user_attrs["strategy"] == "ttl" and t.user_attrs["cut"] == 7]
     assert len(full) == 1 and len(ttl_last) == 1 and full[0].state == TrialState.COMPLETE
     source = ttl_last[0]
     assert full[0].user_attrs["reused_from"] == source.number and full[0].value == source.value
@@ -318,7 +341,7 @@ def test_full_baseline_reuses_ttl_at_the_last_cut_and_counts_show_trainable(stud
     from ttl_search.search.record import PREDICTIONS_ATTR
     assert full[0].system_attrs[PREDICTIONS_ATTR] == source.system_attrs[PREDICTIONS_ATTR]
 
-    probe = next(t for t in ts if t.params.get("strategy") == "linear_probe")
+    probe = next(t for t in ts if t.user_attrs["strategy"] == "linear_probe")
     total, trainable = probe.user_attrs["params"], probe.user_attrs["trainable_params"]
     assert trainable < total
     frame = compare_studies([name], url)
@@ -329,7 +352,14 @@ def test_full_baseline_reuses_ttl_at_the_last_cut_and_counts_show_trainable(stud
     status = capsys.readouterr().out
     assert "trainable" in status and f"same model as trial {source.number}" in status
     assert main(["best", name, "--storage", url, "--format", "json"]) == 0
-    assert "trainable_params" in json.loads(capsys.readouterr().out)
+    best = json.loads(capsys.readouterr().out)
+    assert "trainable_params" in best
+    assert {r["strategy"]: r["trials"] for r in best["ranking"]}["linear_probe"] == [trial_ref(probe)]
+    # the baselines study is read through its study; resuming it is refused with the reason
+    for command in (["status", baselines.study_name], ["resume", baselines.study_name]):
+        assert main([*command, "--storage", url]) == 2
+        err = capsys.readouterr().err
+        assert f"holds the baselines of study {name!r}" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.slow

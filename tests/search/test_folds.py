@@ -59,7 +59,7 @@ def drive(sampler, cfg, value_of, strategies=("ttl",), max_trials=200):
                                 folds=cfg.selection.folds)
         assert (params["strategy"], params["cut"], params["repeat"], params.get("fold", 0)) == (
             plan.job.strategy, plan.job.cut, plan.job.repeat, plan.job.fold)
-        trial.set_user_attr("phase", sampler.phase_of(trial.number))
+        trial.set_user_attr("phase", plan.job.phase)
         trial.set_user_attr("seed", cfg.search.seed + params["repeat"])
         study.tell(trial, value_of(params))
     raise AssertionError("the search did not finish")
@@ -214,7 +214,9 @@ def test_without_folds_distributions_and_params_have_no_fold() -> None:
     assert set(job_distributions(cands, ["ttl"], 1)) == {"cut"}
     assert set(job_distributions(cands, ["ttl"], 1, cfg.selection.folds)) == {"cut"}
     assert set(job_distributions(cands, ["ttl", "full"], 2)) == {"strategy", "cut", "repeat"}
-    assert set(job_distributions(cands, ["full"], 1)) == {"strategy", "cut"}  # a baselines-only study says which
+    # one strategy, one cut: nothing varies; the launch attributes say which (trial_key reads them)
+    assert set(job_distributions(cands, ["full"], 1, cuts=[cands[-1].index])) == set()
+    assert set(job_distributions(cands, ["full", "linear_probe"], 1, cuts=[cands[-1].index])) == {"strategy"}
     dists = job_distributions(cands, ["ttl"], 1, 3)
     assert dists["fold"] == IntDistribution(0, 2)
     study, plans = drive(sampler_of(cfg), cfg, lambda p: 0.5)

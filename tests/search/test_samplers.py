@@ -37,7 +37,7 @@ def drive(sampler, value_of, strategies=("ttl",), repeats=1, fail=lambda job, n:
         assert plan.action == "run", plan
         trial = study.ask()
         params = suggest_params(trial, candidates, strategies, repeats)
-        trial.set_user_attr("phase", sampler.phase_of(trial.number))
+        trial.set_user_attr("phase", plan.job.phase)
         if fail(params, trial.number):
             study.tell(trial, state=TrialState.FAIL)
         else:
@@ -220,7 +220,7 @@ def test_full_fine_tuning_and_ttl_at_the_last_cut_are_trained_once(first):
     study.tell(running.number, 0.75)
     plan = sampler.plan(study.get_trials(deepcopy=False))
     assert plan.action == "run" and (plan.job.strategy, plan.job.cut, plan.job.repeat) == (other, 7, 1)
-    assert plan.reuse == running.number
+    assert plan.reuse.number == running.number
     copy_twin(study, plan, dists)
     assert sampler.plan(study.get_trials(deepcopy=False)).action == "finished"
     assert Ledger.from_trials(study.get_trials()).complete[Key(other, 7, 1)] == [0.75]

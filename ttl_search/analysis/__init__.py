@@ -43,6 +43,7 @@ from torch.nn import functional as F
 
 from ..data import Split
 from ..errors import ConfigError, choices
+from ..storage import study_trials, trial_ref
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ def _val_by_cut(trials, metric: str) -> dict[int, tuple[float, float, int]]:
     return {int(r.cut): (r.val_mean, r.val_sd, int(r.n)) for r in frame.itertuples()}
 
 
-def run_svcca(name: str, storage: str | None = None, trial: int | None = None,
+def run_svcca(name: str, storage: str | None = None, trial: int | str | None = None,
               options: SVCCAOptions | None = None, output: str | Path | None = None,
               attach: bool = True) -> SVCCARun:
     """Pretrained vs fine-tuned (every unit up to the cut), unit vs unit (fine-tuned), and the
@@ -432,7 +433,7 @@ def run_svcca(name: str, storage: str | None = None, trial: int | None = None,
         module.eval()
     fine = unit_activations(fine_units, loader, opts.max_grid)
     pre = unit_activations(pre_units, loader, opts.max_grid)
-    val = _val_by_cut(restored.study.get_trials(deepcopy=False), restored.config.metric)
+    val = _val_by_cut(study_trials(restored.study), restored.config.metric)
     comparer = _Comparer(opts)
 
     unit_rows, coef_rows = [], []
@@ -467,12 +468,12 @@ def run_svcca(name: str, storage: str | None = None, trial: int | None = None,
                               "samples": res.samples, "grid": "x".join(map(str, common_grid(fine[i], fine[j]))) or "-"})
 
     units, pairs, coefficients = pd.DataFrame(unit_rows), pd.DataFrame(pair_rows), pd.DataFrame(coef_rows)
-    out = Path(output) if output else artifacts_dir(restored.config, restored.storage) / name / f"svcca-trial-{restored.trial.number}"
+    out = Path(output) if output else artifacts_dir(restored.config, restored.storage) / name / f"svcca-trial-{str(trial_ref(restored.trial)).replace(':', '-')}"
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     r = restored.record
     context = {
-        "study": name, "trial": restored.trial.number, "strategy": r.strategy, "seed": r.seed,
+        "study": name, "trial": trial_ref(restored.trial), "strategy": r.strategy, "seed": r.seed,
         "chosen_by_search": restored.chosen, "backbone": spec.name, "weights": restored.prepared.loaded.weights,
         "cut": cut, "cut_name": r.cut_name, "metric": restored.config.metric,
         "dataset": restored.data.name, "split": opts.split, "images": len(sample), "options": asdict(opts),
@@ -491,5 +492,5 @@ def run_svcca(name: str, storage: str | None = None, trial: int | None = None,
     if attach:
         attach_files(restored.study, restored.config, restored.storage,
                      [p for k, p in files.items() if k.endswith("_png")])
-    log.info("svcca of trial %d of study %s written to %s", restored.trial.number, name, out)
+    log.info("svcca of trial %s of study %s written to %s", trial_ref(restored.trial), name, out)
     return SVCCARun(units, pairs, coefficients, files, context)

@@ -2,9 +2,9 @@
 
 :func:`load_data` turns a :class:`DataConfig` into :class:`DatasetSplits`: train, validation and
 test images held in memory as ``uint8`` tensors (decoded once), channel first, with ``int64``
-labels. :func:`make_loader` wraps one :class:`Split` in a :class:`TensorImageDataset` that
-resizes the images once to the model's input size and, per sample, converts to float, maps
-channels, normalises and (for training) augments.
+labels. :func:`make_loader` wraps one :class:`Split` in a :class:`BatchLoader` that resizes the
+images once to the model's input size, keeps them on the trial's device and, a whole batch at a
+time, converts to float, (for training) augments, maps channels and normalises.
 
 Sources:
 
@@ -36,9 +36,9 @@ from .folder import _load_folder
 from .manifest import _load_csv
 from .medmnist import _load_medmnist, _locate_medmnist, _verify_md5, default_data_root, medmnist_entry
 from .splits import _finish
-from .transforms import TensorImageDataset, TransformConfig, make_loader
+from .transforms import BatchLoader, TransformConfig, make_loader
 
-__all__ = ["DataConfig", "DatasetSplits", "Split", "TensorImageDataset", "TransformConfig", "default_data_root",
+__all__ = ["DataConfig", "DatasetSplits", "Split", "BatchLoader", "TransformConfig", "default_data_root",
            "ensure_data", "load_data", "make_loader"]
 """The data layer's interface: its submodules are how each source is read."""
 

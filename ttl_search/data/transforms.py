@@ -1,16 +1,15 @@
-"""From a split to batches: resizing once, per-sample conversion, normalisation and augmentation,
-seeded per epoch."""
+"""From a split to batches: resizing once, then conversion, augmentation and normalisation of whole
+batches on the trial's device, seeded per epoch and batch."""
 
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import ConfigError, DataError
 from .config import CROP_RATIO, Split, _is_int
@@ -94,46 +93,75 @@ def resize_images(images: torch.Tensor, size: int, dims: int) -> torch.Tensor:
     return out
 
 
-def _crop_params(
-    height: int, width: int, scale: tuple[float, float], generator: torch.Generator
-) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's ``(top, left, h, w)``, drawn from ``generator``."""
+def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float],
+               generator: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop's boxes for ``n`` samples at once: ``(n, 4)`` float ``(top, left, h, w)``.
+
+    As torchvision draws them (area fraction from ``scale``, log-uniform aspect ratio within
+    :data:`CROP_RATIO`, up to 10 tries), vectorised: each sample keeps its first box that fits, or
+    the whole image when none does. Drawn on the CPU from ``generator``, so that a seed gives the
+    same boxes on any device."""
+    tries = 10
     area = height * width
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
-            return top, left, h, w
-    return 0, 0, height, width
+    u = torch.rand((4, n, tries), generator=generator, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    aspect = torch.exp(log_low + (log_high - log_low) * u[1])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    top = torch.floor(u[2] * (height - h + 1)).clamp_(min=0)
+    left = torch.floor(u[3] * (width - w + 1)).clamp_(min=0)
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)
+    boxes = torch.stack([t.gather(1, first)[:, 0] for t in (top, left, h, w)], dim=1)
+    whole = torch.tensor([0.0, 0.0, float(height), float(width)], dtype=torch.float64)
+    return torch.where(fits.any(dim=1, keepdim=True), boxes, whole).float()
 
 
-class TensorImageDataset(Dataset):
-    """In-memory images resized once to the input size, transformed per sample.
+def augment_batch(x: torch.Tensor, tcfg: TransformConfig, dims: int, generator: torch.Generator) -> torch.Tensor:
+    """Training augmentation of a float batch in [0, 1] on its own device, a different random draw
+    per sample (parameters from ``generator``, on the CPU): 2D a random resized crop back to the
+    input size (one ``grid_sample`` for the whole batch, bilinear) and a horizontal flip; 3D a
+    flip along each axis."""
+    n = x.shape[0]
+    if dims == 2:
+        height, width = x.shape[-2:]
+        boxes = crop_boxes(n, height, width, tcfg.crop_scale, generator)
+        flip = (torch.rand(n, generator=generator) < 0.5) if tcfg.hflip else torch.zeros(n, dtype=torch.bool)
+        top, left, h, w = boxes.unbind(1)
+        theta = torch.zeros((n, 2, 3))
+        theta[:, 0, 0] = torch.where(flip, -w / width, w / width)
+        theta[:, 0, 2] = (2 * left + w) / width - 1
+        theta[:, 1, 1] = h / height
+        theta[:, 1, 2] = (2 * top + h) / height - 1
+        size = tcfg.input_size
+        grid = F.affine_grid(theta.to(x.device), [n, x.shape[1], size, size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if tcfg.hflip:
+        flips = (torch.rand((3, n), generator=generator) < 0.5).to(x.device)
+        for axis in range(3):
+            x = torch.where(flips[axis].view(n, 1, 1, 1, 1), x.flip(axis + 2), x)
+    return x
 
-    Images stay ``uint8`` (memory); ``__getitem__`` converts to float in [0, 1], augments
-    (training), maps channels to ``in_channels`` and normalises. Augmentation draws from a
-    generator seeded by ``(seed, epoch, index)``: the same seed gives the same samples in the
-    same epoch, in any order. The training sampler of :func:`make_loader` advances ``epoch``
-    (single-process loading).
+
+class BatchLoader:
+    """Batches of one split, made whole batches at a time on the trial's device.
+
+    The split's images are resized once to the input size and kept as ``uint8`` on ``device``
+    (a GPU holds them once per trial instead of copying every batch); each batch is gathered,
+    converted to float in [0, 1], augmented (training, :func:`augment_batch`), mapped to
+    ``in_channels`` and normalised there. Training batches follow a seeded shuffle, and their
+    augmentation draws from a generator seeded by ``(seed, epoch, batch)``: the same seed gives
+    the same batches, epoch by epoch, on any device. Evaluation: no shuffle, no augmentation.
+    Every pass advances the epoch (:meth:`set_epoch` sets it).
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        tcfg: TransformConfig,
-        *,
-        train: bool,
-        dims: int,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, tcfg: TransformConfig, *, train: bool,
+                 batch_size: int, dims: int, seed: int = 0, device: torch.device | str = "cpu") -> None:
         if dims not in (2, 3):
             raise ConfigError(f"dims must be 2 or 3, got {dims!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if images.dtype != torch.uint8 or images.ndim != dims + 2:
             raise DataError(
                 f"images must be uint8 N x C x {'D x ' if dims == 3 else ''}H x W for {dims}D data, "
@@ -147,102 +175,67 @@ class TensorImageDataset(Dataset):
             raise ConfigError(
                 f"cannot map {channels}-channel images to transform.in_channels={tcfg.in_channels}"
             )
-        self.images = resize_images(images, tcfg.input_size, dims)
-        """uint8 images at the input size."""
-        self.labels = labels
-        """int64 labels."""
-        self._label_items = labels.tolist()
+        self.device = torch.device(device)
+        self.images = resize_images(images, tcfg.input_size, dims).to(self.device)
+        """uint8 images at the input size, on the device."""
+        self.labels = labels.to(self.device)
+        """int64 labels, on the device."""
         self.tcfg = tcfg
         self.dims = dims
+        self.train = bool(train)
         self.augment = bool(train and tcfg.augment)
-        """Whether ``__getitem__`` augments."""
+        """Whether training batches are augmented."""
+        self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.epoch = 0
-        """Current epoch; part of the augmentation seed."""
-        shape = (-1,) + (1,) * dims
-        self._mean = torch.tensor(tcfg.mean, dtype=torch.float32).view(shape)
-        self._std = torch.tensor(tcfg.std, dtype=torch.float32).view(shape)
+        """The next pass's epoch: seeds its shuffle and augmentation."""
+        shape = (1, -1) + (1,) * dims
+        self._mean = torch.tensor(tcfg.mean, dtype=torch.float32, device=self.device).view(shape)
+        self._std = torch.tensor(tcfg.std, dtype=torch.float32, device=self.device).view(shape)
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return math.ceil(int(self.images.shape[0]) / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that seeds augmentation."""
+        """Set the epoch of the next pass."""
         self.epoch = int(epoch)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
-        x = self.images[index].float().div_(255)
-        if self.augment:
-            generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, index))
-            x = self._augment(x, generator)
-        x = self._map_channels(x)
-        x = (x - self._mean) / self._std
-        label = self._label_items[index]
-        return x, (torch.tensor(label, dtype=torch.int64) if isinstance(label, list) else label)
-
-    def _map_channels(self, x: torch.Tensor) -> torch.Tensor:
-        target = self.tcfg.in_channels
-        if x.shape[0] == target:
-            return x
-        if x.shape[0] == 1:
-            return x.expand(target, *x.shape[1:])
-        return x.mean(dim=0, keepdim=True)
-
-    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as TF
-
-        if self.dims == 2:
-            size = self.tcfg.input_size
-            top, left, h, w = _crop_params(x.shape[-2], x.shape[-1], self.tcfg.crop_scale, generator)
-            x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
-            if self.tcfg.hflip and torch.rand(1, generator=generator).item() < 0.5:
-                x = TF.horizontal_flip(x)
-            return x
-        if self.tcfg.hflip:
-            flips = torch.rand(3, generator=generator) < 0.5
-            axes = [axis + 1 for axis in range(3) if flips[axis]]
-            if axes:
-                x = torch.flip(x, axes)
-        return x
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """Seeded shuffling that advances the dataset's epoch on each pass.
-
-    Pass ``e`` (from 0) permutes with a generator seeded by ``(seed, e)`` and sets the
-    dataset's epoch to ``e`` before the first sample is read.
-    """
-
-    def __init__(self, dataset: TensorImageDataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = int(seed)
-        self.epoch = 0
-        """The next pass's epoch."""
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
         self.epoch += 1
-        self.dataset.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, 0x5EED))
-        yield from torch.randperm(len(self.dataset), generator=generator).tolist()
+        n = int(self.images.shape[0])
+        if self.train:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, epoch, 0x5EED)))
+            order = order.to(self.device)
+        for batch, start in enumerate(range(0, n, self.batch_size)):
+            if self.train:
+                index = order[start:start + self.batch_size]
+                x, y = self.images.index_select(0, index), self.labels.index_select(0, index)
+            else:
+                x, y = self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+            yield self.transform(x, torch.Generator().manual_seed(_mix_seed(self.seed, epoch, batch))), y
+
+    def transform(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A ``uint8`` batch as model input: float, augmented (training, from ``generator``),
+        channels mapped, normalised."""
+        x = images.float().div_(255)
+        if self.augment and generator is not None:
+            x = augment_batch(x, self.tcfg, self.dims, generator)
+        target = self.tcfg.in_channels
+        if x.shape[1] != target:
+            x = x.expand(-1, target, *x.shape[2:]) if x.shape[1] == 1 else x.mean(dim=1, keepdim=True)
+        return (x - self._mean) / self._std
 
 
 def make_loader(
-    split: Split, tcfg: TransformConfig, *, train: bool, batch_size: int, seed: int, dims: int
-) -> DataLoader:
-    """A single-process loader over ``split``.
+    split: Split, tcfg: TransformConfig, *, train: bool, batch_size: int, seed: int, dims: int,
+    device: torch.device | str = "cpu",
+) -> BatchLoader:
+    """The batches of ``split`` on ``device`` (see :class:`BatchLoader`).
 
     Training: seeded shuffle and (``tcfg.augment``) seeded augmentation, both reproducible
     from ``seed`` (same seed -> same batches, epoch by epoch). Evaluation: no augmentation, no
-    shuffle. ``drop_last`` is false.
+    shuffle. The last batch may be smaller.
     """
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    dataset = TensorImageDataset(split.images, split.labels, tcfg, train=train, dims=dims, seed=seed)
-    sampler = EpochShuffleSampler(dataset, seed) if train else None
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=0, drop_last=False
-    )
+    return BatchLoader(split.images, split.labels, tcfg, train=train, batch_size=batch_size, dims=dims, seed=seed,
+                       device=device)

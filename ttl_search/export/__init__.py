@@ -36,12 +36,12 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from ..results import artifacts_dir, chosen_cut, open_study, trial_config
+from ..results import artifacts_dir, chosen_cut, open_study, stored_latency, trial_config
 from ..data import DatasetSplits, Split, TransformConfig, load_data, make_loader
 from ..errors import ConfigError, StudyError, choices
 from ..train.metrics import compute_metrics
-from ..search.record import SEARCH_STRATEGY, TrialRecord
-from ..storage import storage_url
+from ..search.record import SEARCH_STRATEGY, TrialRecord, latency_row
+from ..storage import storage_url, study_trials, trial_ref
 from ..search.study import StudyConfig
 from ..train.trial import PreparedTrial, TrialConfig, prepare_trial, seed_everything
 from ..models.truncation import input_shape
@@ -104,18 +104,30 @@ class RestoredTrial:
 
 
 def _completed_numbers(trials: list[FrozenTrial]) -> str:
-    return choices(t.number for t in trials if t.state == TrialState.COMPLETE) or "none"
+    return choices(trial_ref(t) for t in trials if t.state == TrialState.COMPLETE) or "none"
 
 
-def select_trial(name: str, study: optuna.Study, cfg: StudyConfig, number: int | None) -> tuple[FrozenTrial, dict]:
-    """The trial ``number`` (must be COMPLETE), or the chosen cut's best trial when None.
+def parse_trial_ref(text: str | int | None) -> int | str | None:
+    """A ``--trial`` argument as :func:`~ttl_search.storage.trial_ref` writes it: ``3`` (the
+    study's trial 3) or ``baselines:3`` (its baselines study's)."""
+    if text is None or isinstance(text, int):
+        return text
+    text = text.strip()
+    return int(text) if text.isdigit() else text
+
+
+def select_trial(name: str, study: optuna.Study, cfg: StudyConfig,
+                 number: int | str | None) -> tuple[FrozenTrial, dict]:
+    """The trial ``number`` (``N`` or ``baselines:N``; must be COMPLETE), or the chosen cut's best
+    trial when None.
 
     Returns the trial and the study's ``chosen_cut`` summary (empty when it has no search trial).
     """
-    trials = study.get_trials(deepcopy=False)
+    number = parse_trial_ref(number)
+    trials = study_trials(study)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     if not completed:
-        states = ", ".join(f"{t.number}: {t.state.name}" for t in trials) or "no trials at all"
+        states = ", ".join(f"{trial_ref(t)}: {t.state.name}" for t in trials) or "no trials at all"
         raise StudyError(f"study {name!r} has no completed trial ({states}); run or resume it first")
     summary = chosen_cut(study, cfg, trials) or {}
     if number is None:
@@ -123,7 +135,7 @@ def select_trial(name: str, study: optuna.Study, cfg: StudyConfig, number: int |
             raise StudyError(f"study {name!r} has no completed search trial to choose from; pass --trial N "
                              f"(completed trials: {_completed_numbers(trials)})")
         number = summary["trial"]
-    by_number = {t.number: t for t in trials}
+    by_number = {trial_ref(t): t for t in trials}
     if number not in by_number:
         raise StudyError(f"study {name!r} has no trial {number}; completed trials: {_completed_numbers(trials)}")
     trial = by_number[number]
@@ -144,19 +156,21 @@ def find_checkpoint(name: str, trial: FrozenTrial, cfg: StudyConfig, url: str) -
         candidates.append(Path(record.checkpoint))
     if record.checkpoint_artifact_id:
         candidates.append(base / "store" / str(record.checkpoint_artifact_id))
-    candidates.append(base / name / f"trial-{trial.number}.pt")
+    part = record.part
+    candidates.append(base / name / (f"{part}-trial-{trial.number}.pt" if part else f"trial-{trial.number}.pt"))
     for path in candidates:
         if path.is_file():
             return path
     stored = "" if record.checkpoint else " (the trial recorded no checkpoint)"
-    raise StudyError(f"checkpoint of trial {trial.number} of study {name!r} is missing{stored}; looked at "
+    raise StudyError(f"checkpoint of trial {record.ref} of study {name!r} is missing{stored}; looked at "
                      f"{', '.join(str(p) for p in dict.fromkeys(candidates))}. Move the study's artifact folder "
                      f"back, or set the study's artifacts folder")
 
 
-def restore_trial(name: str, storage: str | None = None, trial: int | None = None,
+def restore_trial(name: str, storage: str | None = None, trial: int | str | None = None,
                   pretrained: bool = True) -> RestoredTrial:
-    """Rebuild trial ``trial`` (default: the chosen cut's best trial) of study ``name`` with its
+    """Rebuild trial ``trial`` (``N`` or ``baselines:N``; default: the chosen cut's best trial) of
+    study ``name`` with its
     fine-tuned weights. Raises :class:`StudyError` for an unknown or unfinished trial, a study
     without a completed trial, and a missing or unfitting checkpoint.
 
@@ -175,11 +189,11 @@ def restore_trial(name: str, storage: str | None = None, trial: int | None = Non
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - unreadable or unfitting file: the user's to fix
-        raise StudyError(f"checkpoint {checkpoint} of trial {frozen.number} of study {name!r} does not fit the "
+        raise StudyError(f"checkpoint {checkpoint} of trial {trial_ref(frozen)} of study {name!r} does not fit the "
                          f"trial's model: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
     model.eval()
     prepared.loaded.model.eval()
-    chosen = bool(summary) and summary.get("trial") == frozen.number
+    chosen = bool(summary) and summary.get("trial") == trial_ref(frozen)
     return RestoredTrial(name, url, study, cfg, frozen, tcfg, data, prepared, model, checkpoint, chosen, summary)
 
 
@@ -274,13 +288,27 @@ def onnx_weight_counts(onnx_model, model: nn.Module) -> dict[str, int]:
     return counts
 
 
+def _latency(restored: RestoredTrial) -> dict[str, Any]:
+    """The model's latency for its card: from the study's quiet latency pass when it timed this
+    model (median and interquartile range), else what the trial measured while training."""
+    r = restored.record
+    row = latency_row(stored_latency(restored.study), r.strategy, r.cut)
+    if row:
+        table = stored_latency(restored.study)
+        return {"latency_batch1_ms": row["batch1_ms"], "latency_batch1_iqr": row["batch1_iqr"],
+                "latency_batch64_ms": row["batch64_ms"], "latency_device": table["device_name"],
+                "latency_measured": "the study's latency pass, one model at a time"}
+    return {"latency_batch1_ms": r.latency_batch1_ms, "latency_batch64_ms": r.latency_batch64_ms,
+            "latency_device": r.latency_device, "latency_measured": "measured inside the trial, beside other trials"}
+
+
 def _cut_summary(summary: dict, restored: RestoredTrial) -> dict[str, Any]:
     """Mean ± sd over the seeds of the exported cut (the chosen cut's summary when it is that)."""
     r = restored.record
     if summary and summary.get("cut") == r.cut and r.strategy == SEARCH_STRATEGY:
         return {"seeds": summary["seeds"], "trials": summary["trials"], "val": summary["val"],
                 "val_sd": summary["val_sd"], "test": summary["test"], "test_sd": summary["test_sd"]}
-    return {"seeds": [r.seed], "trials": [restored.trial.number], "val": r.val, "test": r.test}
+    return {"seeds": [r.seed], "trials": [r.ref], "val": r.val, "test": r.test}
 
 
 def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, opset: int,
@@ -296,7 +324,7 @@ def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, o
         "card": "ttl-search model card",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "study": restored.name,
-        "trial": restored.trial.number,
+        "trial": trial_ref(restored.trial),
         "chosen_by_search": restored.chosen,
         "strategy": r.strategy,
         "model": {
@@ -336,9 +364,7 @@ def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, o
             "cut_over_seeds": _cut_summary(restored.summary, restored),
         },
         "cost": {"params": r.params, "trainable_params": r.trainable_params, "macs": r.macs,
-                 "latency_batch1_ms": r.latency_batch1_ms, "latency_batch64_ms": r.latency_batch64_ms,
-                 "latency_device": r.latency_device, "full_model_params": r.full_params,
-                 "full_model_macs": r.full_macs},
+                 **_latency(restored), "full_model_params": r.full_params, "full_model_macs": r.full_macs},
         "files": {
             "torchscript": {"path": files["torchscript"].name, "sha256": _sha256(files["torchscript"]),
                             "method": "torch.jit.trace"},
@@ -378,8 +404,10 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"- Parameters: {c['params']:,} (full backbone with the same head: {c['full_model_params']:,}); "
         f"MACs per image: {c['macs']:,} (full: {c['full_model_macs']:,})." if c.get("params") and c.get("full_model_params") and c.get("macs") and c.get("full_model_macs")
         else f"- Parameters: {c.get('params')}; MACs per image: {c.get('macs')}.",
-        f"- Latency measured after training on {c.get('latency_device') or '-'}: {_fmt(c.get('latency_batch1_ms'))} ms "
-        f"at batch 1, {_fmt(c.get('latency_batch64_ms'))} ms at batch 64.",
+        f"- Latency ({c.get('latency_measured')}) on {c.get('latency_device') or '-'}: "
+        f"{_fmt(c.get('latency_batch1_ms'))} ms at batch 1"
+        + (f" (interquartile range {_fmt(c['latency_batch1_iqr'][0])}-{_fmt(c['latency_batch1_iqr'][1])} ms)"
+           if c.get("latency_batch1_iqr") else "") + f", {_fmt(c.get('latency_batch64_ms'))} ms at batch 64.",
         "",
         "## Input and output",
         "",
@@ -432,7 +460,7 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def export_trial(name: str, storage: str | None = None, trial: int | None = None,
+def export_trial(name: str, storage: str | None = None, trial: int | str | None = None,
                  output: str | Path | None = None, opset: int = ONNX_OPSET) -> ExportResult:
     """Export trial ``trial`` (default: the chosen cut's best trial) of study ``name`` to
     ``output`` as TorchScript and ONNX with a model card."""
@@ -482,5 +510,5 @@ def export_trial(name: str, storage: str | None = None, trial: int | None = None
     card = build_card(restored, files, exporter, opset, verification, onnx_weights)
     files["card_json"].write_text(json.dumps(card, indent=2) + "\n")
     files["card_md"].write_text(card_markdown(card))
-    log.info("exported trial %d of study %s to %s", restored.trial.number, name, out)
+    log.info("exported trial %s of study %s to %s", trial_ref(restored.trial), name, out)
     return ExportResult(out, files, card)

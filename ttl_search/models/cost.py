@@ -30,7 +30,7 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> int:
 
 @dataclass
 class Latency:
-    """Median inference latency in milliseconds over repeats."""
+    """Inference latency in milliseconds over repeats: medians and interquartile ranges."""
 
     batch1_ms: float
     """Median time of one forward pass of a single input."""
@@ -40,9 +40,15 @@ class Latency:
     """Device the latency was measured on."""
     threads: int
     """torch CPU threads during the measurement."""
+    batch1_iqr: tuple[float, float] | None = None
+    """First and third quartile of the batch-1 times (None with fewer than 2 repeats)."""
+    batch64_iqr: tuple[float, float] | None = None
+    """First and third quartile of the batch-64 times."""
+    repeats: int = 0
+    """Timed forward passes at batch 1 (batch 64: a third of them, at least 3)."""
 
 
-def _time_forward(module: nn.Module, example: torch.Tensor, repeats: int, warmup: int) -> float:
+def _time_forward(module: nn.Module, example: torch.Tensor, repeats: int, warmup: int) -> list[float]:
     cuda = example.device.type == "cuda"
     times = []
     with torch.inference_mode():
@@ -55,12 +61,22 @@ def _time_forward(module: nn.Module, example: torch.Tensor, repeats: int, warmup
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return times
+
+
+def median_iqr(times: list[float]) -> tuple[float, tuple[float, float] | None]:
+    """(median, (first quartile, third quartile)) of ``times``; no quartiles for fewer than 2."""
+    median = round(statistics.median(times), 4)
+    if len(times) < 2:
+        return median, None
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return median, (round(q1, 4), round(q3, 4))
 
 
 def measure_latency(module: nn.Module, input_shape: tuple[int, ...], device: str | torch.device = "cpu",
                     repeats: int = 10, warmup: int = 2, big_batch: int = 64) -> Latency:
-    """Median forward time at batch 1 and at ``big_batch`` (input_shape excludes the batch)."""
+    """Median forward time, with its interquartile range, at batch 1 and at ``big_batch``
+    (input_shape excludes the batch)."""
     device = torch.device(device)
     was_training = module.training
     module.eval()
@@ -69,4 +85,5 @@ def measure_latency(module: nn.Module, input_shape: tuple[int, ...], device: str
         big = _time_forward(module, torch.randn(big_batch, *input_shape, device=device), max(3, repeats // 3), 1)
     finally:
         module.train(was_training)
-    return Latency(round(small, 4), round(big, 4), str(device), torch.get_num_threads())
+    (b1, b1_iqr), (b64, b64_iqr) = median_iqr(small), median_iqr(big)
+    return Latency(b1, b64, str(device), torch.get_num_threads(), b1_iqr, b64_iqr, repeats)

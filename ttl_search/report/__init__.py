@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 
 from ..errors import StudyError
 from ..search.record import fmt_count, fmt_diff, fmt_interval
+from ..storage import study_trials, trial_ref
 from .plots import (
     STRATEGY_LABELS, _cut_dicts, plot_metric_vs_cost, plot_metric_vs_cut, plot_search_order, trainable_note,
 )
@@ -101,6 +102,22 @@ def _ms(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def _latency_cell(row: dict) -> str:
+    """``1.234 [1.200, 1.310]``: the median batch-1 latency and its interquartile range."""
+    q1, q3 = row.get("latency_batch1_q1"), row.get("latency_batch1_q3")
+    spread = f" [{q1:.3f}, {q3:.3f}]" if q1 is not None and q3 is not None and q1 == q1 and q3 == q3 else ""
+    return _ms(row.get("latency_batch1_ms")) + spread
+
+
+def _latency_note(latency: dict | None) -> str:
+    """Where and how the latency column was measured."""
+    if latency:
+        return (f"Latency: median forward time at batch 1 [interquartile range], {latency['repeats']} timed passes per "
+                f"model, measured one model at a time after the search on {latency['device_name']}.")
+    return ("Latency: measured inside each trial while other trials trained, so not comparable between cuts; "
+            "`ttl-search report NAME --measure-latency` measures every model one at a time.")
+
+
 def results_table(cm_all: pd.DataFrame, chosen: dict | None) -> pd.DataFrame:
     """TTL at the chosen cut, then every baseline: test metrics (mean, sd), size (parameters,
     trainable parameters, MACs) and latency."""
@@ -115,7 +132,7 @@ def results_table(cm_all: pd.DataFrame, chosen: dict | None) -> pd.DataFrame:
         return frame
     keep = ["method", "strategy", "cut", "cut_name", "n", "seeds"] + [
         f"test_{m}{sd}" for m in TABLE_METRICS for sd in ("", "_sd")] + [
-        "params", "trainable_params", "macs", "latency_batch1_ms"]
+        "params", "trainable_params", "macs", "latency_batch1_ms", "latency_batch1_q1", "latency_batch1_q3"]
     return frame[keep]
 
 
@@ -156,9 +173,9 @@ def probe_section(study: optuna.Study, cfg, ttl: pd.DataFrame) -> list[str]:
 
 
 def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results: pd.DataFrame, ttl: pd.DataFrame,
-              order: pd.DataFrame, files: dict[str, Path]) -> str:
+              order: pd.DataFrame, files: dict[str, Path], latency: dict | None = None) -> str:
     metric = cfg.metric
-    trials = study.get_trials(deepcopy=False)
+    trials = study_trials(study)
     states = pd.Series([t.state.name for t in trials]).value_counts().to_dict()
     a = study.user_attrs
     lines = [
@@ -208,10 +225,10 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
             lines.append(_row([r["method"], f"{r['cut']} ({r['cut_name']})", str(n)]
                               + [_pm(r[f"test_{m}"], r[f"test_{m}_sd"], n) for m in TABLE_METRICS]
                               + [fmt_count(r["params"]), fmt_count(r["trainable_params"]), fmt_count(r["macs"]),
-                                 _ms(r["latency_batch1_ms"])]))
+                                 _latency_cell(r)]))
         lines.append("")
         lines.append("Trainable: the parameters the method updates (a linear probe trains only its head). "
-                     "Latency: median forward time measured after training, on the trial's device.")
+                     + _latency_note(latency))
     else:
         lines.append("No completed search trial or baseline yet.")
     extra = [m for m in CUT_TABLE_METRICS if m != metric]
@@ -231,7 +248,7 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
                           + [_pm(r[f"{split}_{m}"], r[f"{split}_{m}_sd"], n)
                              for m in extra for split in ("val", "test")]
                           + [fmt_count(r["params"]), fmt_count(r["trainable_params"]), fmt_count(r["macs"]),
-                             _ms(r["latency_batch1_ms"])]))
+                             _latency_cell(r)]))
     lines += probe_section(study, cfg, ttl)
     lines += [
         "",
@@ -272,21 +289,23 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
 def make_report(name: str, storage: str | None = None, output: str | Path | None = None,
                 attach: bool = True) -> Report:
     """Plots and a Markdown summary of study ``name`` in ``output`` (default
-    ``<artifacts>/<study>/report``); the plots and summary are attached to the study."""
-    from ..results import artifacts_dir, chosen_cut, open_study, stored_candidates
+    ``<artifacts>/<study>/report``); the plots and summary are attached to the study. Latency
+    comes from the study's quiet latency pass when it has one (``report --measure-latency``)."""
+    from ..results import artifacts_dir, chosen_cut, open_study, stored_candidates, stored_latency
     from ..models.backbones import get_backbone
     from ..storage import storage_url
 
     url = storage_url(storage)
     study, cfg = open_study(name, url)
-    trials = study.get_trials(deepcopy=False)
+    trials = study_trials(study)
     if not any(t.state == TrialState.COMPLETE for t in trials):
-        states = ", ".join(f"{t.number}: {t.state.name}" for t in trials) or "no trials at all"
+        states = ", ".join(f"{trial_ref(t)}: {t.state.name}" for t in trials) or "no trials at all"
         raise StudyError(f"study {name!r} has no completed trial ({states}); nothing to report")
+    latency = stored_latency(study)
     metric = cfg.metric
     spec = get_backbone(cfg.trial.backbone)
     cuts = _cut_dicts(spec)
-    cm_all = cut_metrics(trials, metric, strategy=None)
+    cm_all = cut_metrics(trials, metric, strategy=None, latency=latency)
     ttl = cm_all[cm_all["strategy"] == "ttl"].reset_index(drop=True)
     baselines = cm_all[cm_all["strategy"] != "ttl"].reset_index(drop=True)
     chosen = None
@@ -327,7 +346,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
     files["search_order_csv"] = out / "search_order.csv"
     order.to_csv(files["search_order_csv"], index=False)
     files["summary_md"] = out / "summary.md"
-    files["summary_md"].write_text(_markdown(name, cfg, study, chosen, results, ttl, order, files))
+    files["summary_md"].write_text(_markdown(name, cfg, study, chosen, results, ttl, order, files, latency))
     ids = []
     if attach:
         ids = attach_files(study, cfg, url, [files["metric_vs_cut_png"], files["metric_vs_cost_png"],

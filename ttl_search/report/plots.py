@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..models.strategies import BASELINES, STRATEGIES
 from ..search.record import fmt_count, partly_trainable
-from .tables import pareto_front
+from .tables import pareto_front, spreads_overlap
 
 STRATEGY_LABELS = {name: s.label for name, s in STRATEGIES.items()}
 BASELINE_MARKERS = {name: s.marker for name, s in STRATEGIES.items() if name in BASELINES}
@@ -218,7 +218,8 @@ def plot_metric_vs_cut(ttl: pd.DataFrame, baselines: pd.DataFrame, cuts: list[di
 def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, direction: str, title: str,
                         path: Path) -> Path:
     plt = _pyplot()
-    costs = [("params", "parameters"), ("macs", "MACs per image"), ("latency_batch1_ms", "latency, batch 1 (ms)")]
+    costs = [("params", "parameters"), ("macs", "MACs per image"),
+             ("latency_batch1_ms", "latency, batch 1 (ms; median, bars: interquartile range)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), sharey=True)
     label = metric.upper() if metric in ("auroc", "auprc") else metric
     maximize = direction == "maximize"
@@ -234,7 +235,23 @@ def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, di
         front = pareto_front(x, y, maximize)
         order = np.argsort(x[front])
         fx, fy = x[front][order], y[front][order]
-        ax.step(fx, fy, where="post", color="black", ls="--", lw=1.2, label="Pareto front", zorder=2)
+        if key == "latency_batch1_ms":
+            q1 = pd.to_numeric(data.get("latency_batch1_q1", pd.Series(np.nan, index=data.index)),
+                               errors="coerce").to_numpy(dtype=float)
+            q3 = pd.to_numeric(data.get("latency_batch1_q3", pd.Series(np.nan, index=data.index)),
+                               errors="coerce").to_numpy(dtype=float)
+            known = np.isfinite(q1) & np.isfinite(q3)
+            if known.any():
+                ax.errorbar(x[known], y[known], xerr=[x[known] - q1[known], q3[known] - x[known]], fmt="none",
+                            ecolor="#999999", elinewidth=1, capsize=2, zorder=2)
+            if spreads_overlap(q1[front], q3[front]):
+                front = np.zeros_like(front)
+                why = ("interquartile ranges overlap" if known.all() else "spread not measured (timed during "
+                       "training)")
+                ax.text(0.02, 0.02, f"no Pareto front: latency {why}", transform=ax.transAxes, fontsize=8,
+                        color="#555555")
+        if front.any():
+            ax.step(fx, fy, where="post", color="black", ls="--", lw=1.2, label="Pareto front", zorder=2)
         for (r, xi, yi, on_front) in zip(data.itertuples(), x, y, front):
             edge = "black" if on_front else "none"
             trainable = (f"\n({fmt_count(r.trainable_params)} trainable)"
@@ -290,24 +307,26 @@ def plot_search_order(order: pd.DataFrame, cuts: list[dict], chosen: dict | None
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(order) + 4), 0.32 * len(cuts) + 3.2))
     shade_stages(ax, cuts, 1, len(cuts), axis="y")
     key = f"val_{metric}"
-    for r in order.itertuples():
+    order = order.reset_index(drop=True)
+    for x, r in enumerate(order.itertuples()):
         color = PHASE_COLORS.get(r.phase, "#8c564b")
         marker = STATE_MARKERS.get(r.state, "o")
-        ax.scatter([r.trial], [r.cut], color=color, marker=marker, s=90, zorder=3,
+        ax.scatter([x], [r.cut], color=color, marker=marker, s=90, zorder=3,
                    edgecolors=CHOSEN_COLOR if chosen and r.trial in chosen.get("trials", []) else "none", linewidths=2)
         value = getattr(r, key)
         text = f"{value:.3f}" if isinstance(value, float) and not math.isnan(value) else r.state.lower()
         if r.strategy != "ttl":
             text = f"{STRATEGY_LABELS.get(r.strategy, r.strategy)}\n{text}"
-        ax.annotate(text, (r.trial, r.cut), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
+        ax.annotate(text, (x, r.cut), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7)
     # Link the search's own trials in order.
     ttl = order[order["strategy"] == "ttl"]
-    ax.plot(ttl["trial"], ttl["cut"], color="#bbbbbb", lw=1, zorder=2)
+    ax.plot(ttl.index, ttl["cut"], color="#bbbbbb", lw=1, zorder=2)
     cut_ticks(ax, cuts, 1, len(cuts), axis="y")
     ax.set_ylim(0.5, len(cuts) + 0.9)  # room for the labels above the top cut
-    ax.set_xticks(list(order["trial"]))
-    ax.set_xlim(order["trial"].min() - 0.7, order["trial"].max() + 0.7)
-    ax.set_xlabel("trial number (order in which the search asked for it)")
+    ax.set_xticks(range(len(order)), [str(t) for t in order["trial"]], fontsize=7,
+                  rotation=90 if order["trial"].map(lambda t: isinstance(t, str)).any() else 0)
+    ax.set_xlim(-0.7, len(order) - 0.3)
+    ax.set_xlabel("trial (in the order the study started them; baselines:N in the baselines study)")
     ax.set_ylabel("cut trained")
     phases = list(dict.fromkeys(order["phase"]))
     handles = [Line2D([], [], marker="o", ls="none", color=PHASE_COLORS.get(p, "#8c564b"), label=f"phase {p}")

@@ -20,7 +20,7 @@ from ..errors import StudyError
 from ..search.record import (SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, fmt_count, fmt_interval,
                              fmt_value, records, summarize_cut)
 from ..search.samplers import CutCandidate
-from ..storage import load_study, open_storage, sqlite_path
+from ..storage import BASELINES_OF_ATTR, load_study, open_storage, sqlite_path, study_trials
 from ..search.study import StudyConfig, cut_candidates, make_sampler, upgrade_stored_config
 from .answer import Answer, study_answer
 from ..train.trial import TrialConfig
@@ -34,6 +34,9 @@ PROBE_ATTR = "probe"
 """Study attribute with the frozen probe's table: per cut its logistic-regression probe's
 validation metric with its interval, kNN score, LogME, size and seconds (see
 :mod:`ttl_search.train.probe`); stored once, before the search."""
+LATENCY_ATTR = "latency"
+"""Study attribute with the quiet latency pass's table (see :mod:`ttl_search.train.latency`): per
+model (strategy, cut) the median and interquartile range at batch 1 and 64, and the device."""
 PROBE_PREDICTIONS_ATTR = "ttl_probe_predictions"
 """Study system attribute with every probed cut's ``val`` and ``test`` predictions (encoded), so
 that the probe's metrics and intervals can be recomputed."""
@@ -54,7 +57,12 @@ def artifacts_dir(cfg: StudyConfig, url: str) -> Path:
 
 def stored_config(study: optuna.Study) -> StudyConfig:
     """The resolved config saved with the study."""
-    values = study.user_attrs.get(CONFIG_ATTR)
+    attrs = study.user_attrs
+    values = attrs.get(CONFIG_ATTR)
+    if BASELINES_OF_ATTR in attrs:
+        main = attrs[BASELINES_OF_ATTR]
+        raise StudyError(f"study {study.study_name!r} holds the baselines of study {main!r}; read them with that "
+                         f"study (`ttl-search status {main}`, `best`, `report`, `compare`)")
     if not isinstance(values, dict):
         raise StudyError(f"study {study.study_name!r} was not created by ttl-search (no stored config)")
     return from_dict(StudyConfig, upgrade_stored_config(values))
@@ -72,6 +80,12 @@ def stored_candidates(study: optuna.Study, cfg: StudyConfig) -> list[CutCandidat
 def stored_probe(study: optuna.Study) -> dict[str, Any] | None:
     """The study's frozen-probe table (None when the probe has not run)."""
     table = study.user_attrs.get(PROBE_ATTR)
+    return table if isinstance(table, dict) and table.get("rows") else None
+
+
+def stored_latency(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's latency table (None before its latency pass ran)."""
+    table = study.user_attrs.get(LATENCY_ATTR)
     return table if isinstance(table, dict) and table.get("rows") else None
 
 
@@ -119,11 +133,11 @@ def trial_config(cfg: StudyConfig, trial: FrozenTrial) -> TrialConfig:
 
 
 def trial_rows(study: optuna.Study, metric: str) -> pd.DataFrame:
-    """One row per trial: number, strategy, cut, stage, phase, state, val/test metric, size, time."""
+    """One row per trial of the study and its baselines study: number (``baselines:N``), strategy, cut, stage, phase, state, val/test metric, size, time."""
     rows = []
-    for r in records(study.get_trials(deepcopy=False)):
+    for r in records(study_trials(study)):
         rows.append({
-            "trial": r.number, "strategy": r.strategy, "cut": r.cut, "cut_name": r.cut_name, "stage": r.stage,
+            "trial": r.ref, "strategy": r.strategy, "cut": r.cut, "cut_name": r.cut_name, "stage": r.stage,
             "phase": r.phase, "seed": r.seed, "state": r.state, f"val_{metric}": r.val.get(metric),
             f"test_{metric}": r.test.get(metric), "params": r.params, "trainable_params": r.trainable_params,
             "macs": r.macs, "epochs": r.epochs, "duration_s": r.wall_s, "node_id": (r.node_id or "")[:8],
@@ -161,7 +175,7 @@ def chosen_cut(study: optuna.Study, cfg: StudyConfig,
     indistinguishable from the best, and every cut's interval; None while no search trial has
     completed."""
     name = study.study_name
-    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    trials = study_trials(study) if trials is None else trials
     candidates = stored_candidates(study, cfg)
     answer = study_answer(trials, cfg, candidates)
     if answer.pick is None:
@@ -169,7 +183,8 @@ def chosen_cut(study: optuna.Study, cfg: StudyConfig,
     cut = answer.pick
     groups = completed_by_cut(records(trials))
     chosen = groups[(SEARCH_STRATEGY, cut)]
-    summary = summarize_cut(chosen)
+    latency = stored_latency(study)
+    summary = summarize_cut(chosen, latency)
     best_trial = max(chosen, key=lambda r: r.value if cfg.resolved_direction == "maximize" else -r.value)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     plan = study_sampler(study, cfg).plan(trials)
@@ -183,20 +198,20 @@ def chosen_cut(study: optuna.Study, cfg: StudyConfig,
         "reference_cut": answer.reference, "indistinguishable": answer.indistinguishable,
         "finished": plan.action == "finished" and running == 0,
         "full": {"params": summary.full_params, "macs": summary.full_macs},
-        "ranking": _ranking_rows(answer, groups, cfg),
+        "ranking": _ranking_rows(answer, groups, cfg, latency),
         "note": answer.note, "chance": answer.chance,
         "at_chance": (SEARCH_STRATEGY, cut) in answer.at_chance, "warnings": answer.warnings(cfg.metric),
     }
 
 
 def _ranking_rows(answer: Answer, groups: dict[tuple[str, int], list[TrialRecord]],
-                  cfg: StudyConfig) -> list[dict[str, Any]]:
+                  cfg: StudyConfig, latency: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every completed (strategy, cut), best mean validation metric first: mean, interval, paired
     difference to the reference cut, and whether it is indistinguishable from it."""
     sign = 1.0 if cfg.resolved_direction == "maximize" else -1.0
     rows = []
     for (strategy, cut), group in groups.items():
-        summary = summarize_cut(group)
+        summary = summarize_cut(group, latency)
         score = answer.scores.get((strategy, cut))
         rows.append({
             "strategy": strategy, "cut": cut, "cut_name": summary.cut_name, "params": summary.params,
@@ -207,7 +222,7 @@ def _ranking_rows(answer: Answer, groups: dict[tuple[str, int], list[TrialRecord
             "indistinguishable": score.indistinguishable if score else None,
             "at_chance": (strategy, cut) in answer.at_chance if score else None,
             "chosen": strategy == SEARCH_STRATEGY and cut == answer.pick,
-            "trials": [r.number for r in group],
+            "trials": [r.ref for r in group],
         })
     rows.sort(key=lambda r: -sign * r["mean_val"] if r["mean_val"] is not None else float("inf"))
     return rows
@@ -222,10 +237,11 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
     rows = []
     for name in names:
         study, cfg = open_study(name, storage)
-        trials = study.get_trials(deepcopy=False)
+        trials = study_trials(study)
         answer = study_answer(trials, cfg, stored_candidates(study, cfg))
+        latency = stored_latency(study)
         for (strategy, cut), group in completed_by_cut(records(trials)).items():
-            summary = summarize_cut(group)
+            summary = summarize_cut(group, latency)
             score = answer.scores.get((strategy, cut))
             row = {"study": name, "strategy": strategy, "cut": cut, "cut_name": summary.cut_name,
                    "chosen": strategy == SEARCH_STRATEGY and cut == answer.pick, "repeats": summary.repeats,
@@ -240,6 +256,8 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
                     row[f"{split}_{metric}"] = getattr(summary, split).get(metric)
                     row[f"{split}_{metric}_sd"] = getattr(summary, f"{split}_sd").get(metric)
             row.update(params=summary.params, trainable_params=summary.trainable_params, macs=summary.macs,
-                       latency_batch1_ms=summary.latency_batch1_ms)
+                       latency_batch1_ms=summary.latency_batch1_ms,
+                       latency_batch1_iqr=list(summary.latency_batch1_iqr) if summary.latency_batch1_iqr else None,
+                       latency_device=summary.latency_device)
             rows.append(row)
     return pd.DataFrame(rows)

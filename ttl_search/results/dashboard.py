@@ -4,7 +4,9 @@ own artifact folder, and no deletions unless asked for.
 - :func:`publish_answer` stores a study's answer in the places optuna-dashboard draws: the metric
   name (``val_auroc``, not "Objective 0"), study attributes ``chosen_*`` (trial, cut, name,
   interval, rule, size), the study's note (the ranking as a Markdown table, and a line when the
-  pick differs from Optuna's plain maximum) and a one-line note per completed trial.
+  pick differs from Optuna's plain maximum) and a one-line note per completed trial. The search's
+  trials are the study's own, so the dashboard's plots and best-so-far line show the search; the
+  baselines live in the study ``NAME:baselines``, whose note and trial notes say so.
 - :class:`StudyArtifactStores` serves each study's checkpoints and report files from that study's
   own ``artifacts`` folder (several studies, several folders, one dashboard).
 - :func:`serve_dashboard` runs the dashboard bound to 127.0.0.1 by default and read-only: every
@@ -23,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError, StudyError
 from ..search.record import SEARCH_STRATEGY, TrialRecord, fmt_count, fmt_diff, fmt_interval, fmt_value
-from ..storage import load_study, open_storage, storage_url, study_names
+from ..storage import baselines_study, load_study, open_storage, storage_url, study_names, study_trials
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,11 @@ def publish_answer(study: optuna.Study, cfg, best: dict[str, Any] | None = None)
     trial has completed. Writes only what changed."""
     from . import chosen_cut
 
-    trials = study.get_trials(deepcopy=False)
-    name_metric(study, cfg.metric)
+    baselines = baselines_study(study)
+    trials = study_trials(study, baselines or False)
+    for part in (study, baselines):
+        if part is not None:
+            name_metric(part, cfg.metric)
     best = chosen_cut(study, cfg, trials) if best is None else best
     if best is None:
         return None
@@ -70,12 +75,21 @@ def publish_answer(study: optuna.Study, cfg, best: dict[str, Any] | None = None)
     for key, value in attrs.items():
         if stored.get(key) != value:
             study.set_user_attr(key, value)
-    system_attrs = dict(study._storage.get_study_system_attrs(study._study_id))  # read once: notes live there
-    _save_note(study, None, study_note(best, trials, cfg), system_attrs)
+    own = [t for t in trials if not TrialRecord.from_trial(t).part]
+    notes = {study: study_note(best, own, cfg, baselines.study_name if baselines is not None else None)}
+    if baselines is not None:
+        notes[baselines] = (f"# Baselines of study `{study.study_name}`\n\nThis study holds the baselines of study "
+                            f"`{study.study_name}` (`ttl-search` calls its trials `baselines:N`). The search's trials, "
+                            f"its plots and its answer are in study `{study.study_name}`; the answer, for "
+                            "comparison:\n\n" + study_note(best, [], cfg))
     intervals = {(r["strategy"], r["cut"]): r for r in best["ranking"]}
-    for trial in trials:
-        if trial.state == TrialState.COMPLETE:
-            _save_note(study, trial, trial_note(trial, intervals, cfg.metric, best["trial"]), system_attrs)
+    for part, note in notes.items():
+        system_attrs = dict(part._storage.get_study_system_attrs(part._study_id))  # read once: notes live there
+        _save_note(part, None, note, system_attrs)
+        for trial in trials:
+            if trial.state == TrialState.COMPLETE and bool(TrialRecord.from_trial(trial).part) == (part is baselines):
+                _save_note(part, trial, trial_note(trial, intervals, cfg.metric, best["trial"], study.study_name),
+                           system_attrs)
     log.debug("published the answer of %s: cut %d (trial %d)", study.study_name, best["cut"], best["trial"])
     return best
 
@@ -90,9 +104,11 @@ def name_metric(study: optuna.Study, metric: str) -> None:
             study.set_metric_names([f"val_{metric}"])
 
 
-def trial_note(trial: FrozenTrial, intervals: dict[tuple[str, int], dict], metric: str, chosen: int) -> str:
+def trial_note(trial: FrozenTrial, intervals: dict[tuple[str, int], dict], metric: str, chosen: int | str,
+               study_name: str = "") -> str:
     """One line: ``TTL cut 5 (blocks.2.0), stage 3: val AUROC 0.841 [0.77, 0.90], test 0.723,
-    29.5k params, CHOSEN`` (the interval is the cut's, over its seeds)."""
+    29.5k params, CHOSEN`` (the interval is the cut's, over its seeds; ``chosen``: the chosen
+    trial's number; ``study_name``: the study's, which a baselines trial's note names)."""
     r = TrialRecord.from_trial(trial)
     row = intervals.get((r.strategy, r.cut)) or {}
     name = STRATEGY_NAMES.get(r.strategy, r.strategy)
@@ -102,17 +118,19 @@ def trial_note(trial: FrozenTrial, intervals: dict[tuple[str, int], dict], metri
     line = (f"{name} cut {r.cut} ({r.cut_name}){stage}: val {metric.upper()} {fmt_value(trial.value)}{interval}, "
             f"test {fmt_value(r.test.get(metric))}, {fmt_count(r.params)} params{seed}")
     if r.reused_from is not None:
-        line += f", same model as trial {r.reused_from}"
-    if trial.number == chosen:
+        source = r.reused_from if not r.part or isinstance(r.reused_from, str) else f"{r.reused_from} of study {study_name}"
+        line += f", same model as trial {source}"
+    if r.ref == chosen:
         line += ", CHOSEN"
     elif row.get("indistinguishable") and r.strategy == SEARCH_STRATEGY:
         line += ", indistinguishable from the best cut"
     return line
 
 
-def study_note(best: dict[str, Any], trials: Sequence[FrozenTrial], cfg) -> str:
-    """The study's note: the answer, the ranking as a table, and how the pick differs from
-    Optuna's plain maximum (which optuna-dashboard calls "Best Trial")."""
+def study_note(best: dict[str, Any], trials: Sequence[FrozenTrial], cfg, baselines: str | None = None) -> str:
+    """The study's note: the answer, the ranking as a table (baselines included), where the
+    baselines are (``baselines``: the baselines study's name), and how the pick differs from
+    Optuna's plain maximum of ``trials`` (the study's own: what optuna-dashboard calls "Best Trial")."""
     metric = cfg.metric
     level = f"{best['confidence']:.0%}"
     lines = [
@@ -126,6 +144,10 @@ def study_note(best: dict[str, Any], trials: Sequence[FrozenTrial], cfg) -> str:
                                       else "the best mean validation metric."),
         "",
     ]
+    if baselines:
+        lines += [f"This study holds the search's trials only, so its plots, history and \"Best Trial\" show the "
+                  f"search. The baselines (and the frozen probe's model) are in study `{baselines}`; the table "
+                  "below ranks them with the search's cuts (`baselines:N` are that study's trials).", ""]
     plain = _plain_maximum(trials, cfg.resolved_direction)
     if plain is not None and plain.number != best["trial"]:
         r = TrialRecord.from_trial(plain)
@@ -134,13 +156,14 @@ def study_note(best: dict[str, Any], trials: Sequence[FrozenTrial], cfg) -> str:
                   f"answer. ttl-search chooses trial {best['trial']} (cut {best['cut']}) under rule "
                   f"`{best['rule']}`; cuts indistinguishable from the best: "
                   f"{', '.join(map(str, best['indistinguishable']))}.", ""]
-    lines += ["| model | cut | name | params | seeds | val mean | interval | vs best (paired) | |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| model | cut | name | params | seeds | val mean | interval | vs best (paired) | | trials |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in best["ranking"]:
         mark = "**chosen**" if r["chosen"] else ("same" if r["indistinguishable"] else "")
         lines.append(f"| {STRATEGY_NAMES.get(r['strategy'], r['strategy'])} | {r['cut']} | {r['cut_name']} | "
                      f"{fmt_count(r['params'])} | {r['repeats']} | {fmt_value(r['mean_val'])} | "
-                     f"{fmt_interval(r['val_ci'])} | {fmt_diff(r['diff'], r['diff_ci'])} | {mark} |")
+                     f"{fmt_interval(r['val_ci'])} | {fmt_diff(r['diff'], r['diff_ci'])} | {mark} | "
+                     f"{', '.join(map(str, r['trials']))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -110,6 +110,25 @@ def os_reason(exc: BaseException) -> str:
 # Driver side
 
 
+def run_task(cfg: StudyConfig, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+    """``fn(*args)`` as one Ray task with a trial's resources (a phase of the study that runs on a
+    worker: the probe, the latency pass). A ttl-search error in it (bad data, weights, config) is
+    raised as it is; any other failure, or a worker that died, is a :class:`StudyError` naming
+    ``what`` and how to run it again."""
+    import ray
+
+    task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus, max_retries=0)(fn)
+    try:
+        return ray.get(task.remote(*args))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, TTLSearchError):  # the user's to fix
+            raise exc.cause from None
+        raise StudyError(f"{what} failed on its Ray worker: {str(exc).strip().splitlines()[-1]}") from exc
+    except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory)
+        raise StudyError(f"{what}'s Ray worker died: {type(exc).__name__}: {exc}; "
+                         f"`ttl-search resume {cfg.name}` runs it again") from exc
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Join ``address`` (or ``$RAY_ADDRESS``) or start a local Ray; True when started here."""
     import ray

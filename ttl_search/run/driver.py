@@ -14,18 +14,19 @@ import optuna
 from .. import __version__
 from ..config import from_dict, merge, to_dict
 from ..data import ensure_data, load_data
-from ..errors import ConfigError, StudyError
+from ..errors import ConfigError, StudyError, TTLSearchError
 from ..lease import DriverLease, Lease
 from ..results.dashboard import ANSWER_ATTR, ANSWER_PENDING, name_metric, publish_answer
 from ..results import CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, stored_candidates, stored_config, stored_probe
 from .cluster import ProgressCallback, ray_cluster, run_search
+from .latency import latency_phase
 from .probe import probe_phase
 from ..search.record import SEARCH_STRATEGY
 from ..search.samplers import CutCandidate
-from ..storage import (driver_storage, load_study, mask_url, open_storage, reconcile_running, storage_url,
-                       study_names)
+from ..storage import (BASELINES_ATTR, BASELINES_OF_ATTR, baselines_name, baselines_study, driver_storage,
+                       load_study, mask_url, open_storage, reconcile_running, storage_url, study_names)
 from ..search.study import (StudyConfig, baseline_cut, cut_candidates, make_sampler, needs_probe, resolve_paths,
-                            upgrade_stored_config)
+                            splits_baselines, upgrade_stored_config)
 from ..train.trial import prepare_trial
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
     """Create the study ``cfg`` describes and run it to the end."""
     url = storage_url(cfg.storage)
     rdb = open_storage(url)
-    if cfg.name in study_names(rdb):
-        raise _exists(cfg.name, url)
+    _check_free(cfg, rdb, url)
     resolve_paths(cfg)
     candidates = cut_candidates(cfg)
     sampler = make_sampler(cfg, candidates)  # validates cuts and baselines before anything is stored
@@ -56,8 +56,19 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         study = _create_study(cfg, rdb, url, sampler, candidates)
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
+        _latency(study, cfg, lease)
         _publish(study, cfg)
     return study
+
+
+def _latency(study: optuna.Study, cfg: StudyConfig, lease: DriverLease) -> None:
+    """The quiet latency pass after the search; its failure costs the study its latency figures
+    (``ttl-search report --measure-latency`` measures them later), never the finished study."""
+    try:
+        latency_phase(study, cfg, remote=True, lease=lease)
+    except TTLSearchError as exc:
+        log.warning("the latency pass of study %s failed: %s; `ttl-search report %s --measure-latency` runs it "
+                    "again", cfg.name, exc, cfg.name)
 
 
 def _publish(study: optuna.Study, cfg: StudyConfig) -> None:
@@ -71,10 +82,12 @@ def _publish(study: optuna.Study, cfg: StudyConfig) -> None:
 
 def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence[CutCandidate]) -> optuna.Study:
     """Create the study with its resolved config and cut candidates (the caller holds the lease)."""
-    if cfg.name in study_names(rdb):  # created by a driver that held the name a moment ago
-        raise _exists(cfg.name, url)
+    split = _check_free(cfg, rdb, url)  # a driver that held the name a moment ago may have created it
     storage = driver_storage(url, cfg.driver.storage_patience_s, cfg.name)
     try:
+        # the baselines study first: a study that exists has its baselines study
+        baselines = (optuna.create_study(study_name=baselines_name(cfg.name), storage=storage,
+                                         direction=cfg.resolved_direction, sampler=sampler) if split else None)
         study = optuna.create_study(study_name=cfg.name, storage=storage, direction=cfg.resolved_direction,
                                     sampler=sampler)
     except optuna.exceptions.DuplicatedStudyError:  # another `run` created it a moment ago
@@ -90,7 +103,15 @@ def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence
     study.set_user_attr("search", cfg.search.method)
     study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     name_metric(study, cfg.metric)
-    log.info("study %s created in %s", cfg.name, mask_url(url))
+    if baselines is not None:
+        study.set_user_attr(BASELINES_ATTR, baselines.study_name)
+        baselines.set_user_attr(BASELINES_OF_ATTR, cfg.name)
+        for key in ("backbone", "dataset"):
+            baselines.set_user_attr(key, study.user_attrs[key])
+        baselines.set_user_attr("strategies", list(cfg.baselines) + (["probe"] if needs_probe(cfg) else []))
+        name_metric(baselines, cfg.metric)
+    log.info("study %s created in %s%s", cfg.name, mask_url(url),
+             f", its baselines in study {baselines.study_name}" if baselines is not None else "")
     return study
 
 
@@ -164,6 +185,19 @@ def _driver_lease(rdb, cfg: StudyConfig, force: bool, refuse: Callable[[Lease], 
         lease.release()
 
 
+def _check_free(cfg: StudyConfig, rdb, url: str) -> bool:
+    """Refuse a study name in use (or whose baselines study's name is); whether the new study
+    keeps its baselines in a baselines study."""
+    names = study_names(rdb)
+    if cfg.name in names:
+        raise _exists(cfg.name, url)
+    split = splits_baselines(cfg)
+    if split and baselines_name(cfg.name) in names:
+        raise StudyError(f"study {baselines_name(cfg.name)!r} already exists in {mask_url(url)}, and a study named "
+                         f"{cfg.name!r} keeps its baselines there; delete it or choose another name (--set name=...)")
+    return split
+
+
 def _exists(name: str, url: str) -> StudyError:
     return StudyError(f"study {name!r} already exists in {mask_url(url)}; continue it with `ttl-search resume {name}` "
                       "or choose another name (--set name=...)")
@@ -179,6 +213,7 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
     url = storage_url(storage)
     rdb = open_storage(url)
     probe = load_study(name, rdb)
+    stored_config(probe)  # a study from elsewhere, or a baselines study: named in the error
     values = upgrade_stored_config(dict(probe.user_attrs.get(CONFIG_ATTR) or {}))
     if not values:
         raise StudyError(f"study {name!r} was not created by ttl-search (no stored config)")
@@ -196,10 +231,14 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
         store = driver_storage(url, cfg.driver.storage_patience_s, cfg.name)
         study = load_study(name, store, sampler)
         driver = f" ({previous.describe()})" if previous else ""
-        reconcile_running(store, study, f"left RUNNING by a driver that stopped{driver}; resumed "
-                                        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        reason = (f"left RUNNING by a driver that stopped{driver}; resumed "
+                  f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        for part in (study, baselines_study(study)):
+            if part is not None:
+                reconcile_running(store, part, reason)
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
+        _latency(study, cfg, lease)
         _publish(study, cfg)
     return study
 

@@ -26,19 +26,20 @@ import torch
 from optuna.trial import TrialState
 
 from ..config import from_dict, to_dict
-from ..errors import StudyError, TTLSearchError
+from ..errors import StudyError
 from ..models.backbones import load_backbone
 from ..models.strategies import PROBE_STRATEGY, build_strategy_model
 from ..results import PROBE_ATTR, PROBE_PREDICTIONS_ATTR, stored_candidates, stored_probe
 from ..search.record import PREDICTIONS_ATTR, TrialRecord
 from ..search.samplers import job_distributions, probe_ranking
 from ..search.selection import Evidence, score_candidates
-from ..search.study import StudyConfig, trial_strategies
+from ..search.study import StudyConfig, part_space, trial_strategies
+from ..storage import attach_artifact, baselines_study
 from ..train.metrics import compute_metrics, metric_value
 from ..train.predictions import decode_predictions
 from ..train.probe import ProbeConfig, ProbeResult, run_probe
 from ..train.trial import TrialConfig, resolve_weights, seed_everything
-from .cluster import os_reason, save_checkpoint
+from .cluster import os_reason, run_task, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def probe_phase(study: optuna.Study, cfg: StudyConfig, artifacts: Path | None, r
         return table
     log.info("probing every valid cut of %s (one forward pass of the frozen backbone)", cfg.trial.backbone)
     tcfg = probe_trial_config(cfg)
-    result = _run_remote(cfg, tcfg) if remote else run_probe(tcfg, cfg.probe, progress=progress)
+    result = (run_task(cfg, _probe_task, to_dict(tcfg), to_dict(cfg.probe), cfg.resources.cpus, what="the probe")
+              if remote else run_probe(tcfg, cfg.probe, progress=progress))
     if lease is not None:
         lease.renew()
         if lease.lost.is_set():
@@ -74,21 +76,6 @@ def probe_trial_config(cfg: StudyConfig) -> TrialConfig:
     """The trial settings the probe runs with: the study's, with repeat 0's seed (the seed its
     stored model records, so a backbone with random weights is rebuilt identically)."""
     return replace(cfg.trial, seed=cfg.search.seed)
-
-
-def _run_remote(cfg: StudyConfig, tcfg: TrialConfig) -> ProbeResult:
-    import ray
-
-    task = ray.remote(num_cpus=cfg.resources.cpus, num_gpus=cfg.resources.gpus, max_retries=0)(_probe_task)
-    try:
-        return ray.get(task.remote(to_dict(tcfg), to_dict(cfg.probe), cfg.resources.cpus))
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, TTLSearchError):  # bad data, weights or config: the user's to fix
-            raise exc.cause from None
-        raise StudyError(f"the probe failed on its Ray worker: {str(exc).strip().splitlines()[-1]}") from exc
-    except ray.exceptions.RayError as exc:  # the worker died (killed, out of memory)
-        raise StudyError(f"the probe's Ray worker died: {type(exc).__name__}: {exc}; "
-                         f"`ttl-search resume {cfg.name}` runs it again") from exc
 
 
 def probe_scores(cfg: StudyConfig, result: ProbeResult) -> list[dict[str, Any]]:
@@ -136,7 +123,7 @@ def store_probe(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, arti
 def _store_probe_trial(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, row: dict[str, Any],
                        artifacts: Path | None) -> None:
     """The best probe as a completed ``probe`` trial with its checkpoint (the truncated pretrained
-    units and the probe's linear head)."""
+    units and the probe's linear head), in the study's baselines study when it has one."""
     cut = row["cut"]
     predictions = result.predictions[cut]
     metrics = {split: _metrics(predictions[split]) for split in ("val", "test")}
@@ -154,8 +141,11 @@ def _store_probe_trial(study: optuna.Study, cfg: StudyConfig, result: ProbeResul
             raise StudyError(f"{saved['infrastructure']}; the probe's table is not stored. Free space or set another "
                              f"folder (--set artifacts=...), then `ttl-search resume {cfg.name}`")
         record.checkpoint = saved["checkpoint"]
-    distributions = job_distributions(stored_candidates(study, cfg), trial_strategies(cfg), cfg.search.repeats,
-                                      cfg.selection.folds)
+    baselines = baselines_study(study)
+    candidates = stored_candidates(study, cfg)
+    strategies, cuts = part_space(cfg, candidates, PROBE_STRATEGY, baselines is not None)
+    distributions = job_distributions(candidates, strategies, cfg.search.repeats, cfg.selection.folds, cuts)
+    study = baselines or study
     params = {"strategy": PROBE_STRATEGY, "cut": cut, "repeat": 0, "fold": 0}
     # Stored RUNNING first: Optuna attaches artifacts only to unfinished trials.
     study.add_trial(optuna.trial.create_trial(
@@ -169,8 +159,6 @@ def _store_probe_trial(study: optuna.Study, cfg: StudyConfig, result: ProbeResul
 
 
 def _attach(study: optuna.Study, trial, artifacts: Path, path: Path) -> None:
-    from ..storage import attach_artifact
-
     try:
         artifact_id = attach_artifact(artifacts, trial, path, "application/octet-stream", storage=study._storage)
     except OSError as exc:

@@ -29,9 +29,11 @@ from ..config import to_dict
 from ..errors import StudyError, TTLSearchError
 from ..search.record import PREDICTIONS_ATTR, TrialRecord
 from .cluster import ProgressCallback, os_reason
-from ..search.samplers import CutCandidate, Plan, job_distributions, suggest_params
-from ..storage import StorageUnavailableError, attach_artifact, copied_system_attrs, set_trial_system_attr
-from ..search.study import StudyConfig, trial_strategies
+from ..search.record import SEARCH_STRATEGY
+from ..search.samplers import CutCandidate, Job, Plan, job_distributions, suggest_params
+from ..storage import (StorageUnavailableError, attach_artifact, baselines_study, copied_system_attrs,
+                       set_trial_system_attr, study_trials, trial_ref)
+from ..search.study import StudyConfig, part_space
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +110,22 @@ def trial_outcome(result: dict[str, Any] | None, error: bool, metric: str) -> Ou
 
 
 def copy_twin(study: optuna.Study, plan: Plan, distributions: dict[str, BaseDistribution]) -> None:
-    """Store ``plan.job`` as COMPLETE with the result of the completed trial ``plan.reuse``, which
-    trained the same model with the same seed (full fine-tuning is TTL at the last cut)."""
-    source = next(t for t in study.get_trials(deepcopy=False) if t.number == plan.reuse)
+    """Store ``plan.job`` in ``study`` as COMPLETE with the result of the completed trial
+    ``plan.reuse`` (of this study or of its baselines study), which trained the same model with
+    the same seed (full fine-tuning is TTL at the last cut)."""
+    source = plan.reuse
     job = plan.job
     twin = TrialRecord.from_trial(source)
     params = {"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat, "fold": job.fold}
-    copy = replace(twin, strategy=job.strategy, phase=job.phase, reused_from=source.number, duration_s=0.0,
-                   train_time_s=0.0, ray_trial_id=None, driver_duration_s=None)
+    copy = replace(twin, part="", strategy=job.strategy, phase=job.phase, reused_from=trial_ref(source),
+                   duration_s=0.0, train_time_s=0.0, ray_trial_id=None, driver_duration_s=None)
     study.add_trial(optuna.trial.create_trial(
         params={k: v for k, v in params.items() if k in distributions}, distributions=distributions,
         value=source.value, user_attrs=copy.to_attrs(), intermediate_values=dict(source.intermediate_values),
         state=TrialState.COMPLETE, system_attrs=copied_system_attrs(source),
     ))
-    log.info("%s cut %d seed %s: the same model as trial %d (%s); its result is stored, not trained again",
-             job.strategy, job.cut, copy.seed, source.number, twin.strategy)
+    log.info("%s cut %d seed %s: the same model as trial %s (%s); its result is stored, not trained again",
+             job.strategy, job.cut, copy.seed, trial_ref(source), twin.strategy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +137,10 @@ class LiveTrial:
     """A trial the driver asked Optuna for and handed to Ray Tune."""
 
     trial: optuna.Trial
-    """The Optuna trial (RUNNING until the driver tells its outcome)."""
+    """The Optuna trial (RUNNING until the driver tells its outcome), of the study or of its
+    baselines study."""
+    ref: int | str
+    """How logs and messages name it: its number, or ``baselines:N``."""
     started: float
     """time.time() when it was handed to Ray Tune."""
     reported: set[int] = field(default_factory=set)
@@ -159,15 +165,18 @@ class StudySearcher(Searcher):
         if hasattr(storage, "on_wait"):  # the driver's RetryingStorage: say on the progress line that it waits
             storage.on_wait = self._database_notice
         self.study = study
+        self.baselines = baselines_study(study, sampler)
+        """The study's baselines study, where baseline trainings are stored (None when the study
+        keeps its baselines itself: one from before the split, or a baselines-only study)."""
         self.sampler = sampler
         self.cfg = cfg
         self.artifacts = artifacts
         self.progress = progress
         self.candidates = list(sampler.candidates)
         self.by_index = {c.index: c for c in self.candidates}
-        self.strategies = trial_strategies(cfg)
-        self.distributions = job_distributions(self.candidates, self.strategies, cfg.search.repeats,
-                                               cfg.selection.folds)
+        split = self.baselines is not None
+        self.spaces = {part: part_space(cfg, self.candidates, part, split) for part in (SEARCH_STRATEGY, "baseline")}
+        """(strategies, cuts) of the study and of the baselines study (the same with one study)."""
         self.tune_mode = "max" if cfg.resolved_direction == "maximize" else "min"
         self.live: dict[str, LiveTrial] = {}
         self.counts = {"complete": 0, "failed": 0, "pruned": 0}
@@ -224,31 +233,46 @@ class StudySearcher(Searcher):
             self.fail(exc)
             return Searcher.FINISHED
 
+    def _trials(self) -> list:
+        return study_trials(self.study, self.baselines or False)
+
+    def _part(self, job: Job) -> tuple[optuna.Study, list[str], list[int]]:
+        """The study that stores ``job``'s trial, and the (strategies, cuts) its trials have."""
+        part = SEARCH_STRATEGY if job.strategy == SEARCH_STRATEGY else "baseline"
+        study = self.study if part == SEARCH_STRATEGY or self.baselines is None else self.baselines
+        return (study, *self.spaces[part])
+
     def _suggest(self, trial_id: str) -> dict | None:
-        plan = self.sampler.plan(self.study.get_trials(deepcopy=False))
+        s = self.cfg.search
+        plan = self.sampler.plan(self._trials())
         while plan.reuse is not None:  # a twin already trained this model: store its copy
-            copy_twin(self.study, plan, self.distributions)
+            study, strategies, cuts = self._part(plan.job)
+            copy_twin(study, plan, job_distributions(self.candidates, strategies, s.repeats, self.cfg.selection.folds,
+                                                     cuts))
             self.counts["complete"] += 1
-            plan = self.sampler.plan(self.study.get_trials(deepcopy=False))
+            plan = self.sampler.plan(self._trials())
         self._progress(plan)
         if plan.action == "wait":
             return None
         if plan.action == "finished":
             return Searcher.FINISHED
-        trial = self.study.ask()
-        s = self.cfg.search
-        params = suggest_params(trial, self.candidates, self.strategies, s.repeats, s.tune_lr,
-                                self.cfg.selection.folds)
-        config = self._launch(trial_id, trial, params, self.by_index[params["cut"]],
-                              self.sampler.phase_of(trial.number))
+        study, strategies, cuts = self._part(plan.job)
+        self.sampler.expect(plan.job)
+        trial = study.ask()
+        params = suggest_params(trial, self.candidates, strategies, s.repeats, s.tune_lr and study is self.study,
+                                self.cfg.selection.folds, cuts)
+        config = self._launch(trial_id, trial, params, self.by_index[params["cut"]], plan.job.phase,
+                              part="" if study is self.study else "baselines")
         self._progress(plan)  # the new trial counts as running from now on
         return config
 
-    def _launch(self, trial_id: str, trial: optuna.Trial, params: dict, cut: CutCandidate, phase: str) -> dict:
+    def _launch(self, trial_id: str, trial: optuna.Trial, params: dict, cut: CutCandidate, phase: str,
+                part: str = "") -> dict:
         cfg = self.cfg
         seed = cfg.search.seed + params["repeat"]
         trial_dict = to_dict(cfg.trial)
         trial_dict.update(cut=cut.index, strategy=params["strategy"], seed=seed)
+        trial_dict["latency_repeats"] = 0  # timed in the study's quiet latency pass, not beside other trials
         trial_dict["data"]["fold"] = params.get("fold", 0)
         for key in ("lr", "weight_decay"):
             if key in params:
@@ -258,11 +282,13 @@ class StudySearcher(Searcher):
                                stage=cut.stage, phase=phase, seed=seed, ray_trial_id=trial_id)
         for key, value in launched.to_attrs().items():
             trial.set_user_attr(key, value)
-        self.live[trial_id] = LiveTrial(trial, time.time())
-        checkpoint = str(self.artifacts / cfg.name / f"trial-{trial.number}.pt") if self.artifacts else None
-        log.info("trial %d: %s cut %d (%s, stage %d, %s), seed %d", trial.number, params["strategy"], cut.index,
+        ref = f"{part}:{trial.number}" if part else trial.number
+        self.live[trial_id] = LiveTrial(trial, ref, time.time())
+        file = f"{part}-trial-{trial.number}.pt" if part else f"trial-{trial.number}.pt"
+        checkpoint = str(self.artifacts / cfg.name / file) if self.artifacts else None
+        log.info("trial %s: %s cut %d (%s, stage %d, %s), seed %d", ref, params["strategy"], cut.index,
                  cut.name, cut.stage, phase, seed)
-        return {"trial": trial_dict, "cpus": cfg.resources.cpus, "mode": self.tune_mode, "number": trial.number,
+        return {"trial": trial_dict, "cpus": cfg.resources.cpus, "mode": self.tune_mode, "number": ref,
                 "checkpoint_path": checkpoint}
 
     # -- Tune reports ------------------------------------------------------------------------------
@@ -294,7 +320,7 @@ class StudySearcher(Searcher):
         except StorageUnavailableError as exc:
             self.fail(exc)
         except Exception as exc:  # noqa: BLE001 - never leave the trial RUNNING: the plan would wait for it forever
-            log.exception("trial %d: its result could not be stored", live.trial.number)
+            log.exception("trial %s: its result could not be stored", live.ref)
             self._store_failure(live, f"the driver could not store this trial's result: {type(exc).__name__}: {exc}")
         self._progress(None)
 
@@ -304,11 +330,11 @@ class StudySearcher(Searcher):
         try:
             for key, value in TrialRecord(fail_reason=reason).measured_attrs().items():
                 live.trial.set_user_attr(key, value)
-            self.study.tell(live.trial, None, state=TrialState.FAIL)
+            live.trial.study.tell(live.trial, None, state=TrialState.FAIL)
             self.counts["failed"] += 1
         except Exception as exc:  # noqa: BLE001
             self.fail(exc if isinstance(exc, StorageUnavailableError) else StudyError(
-                f"trial {live.trial.number} could not be stored ({reason}; then {type(exc).__name__}: {exc}); the "
+                f"trial {live.ref} could not be stored ({reason}; then {type(exc).__name__}: {exc}); the "
                 f"study stops: `ttl-search resume {self.cfg.name}` retrains it"))
 
     def _store(self, live: LiveTrial, outcome: Outcome) -> None:
@@ -323,7 +349,7 @@ class StudySearcher(Searcher):
         state, value, infrastructure = outcome.state, outcome.value, outcome.infrastructure
         if record.checkpoint:
             try:
-                record.checkpoint_artifact_id = self._attach_checkpoint(trial, record.checkpoint,
+                record.checkpoint_artifact_id = self._attach_checkpoint(live, record.checkpoint,
                                                                         record.node_id or "?")
             except OSError as exc:
                 infrastructure = record.fail_reason = (
@@ -333,30 +359,30 @@ class StudySearcher(Searcher):
             trial.set_user_attr(key, attr)
         if outcome.predictions and state == TrialState.COMPLETE:
             set_trial_system_attr(trial, PREDICTIONS_ATTR, outcome.predictions)
-        self.study.tell(trial, value, state=state)
+        trial.study.tell(trial, value, state=state)
         key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[state]
         self.counts[key] += 1
         if state == TrialState.COMPLETE:
-            log.info("trial %d complete: val %s %.4f", trial.number, self.cfg.metric, value)
+            log.info("trial %s complete: val %s %.4f", live.ref, self.cfg.metric, value)
         elif state == TrialState.PRUNED:
-            log.info("trial %d stopped early (%s)", trial.number, record.note)
+            log.info("trial %s stopped early (%s)", live.ref, record.note)
         else:
-            log.warning("trial %d failed: %s", trial.number, record.note)
+            log.warning("trial %s failed: %s", live.ref, record.note)
         if infrastructure:
             self.fail(StudyError(
-                f"{infrastructure}; the study stops (trial {trial.number} is stored as failed). Free space or set "
+                f"{infrastructure}; the study stops (trial {live.ref} is stored as failed). Free space or set "
                 f"another folder (--set artifacts=...), then `ttl-search resume {self.cfg.name}`"))
 
-    def _attach_checkpoint(self, trial: optuna.Trial, checkpoint: str, node_id: str) -> str | None:
+    def _attach_checkpoint(self, live: LiveTrial, checkpoint: str, node_id: str) -> str | None:
         """Register the checkpoint in the study's artifact store; its artifact id, or None when
         there is no store or the file is not visible from the driver."""
         if self.artifacts is None:
             return None
         if Path(checkpoint).is_file():
-            return attach_artifact(self.artifacts, trial, Path(checkpoint), "application/octet-stream")
-        log.warning("trial %d: checkpoint %s was written on node %s and is not visible here; put "
+            return attach_artifact(self.artifacts, live.trial, Path(checkpoint), "application/octet-stream")
+        log.warning("trial %s: checkpoint %s was written on node %s and is not visible here; put "
                     "`artifacts` on a filesystem every node shares to attach checkpoints",
-                    trial.number, checkpoint, node_id)
+                    live.ref, checkpoint, node_id)
         return None
 
     def _progress(self, plan: Plan | None) -> None:

@@ -27,6 +27,11 @@ and class probabilities, encoded): metrics and their intervals are recomputed fr
 attribute, so that optuna-dashboard's attribute table stays readable."""
 SEARCH_STRATEGY = "ttl"
 """The transfer strategy the search trains (TruncatedTL); the others are baselines."""
+BASELINES_PART = "baselines"
+"""How a trial of a study's baselines study (``NAME:baselines``) is labelled: ``baselines:3``."""
+PART_TAG = "ttl_part"
+"""System attribute that a merged view of a study and its baselines study (see
+:func:`ttl_search.storage.study_trials`) sets, in memory only, on the baselines study's trials."""
 
 
 @dataclass
@@ -35,6 +40,8 @@ class TrialRecord:
 
     number: int = -1
     """Optuna trial number (-1 before it is stored)."""
+    part: str = ""
+    """``baselines`` for a trial of the study's baselines study, "" for one of the study itself."""
     state: str = "RUNNING"
     """Optuna state name: RUNNING, COMPLETE, PRUNED, FAIL, WAITING."""
     value: float | None = None
@@ -107,8 +114,9 @@ class TrialRecord:
     """Why it failed (FAIL)."""
     stopped_by: str | None = None
     """What stopped it early (PRUNED): ``scheduler`` or the trial's own reason."""
-    reused_from: int | None = None
-    """Number of the trial whose result this one copies (the same model with the same seed)."""
+    reused_from: int | str | None = None
+    """Label of the trial whose result this one copies (the same model with the same seed): its
+    number, or ``baselines:N`` for a trial of the baselines study."""
     ray_trial_id: str | None = None
     """Ray Tune's id of the trial."""
     started: datetime | None = None
@@ -118,7 +126,7 @@ class TrialRecord:
 
     IDENTITY = ("strategy", "cut", "repeat", "fold", "lr", "weight_decay")
     """Fields stored as Optuna parameters, not attributes."""
-    NOT_ATTRS = ("number", "state", "value", "val", "test", "started", "completed") + IDENTITY
+    NOT_ATTRS = ("number", "part", "state", "value", "val", "test", "started", "completed") + IDENTITY
     SHOWN_IDENTITY = ("strategy", "cut", "repeat", "fold")
     """Identity fields also written as attributes (optuna-dashboard lists attributes)."""
 
@@ -159,7 +167,7 @@ class TrialRecord:
         """The record of a stored trial; its parameters are its identity."""
         p = trial.params
         return cls.from_attrs(
-            trial.user_attrs, number=trial.number, state=trial.state.name,
+            trial.user_attrs, number=trial.number, part=trial.system_attrs.get(PART_TAG), state=trial.state.name,
             value=trial.value if trial.state == TrialState.COMPLETE else None,
             strategy=p.get("strategy"), cut=p.get("cut"), repeat=p.get("repeat"), fold=p.get("fold"), lr=p.get("lr"),
             weight_decay=p.get("weight_decay"), started=trial.datetime_start, completed=trial.datetime_complete,
@@ -194,6 +202,12 @@ class TrialRecord:
     @property
     def complete(self) -> bool:
         return self.state == TrialState.COMPLETE.name
+
+    @property
+    def ref(self) -> int | str:
+        """How commands name the trial (``--trial``, ``best``'s lists): its number, or
+        ``baselines:N`` for a trial of the baselines study."""
+        return f"{self.part}:{self.number}" if self.part else self.number
 
     @property
     def wall_s(self) -> float | None:
@@ -258,8 +272,8 @@ class CutSummary:
     cut: int
     cut_name: str | None
     stage: int | None
-    trials: list[int]
-    """Trial numbers."""
+    trials: list[int | str]
+    """Trial numbers (``baselines:N`` in the baselines study)."""
     seeds: list[int | None]
     val: dict[str, float]
     """Mean validation metrics."""
@@ -270,18 +284,26 @@ class CutSummary:
     trainable_params: int | None
     macs: int | None
     latency_batch1_ms: float | None
+    """Median batch-1 latency: from the study's quiet latency pass (see
+    :mod:`ttl_search.train.latency`) when it has one, else the mean of what its trials measured."""
     latency_batch64_ms: float | None
     full_params: int | None
     full_macs: int | None
+    latency_batch1_iqr: tuple[float, float] | None = None
+    """Interquartile range of the batch-1 latency (the latency pass only)."""
+    latency_device: str | None = None
+    """Where the latency was measured."""
 
     @property
     def repeats(self) -> int:
         return len(self.trials)
 
 
-def summarize_cut(group: Sequence[TrialRecord]) -> CutSummary:
-    """Mean and sd over the records of one (strategy, cut) of every metric they carry."""
+def summarize_cut(group: Sequence[TrialRecord], latency: dict[str, Any] | None = None) -> CutSummary:
+    """Mean and sd over the records of one (strategy, cut) of every metric they carry; its latency
+    from the study's latency table (``latency``) when it has this model."""
     first = group[0]
+    row = latency_row(latency, first.strategy, first.cut)
     out: dict[str, dict[str, float]] = {"val": {}, "val_sd": {}, "test": {}, "test_sd": {}}
     for split in SPLITS:
         names = list(dict.fromkeys(name for r in group for name in getattr(r, split)))
@@ -291,12 +313,22 @@ def summarize_cut(group: Sequence[TrialRecord]) -> CutSummary:
                 out[split][name], out[f"{split}_sd"][name] = mean, sd
     return CutSummary(
         strategy=first.strategy, cut=first.cut, cut_name=first.cut_name, stage=first.stage,
-        trials=[r.number for r in group], seeds=[r.seed for r in group], **out,
+        trials=[r.ref for r in group], seeds=[r.seed for r in group], **out,
         params=first.params, trainable_params=first.trainable_params, macs=first.macs,
-        latency_batch1_ms=mean_sd(r.latency_batch1_ms for r in group)[0],
-        latency_batch64_ms=mean_sd(r.latency_batch64_ms for r in group)[0],
+        latency_batch1_ms=row["batch1_ms"] if row else mean_sd(r.latency_batch1_ms for r in group)[0],
+        latency_batch64_ms=row["batch64_ms"] if row else mean_sd(r.latency_batch64_ms for r in group)[0],
         full_params=first.full_params, full_macs=first.full_macs,
+        latency_batch1_iqr=tuple(row["batch1_iqr"]) if row and row.get("batch1_iqr") else None,
+        latency_device=latency.get("device_name") if row else first.latency_device,
     )
+
+
+def latency_row(table: dict[str, Any] | None, strategy: str, cut: int | None) -> dict[str, Any] | None:
+    """The latency table's row of model (``strategy``, ``cut``), if it has one."""
+    for row in (table or {}).get("rows", []):
+        if row["strategy"] == strategy and row["cut"] == cut:
+            return row
+    return None
 
 
 def completed_by_cut(recs: Iterable[TrialRecord], strategy: str | None = None) -> dict[tuple[str, int], list[TrialRecord]]:

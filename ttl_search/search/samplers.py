@@ -1,7 +1,9 @@
 """Search strategies as Optuna samplers whose whole state is the stored trials.
 
-Every trial of a study has three parameters: ``strategy`` (``ttl`` for the search, or a baseline),
-``cut`` and ``repeat`` (seed index). A sampler's :meth:`plan` reads the study's trials and says
+A trial's identity is ``strategy`` (``ttl`` for the search, or a baseline), ``cut``, ``repeat``
+(seed index) and ``fold``, stored as Optuna parameters where they vary within the study (see
+:func:`job_distributions`). A sampler's :meth:`plan` reads the study's trials (with its baselines
+study's, see :func:`ttl_search.storage.study_trials`) and says
 what to train next, to wait (a stage barrier with trials still running), or that the study is
 finished. Nothing is pickled: a restarted driver rebuilds the sampler from the config and
 continues exactly where the database says the study is.
@@ -84,9 +86,9 @@ class Plan:
     """Trainings the study will have when it finishes, as far as known now."""
     note: str = ""
     """Why the plan waits or finished."""
-    reuse: int | None = None
-    """Number of a completed trial that already trained ``job``'s model (its twin): store a copy
-    of its result instead of training again."""
+    reuse: FrozenTrial | None = None
+    """A completed trial that already trained ``job``'s model (its twin): store a copy of its
+    result instead of training again."""
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,14 @@ def twin_key(key: Key) -> Key | None:
 
 
 def trial_key(trial: FrozenTrial) -> Key | None:
-    p = trial.params
-    if "cut" not in p:
+    """The trial's identity: its parameters, or for one that a study never varies (not stored as
+    a parameter, see :func:`job_distributions`) the attribute the driver wrote at launch."""
+    p, a = trial.params, trial.user_attrs
+    cut = p.get("cut", a.get("cut"))
+    if cut is None:
         return None
-    return Key(str(p.get("strategy", SEARCH_STRATEGY)), int(p["cut"]), int(p.get("repeat", 0)), int(p.get("fold", 0)))
+    return Key(str(p.get("strategy", a.get("strategy", SEARCH_STRATEGY))), int(cut), int(p.get("repeat", 0)),
+               int(p.get("fold", 0)))
 
 
 @dataclass
@@ -125,8 +131,8 @@ class Ledger:
     running: set[Key] = field(default_factory=set)
     failures: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
     pruned: set[Key] = field(default_factory=set)
-    first_complete: dict[Key, int] = field(default_factory=dict)
-    """Number of the first completed trial of each key."""
+    first_complete: dict[Key, FrozenTrial] = field(default_factory=dict)
+    """The first completed trial of each key."""
 
     @classmethod
     def from_trials(cls, trials: Iterable[FrozenTrial]) -> "Ledger":
@@ -137,7 +143,7 @@ class Ledger:
                 continue
             if t.state == TrialState.COMPLETE and t.value is not None:
                 ledger.complete[key].append(float(t.value))
-                ledger.first_complete.setdefault(key, t.number)
+                ledger.first_complete.setdefault(key, t)
             elif t.state == TrialState.RUNNING:
                 ledger.running.add(key)
             elif t.state == TrialState.FAIL:
@@ -180,7 +186,9 @@ class PlannedSampler(BaseSampler):
     """Base of the deterministic samplers: ``plan()`` decides, ``sample_independent`` obeys.
 
     ``before_trial`` fixes the plan for the trial being asked (the driver calls :meth:`plan`
-    first and only asks when the action is ``run``), so its three parameters are consistent.
+    first and only asks when the action is ``run``), so its parameters are consistent. A driver
+    that planned on more trials than the asked study holds (a study and its baselines study)
+    says which job it asks for with :meth:`expect`.
     """
 
     def __init__(self, candidates: Sequence[CutCandidate], direction: str, repeats: int = 1, max_retries: int = 2,
@@ -194,6 +202,8 @@ class PlannedSampler(BaseSampler):
         self.tolerance = tolerance
         self.folds = folds
         self._pending: dict[int, Job] = {}
+        """The job of each trial being asked, by storage trial id (unique across studies)."""
+        self._next: Job | None = None
 
     # -- what to run ------------------------------------------------------------------------
     def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
@@ -233,26 +243,30 @@ class PlannedSampler(BaseSampler):
     def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
         return {}
 
+    def expect(self, job: Job) -> None:
+        """The next trial asked (of any study using this sampler) trains ``job``, as the caller
+        planned it."""
+        self._next = job
+
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        plan = self.plan(study.get_trials(deepcopy=False))
-        if plan.action == "run":
-            self._pending[trial.number] = plan.job
+        job, self._next = self._next, None
+        if job is None:
+            plan = self.plan(study.get_trials(deepcopy=False))
+            job = plan.job if plan.action == "run" else None
+        if job is not None:
+            self._pending[trial._trial_id] = job
 
     def after_trial(self, study, trial, state, values) -> None:
-        self._pending.pop(trial.number, None)
+        self._pending.pop(trial._trial_id, None)
 
     def sample_independent(self, study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        job = self._pending.get(trial.number)
+        job = self._pending.get(trial._trial_id)
         if job is None:
             raise optuna.exceptions.OptunaError("the plan has nothing to run: call plan() before asking a trial")
         value = {"strategy": job.strategy, "cut": job.cut, "repeat": job.repeat, "fold": job.fold}.get(param_name)
         if value is None:
             raise optuna.exceptions.OptunaError(f"parameter {param_name!r} is not planned by {type(self).__name__}")
         return value
-
-    def phase_of(self, trial_number: int) -> str:
-        job = self._pending.get(trial_number)
-        return job.phase if job else ""
 
     # -- answers ---------------------------------------------------------------------------------
     def ranking(self, trials: Sequence[FrozenTrial], strategy: str = SEARCH_STRATEGY) -> list[tuple[int, float]]:
@@ -425,23 +439,26 @@ class TPESearch(TPESampler):
             return Plan("wait", None, "tpe", self.budget, "waiting for running trials")
         return Plan("finished", None, "tpe", self.budget, "budget spent")
 
-    def phase_of(self, trial_number: int) -> str:
-        return "tpe"
+    def expect(self, job: Job) -> None:
+        """TPE samples the cut itself."""
 
     def ranking(self, trials: Sequence[FrozenTrial], strategy: str = SEARCH_STRATEGY) -> list[tuple[int, float]]:
         return rank_cuts(trials, self.candidates, self.direction, self.tolerance, strategy)
 
 
 def job_distributions(candidates: Sequence[CutCandidate], strategies: Sequence[str],
-                      repeats: int, folds: int = 1) -> dict[str, BaseDistribution]:
-    """The distributions of a trial's parameters, the same in every trial: ``cut``; ``strategy``
-    unless the study trains TTL alone (no baselines, no probe), ``repeat`` with more than
-    one seed and ``fold`` in a cross-validated study. A parameter that never varies is left out
-    (optuna-dashboard would plot it and rank its importance); readers default it (``ttl``, 0, 0)."""
+                      repeats: int, folds: int = 1, cuts: Sequence[int] | None = None) -> dict[str, BaseDistribution]:
+    """The distributions of a study's trial parameters, the same in every trial of the study:
+    ``strategy`` (of ``strategies``), ``cut`` (of ``cuts``, default every candidate), ``repeat``
+    (seed index) and ``fold`` (of a cross-validated study). A parameter that never varies in the
+    study is left out (optuna-dashboard would plot it and rank its importance); the driver writes
+    every one as a trial attribute too, and readers take it from there (see :func:`trial_key`)."""
+    cuts = [c.index for c in candidates] if cuts is None else list(cuts)
     dists: dict[str, BaseDistribution] = {}
-    if list(strategies) != [SEARCH_STRATEGY]:
+    if len(strategies) > 1:
         dists["strategy"] = CategoricalDistribution(list(strategies))
-    dists["cut"] = CategoricalDistribution([c.index for c in candidates])
+    if len(cuts) > 1:
+        dists["cut"] = CategoricalDistribution(cuts)
     if repeats > 1:
         dists["repeat"] = IntDistribution(0, repeats - 1)
     if folds > 1:
@@ -450,14 +467,16 @@ def job_distributions(candidates: Sequence[CutCandidate], strategies: Sequence[s
 
 
 def suggest_params(trial: optuna.Trial, candidates: Sequence[CutCandidate], strategies: Sequence[str],
-                   repeats: int, tune_lr: bool = False, folds: int = 1) -> dict[str, Any]:
+                   repeats: int, tune_lr: bool = False, folds: int = 1,
+                   cuts: Sequence[int] | None = None) -> dict[str, Any]:
     """Ask ``trial`` for its parameters with fixed distributions (the same in every trial); the
     ones that never vary (see :func:`job_distributions`) are filled in, not asked for."""
-    dists = job_distributions(candidates, strategies, repeats, folds)
+    cuts = [c.index for c in candidates] if cuts is None else list(cuts)
+    dists = job_distributions(candidates, strategies, repeats, folds, cuts)
     params: dict[str, Any] = {
         "strategy": (trial.suggest_categorical("strategy", dists["strategy"].choices) if "strategy" in dists
                      else strategies[0]),
-        "cut": trial.suggest_categorical("cut", dists["cut"].choices),
+        "cut": trial.suggest_categorical("cut", dists["cut"].choices) if "cut" in dists else cuts[0],
         "repeat": trial.suggest_int("repeat", dists["repeat"].low, dists["repeat"].high) if "repeat" in dists else 0,
     }
     if "fold" in dists:

@@ -17,6 +17,7 @@ from ..config import load_config
 from ..errors import ConfigError, choices
 from ..train.metrics import metric_direction
 from .schedulers import SCHEDULERS
+from .record import SEARCH_STRATEGY
 from .samplers import GUIDES, SEARCH_METHODS, CutCandidate, check_search, probe_ranking
 from .selection import SelectionConfig
 from ..models.strategies import BASELINES, PROBE_STRATEGY, STRATEGIES
@@ -123,8 +124,9 @@ class StudyConfig:
     """The frozen probe: every cut scored from one forward pass of the pretrained backbone (run
     before a guided search, or before any search with ``probe.run``)."""
     baselines: list[str] = field(default_factory=list)
-    """Baselines trained in the same study: ``full``, ``linear_probe``, ``lwft``,
-    ``transfusion``, ``scratch``."""
+    """Baselines trained alongside the search: ``full``, ``linear_probe``, ``lwft``,
+    ``transfusion``, ``scratch``. A new study stores them (and the frozen probe's model) in its
+    baselines study ``NAME:baselines``; every reading command reads the two as one."""
     baseline_cuts: dict[str, int] = field(default_factory=dict)
     """Cut per baseline; default: the last cut, for TransFusion the end of the middle stage."""
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -302,5 +304,27 @@ def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = N
 def trial_strategies(cfg: StudyConfig) -> list[str]:
     """Values of the ``strategy`` parameter in this study (the same list in every trial)."""
     probe = [PROBE_STRATEGY] if needs_probe(cfg) else []
-    return (["ttl"] if cfg.search.method != "none" else []) + list(cfg.baselines) + probe
+    return ([SEARCH_STRATEGY] if cfg.search.method != "none" else []) + list(cfg.baselines) + probe
 
+
+
+def splits_baselines(cfg: StudyConfig) -> bool:
+    """Whether a new study keeps its baselines (and the frozen probe's model) in a baselines study
+    ``NAME:baselines`` beside it: every study that searches and has any. The study itself then
+    holds the search alone, so that optuna-dashboard's plots, best-so-far line and "Best Trial"
+    show the search; the baselines study's page shows the baselines by themselves."""
+    return cfg.search.method != "none" and any(s != SEARCH_STRATEGY for s in trial_strategies(cfg))
+
+
+def part_space(cfg: StudyConfig, candidates: Sequence[CutCandidate], strategy: str,
+               split: bool) -> tuple[list[str], list[int]]:
+    """(strategies, cuts) that the study holding trials of ``strategy`` stores: with ``split`` (the
+    study has a baselines study), the search's in the study and the others' in the baselines
+    study, else every strategy in the one study; every candidate cut where the search or the
+    probe trains, else the baselines' own cuts."""
+    strategies = trial_strategies(cfg)
+    if split:
+        strategies = [s for s in strategies if (s == SEARCH_STRATEGY) == (strategy == SEARCH_STRATEGY)]
+    if SEARCH_STRATEGY in strategies or PROBE_STRATEGY in strategies:
+        return strategies, [c.index for c in candidates]
+    return strategies, sorted({baseline_cut(cfg, s, candidates) for s in strategies})

@@ -12,6 +12,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -85,11 +86,14 @@ class TrialConfig:
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     amp: bool = True
-    """Mixed precision (float16 autocast + gradient scaling); CUDA only."""
+    """Mixed precision on CUDA (channels-last 2D models too): bfloat16 autocast where the GPU supports it, else
+    float16 with gradient scaling."""
     threads: int | None = None
     """torch CPU threads; None uses every core (a Ray trial passes the CPUs it was given)."""
     latency_repeats: int = 10
-    """Repeats of the latency measurement (median reported); 0 skips it."""
+    """Timed forward passes of the latency measurement; 0 skips it. A study's trials time nothing:
+    its quiet latency pass after the search times every model alone, with at least 20 passes
+    (median and interquartile range); a lone trial (``ttl-search train``) times itself."""
     eval_batch_size: int = 256
     """Batch size of validation and test passes."""
 
@@ -210,7 +214,7 @@ def resolve_weights(cfg: TrialConfig) -> str | None:
     return spec.weights[0].name if spec.weights else None
 
 
-def _make_optimizer(cfg: TrialConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrialConfig, groups: list[dict]) -> torch.optim.Optimizer:
     param_groups = [{"params": g["params"], "lr": cfg.lr * g["lr_scale"]} for g in groups]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -224,15 +228,29 @@ def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts.sum() / (num_classes * counts)
 
 
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The mixed-precision type of a trial on ``device``: bfloat16 on a GPU that supports it (no
+    loss scaling needed), else float16; None (full precision) off CUDA or when not ``enabled``."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _inputs(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module,
-             amp: bool) -> tuple[dict[str, float], dict[str, Any]]:
-    """Metrics of ``model`` on ``loader``, and its labels and class probabilities (encoded)."""
+             amp: torch.dtype | None = None, channels_last: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics of ``model`` on ``loader``, and its labels and class probabilities (encoded);
+    ``amp``: the autocast type (None: full precision)."""
     model.eval()
     probs, labels, loss_sum, n = [], [], 0.0, 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        x, y = _inputs(x, device, channels_last), y.to(device)
+        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(x)
         logits = logits.float()
         loss_sum += criterion(logits, y).item() * len(y)
@@ -301,23 +319,27 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     """
     torch.set_num_threads(max(1, cfg.threads or os.cpu_count() or 1))
     device = resolve_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
+    amp = amp_dtype(device, cfg.amp)
     data = data if data is not None else load_data(cfg.data)
     seed_everything(cfg.seed)
     prepared = prepare_trial(cfg, data)
     spec, built, tcfg = prepared.loaded.spec, prepared.built, prepared.transform
     input_size, in_channels = tcfg.input_size, tcfg.in_channels
     model = built.model.to(device)
+    channels_last = device.type == "cuda" and data.dims == 2  # convolutions run faster on NHWC there
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     cut_info = spec.cuts[built.cut - 1]
-    train_loader = make_loader(data.train, tcfg, train=True, batch_size=cfg.batch_size, seed=cfg.seed, dims=data.dims)
-    val_loader = make_loader(data.val, tcfg, train=False, batch_size=cfg.eval_batch_size, seed=cfg.seed, dims=data.dims)
-    test_loader = make_loader(data.test, tcfg, train=False, batch_size=cfg.eval_batch_size, seed=cfg.seed, dims=data.dims)
+    loader = partial(make_loader, seed=cfg.seed, dims=data.dims, device=device)
+    train_loader = loader(data.train, tcfg, train=True, batch_size=cfg.batch_size)
+    val_loader = loader(data.val, tcfg, train=False, batch_size=cfg.eval_batch_size)
+    test_loader = loader(data.test, tcfg, train=False, batch_size=cfg.eval_batch_size)
 
     weight = _class_weights(data.train.labels, data.num_classes).to(device) if cfg.class_weighted else None
     criterion = nn.CrossEntropyLoss(weight=weight)
-    optimizer = _make_optimizer(cfg, built.param_groups)
+    optimizer = make_optimizer(cfg, built.param_groups)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)  # bfloat16 needs no loss scaling
     direction = metric_direction(cfg.metric)
 
     result = TrialResult(
@@ -334,8 +356,9 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     start = time.perf_counter()
     try:
         for epoch in range(1, cfg.max_epochs + 1):
-            train_loss = _train_epoch(model, built.frozen, train_loader, optimizer, criterion, scaler, device, amp, epoch)
-            val_metrics, val_predictions = evaluate(model, val_loader, device, criterion, amp)
+            train_loss = train_epoch(model, built.frozen, train_loader, optimizer, criterion, scaler, device, amp, epoch,
+                                      channels_last)
+            val_metrics, val_predictions = evaluate(model, val_loader, device, criterion, amp, channels_last)
             scheduler.step(val_metrics["loss"])
             lr_now = optimizer.param_groups[-1]["lr"]
             result.history.append({"epoch": epoch, "train_loss": train_loss, "lr": lr_now, **val_metrics})
@@ -362,27 +385,26 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     result.train_time_s = round(time.perf_counter() - start, 3)
 
     model.load_state_dict(best_state)
-    result.test, result.predictions["test"] = evaluate(model, test_loader, device, criterion, amp)
+    result.test, result.predictions["test"] = evaluate(model, test_loader, device, criterion, amp, channels_last)
     _measure_cost(result, model, cfg, spec.name, input_size, in_channels, data.num_classes, device)
     if keep_state:
         result.state_dict = best_state
     return result
 
 
-def _train_epoch(model: nn.Module, frozen: list[nn.Module], loader, optimizer, criterion, scaler, device, amp,
-                 epoch: int) -> float:
+def train_epoch(model: nn.Module, frozen: list[nn.Module], loader, optimizer, criterion, scaler, device,
+                 amp: torch.dtype | None, epoch: int, channels_last: bool = False) -> float:
     model.train()
     for module in frozen:
         module.eval()
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
+    loader.set_epoch(epoch)
     total, n = 0.0, 0
     for x, y in loader:
         if len(y) < 2:  # a trailing batch of one breaks batch norm in training mode
             continue
-        x, y = x.to(device, non_blocking=True), y.to(device)
+        x, y = _inputs(x, device, channels_last), y.to(device)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = criterion(model(x).float(), y)
         if not torch.isfinite(loss):
             raise TrialError(f"the training loss became {loss.item()} in epoch {epoch}", reason="diverged")
