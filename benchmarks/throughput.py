@@ -12,10 +12,11 @@ orchestration's overhead.
    two trials sharing the GPU at 0.5 each (two processes at once) against one.
 2. **Orchestration** (``--study``): the debug study (``studies/debug.yaml``; ``--epochs`` sets its
    length) runs on local Ray, and its wall time is compared with the ideal, the sum of its trials'
-   worker seconds divided by the concurrency.
+   worker seconds divided by the concurrency: the whole command (Ray's start, the checks before the
+   study, the latency pass after it) and the search alone (first trial's start to last trial's end).
 
     python benchmarks/throughput.py                       # CPU: the three cases, then the debug study
-    python benchmarks/throughput.py --cases lite0 --rounds 3 --no-study
+    python benchmarks/throughput.py --cases lite0 --rounds 3 --no-study --compile   # torch.compile too
 
 Weights do not change the speed: ResNet-50 starts from random weights (``weights: none``), Lite0
 from its ImageNet weights. Data: BreastMNIST's training images (``--data``), resized to the input.
@@ -106,29 +107,42 @@ def measure(case: str, args) -> dict:
     optimizer = make_optimizer(cfg, built.param_groups)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     images = len(tensors[1])
-    speeds: dict[str, list[float]] = {"ttl-search": [], "bare": []}
     runs = {
         "ttl-search": lambda epoch: train_epoch(model, built.frozen, loader, optimizer, criterion, scaler, device, amp,
                                                 epoch, channels_last),
         "bare": lambda epoch: bare_epoch(model, built.frozen, tensors, optimizer, criterion, args.batch, device, amp,
                                          channels_last),
     }
-    for round_ in range(args.rounds + 1):  # round 0 warms up both
+    if args.compile:  # the trial's `compile: true`: the same loop through torch.compile
+        compiled = torch.compile(model)
+        runs["compiled"] = lambda epoch: train_epoch(compiled, built.frozen, loader, optimizer, criterion, scaler,
+                                                     device, amp, epoch, channels_last)
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    warmup: dict[str, float] = {}
+    for round_ in range(args.rounds + 1):  # round 0 warms up (and compiles)
         order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
         for name in order:
             sync(device)
             start = time.perf_counter()
             runs[name](round_)
             sync(device)
+            seconds = time.perf_counter() - start
             if round_:
-                speeds[name].append(images / (time.perf_counter() - start))
+                speeds[name].append(images / seconds)
+            else:
+                warmup[name] = seconds
     ours, bare = statistics.median(speeds["ttl-search"]), statistics.median(speeds["bare"])
     backbone, _, cut, size = CASES[case]
-    return {"case": case, "backbone": backbone, "cut": cut, "input": size, "batch": args.batch, "images": images,
-            "device": str(device), "threads": torch.get_num_threads(), "ttl-search img/s": round(ours, 1),
-            "bare img/s": round(bare, 1), "ratio": round(ours / bare, 3),
-            "spread ttl-search": f"{min(speeds['ttl-search']):.1f}-{max(speeds['ttl-search']):.1f}",
-            "spread bare": f"{min(speeds['bare']):.1f}-{max(speeds['bare']):.1f}"}
+    row = {"case": case, "backbone": backbone, "cut": cut, "input": size, "batch": args.batch, "images": images,
+           "device": str(device), "threads": torch.get_num_threads(), "ttl-search img/s": round(ours, 1),
+           "bare img/s": round(bare, 1), "ratio": round(ours / bare, 3),
+           "spread ttl-search": f"{min(speeds['ttl-search']):.1f}-{max(speeds['ttl-search']):.1f}",
+           "spread bare": f"{min(speeds['bare']):.1f}-{max(speeds['bare']):.1f}"}
+    if args.compile:
+        row["compiled img/s"] = round(statistics.median(speeds["compiled"]), 1)
+        row["compiled / ttl-search"] = round(row["compiled img/s"] / ours, 3)
+        row["compile s (first epoch)"] = round(warmup["compiled"], 1)
+    return row
 
 
 def shared_gpu(case: str, args) -> dict:
@@ -168,9 +182,11 @@ def study_overhead(args) -> dict:
     worker = sum(r.duration_s or 0.0 for r in rs)
     train = sum(r.train_time_s or 0.0 for r in rs)
     ideal = worker / cfg.concurrency
+    search = (max(r.completed for r in rs) - min(r.started for r in rs)).total_seconds()
     return {"study": f"debug, {args.epochs} epochs", "trials": len(rs), "concurrency": cfg.concurrency,
             "train s (sum)": round(train, 1), "worker s (sum)": round(worker, 1), "ideal s": round(ideal, 1),
-            "wall s": round(wall, 1), "wall / ideal": round(wall / ideal, 2)}
+            "wall s": round(wall, 1), "wall / ideal": round(wall / ideal, 2),
+            "search s (first start to last end)": round(search, 1), "search / ideal": round(search / ideal, 2)}
 
 
 def main() -> int:
@@ -184,6 +200,8 @@ def main() -> int:
     parser.add_argument("--data", default=os.environ.get("TTL_SEARCH_DATA", str(HERE.parents[1] / "shared" / "datasets")))
     parser.add_argument("--epochs", type=int, default=6, help="epochs of the debug study's trials")
     parser.add_argument("--no-study", action="store_true", help="skip the orchestration part")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the trial's loop through torch.compile (the trial setting compile: true)")
     parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:

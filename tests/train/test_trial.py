@@ -57,6 +57,21 @@ def test_same_seed_same_result(breastmnist):
     assert a.history != c.history
 
 
+@pytest.mark.slow
+def test_compiled_trial_learns_and_keeps_a_plain_checkpoint(breastmnist):
+    """``compile: true`` trains through torch.compile; the checkpoint is the plain model's state
+    dict (it loads into the uncompiled model that export and analysis build)."""
+    from ttl_search.data import load_data
+    from ttl_search.train.trial import prepare_trial
+
+    cfg = _cfg(breastmnist, max_epochs=2, latency_repeats=0, compile=True)
+    result = run_trial(cfg, keep_state=True)
+    assert result.status == "complete" and result.val["auroc"] > 0.5
+    assert not any(k.startswith("_orig_mod") for k in result.state_dict)
+    model = prepare_trial(cfg, load_data(cfg.data)).built.model
+    model.load_state_dict(result.state_dict, strict=True)
+
+
 def test_diverging_loss_fails_with_reason(breastmnist):
     result = run_trial(_cfg(breastmnist, optimizer="sgd", lr=1e30, max_epochs=3))
     assert result.status == "failed"

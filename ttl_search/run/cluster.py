@@ -42,6 +42,23 @@ def _finite(value: float, mode: str) -> float:
     return float(value)
 
 
+_DATA: dict[str, Any] = {}
+"""The last dataset a worker process loaded, by its data config: Tune reuses the worker for the
+study's next trial (``reuse_actors``), which then starts without reading and decoding it again."""
+
+
+def _cached_data(cfg):
+    """The trial's data, loaded once per worker process (the last dataset only, to bound memory)."""
+    from ..config import to_dict
+    from ..data import load_data
+
+    key = json.dumps(to_dict(cfg.data), sort_keys=True)
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = load_data(cfg.data)
+    return _DATA[key]
+
+
 def trainable(config: dict[str, Any]) -> None:
     """A Ray Tune function trainable: one :func:`~ttl_search.training.run_trial`.
 
@@ -68,7 +85,7 @@ def trainable(config: dict[str, Any]) -> None:
                      "val_loss": metrics["loss"], "node_id": node_id})
 
     try:
-        result = run_trial(cfg, on_epoch=on_epoch, keep_state=bool(config.get("checkpoint_path")))
+        result = run_trial(cfg, on_epoch=on_epoch, data=_cached_data(cfg), keep_state=bool(config.get("checkpoint_path")))
         payload = result.to_dict()
         if result.state_dict is not None and result.status == "complete":
             payload.update(save_checkpoint(result.state_dict, Path(config["checkpoint_path"])))
@@ -206,7 +223,7 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
         tuner = tune.Tuner(
             tune.with_resources(trainable, resources),
             tune_config=tune.TuneConfig(metric=VAL_KEY, mode=mode, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=-1, max_concurrent_trials=cfg.concurrency,
+                                        num_samples=-1, max_concurrent_trials=cfg.concurrency, reuse_actors=True,
                                         trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{cfg.name}-{int(time.time())}", storage_path=str(tune_dir), verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0), stop=Halt(searcher)),

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 EXECUTION_KEYS = ("concurrency", "resources.", "ray_address", "storage", "scheduler.", "artifacts",
                   "trial.data.root", "trial.data.path", "trial.data.download", "trial.device", "trial.amp",
-                  "trial.eval_batch_size", "trial.latency_repeats", "driver.")
+                  "trial.eval_batch_size", "trial.latency_repeats", "trial.compile", "driver.")
 """Keys (or key prefixes) ``resume`` may change: where and how trials run, not what they train."""
 
 

@@ -88,6 +88,10 @@ class TrialConfig:
     amp: bool = True
     """Mixed precision on CUDA (channels-last 2D models too): bfloat16 autocast where the GPU supports it, else
     float16 with gradient scaling."""
+    compile: bool = False
+    """Train and evaluate through ``torch.compile`` (the first epoch pays the compilation;
+    ``benchmarks/throughput.py --compile`` measures whether it pays off). Checkpoints and cost
+    figures come from the uncompiled model, so they are the same either way."""
     threads: int | None = None
     """torch CPU threads; None uses every core (a Ray trial passes the CPUs it was given)."""
     latency_repeats: int = 10
@@ -329,6 +333,7 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     channels_last = device.type == "cuda" and data.dims == 2  # convolutions run faster on NHWC there
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile else model  # what trains; ``model`` keeps the plain state dict
     cut_info = spec.cuts[built.cut - 1]
     loader = partial(make_loader, seed=cfg.seed, dims=data.dims, device=device)
     train_loader = loader(data.train, tcfg, train=True, batch_size=cfg.batch_size)
@@ -356,9 +361,9 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     start = time.perf_counter()
     try:
         for epoch in range(1, cfg.max_epochs + 1):
-            train_loss = train_epoch(model, built.frozen, train_loader, optimizer, criterion, scaler, device, amp, epoch,
-                                      channels_last)
-            val_metrics, val_predictions = evaluate(model, val_loader, device, criterion, amp, channels_last)
+            train_loss = train_epoch(net, built.frozen, train_loader, optimizer, criterion, scaler, device, amp, epoch,
+                                     channels_last)
+            val_metrics, val_predictions = evaluate(net, val_loader, device, criterion, amp, channels_last)
             scheduler.step(val_metrics["loss"])
             lr_now = optimizer.param_groups[-1]["lr"]
             result.history.append({"epoch": epoch, "train_loss": train_loss, "lr": lr_now, **val_metrics})
@@ -385,7 +390,7 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     result.train_time_s = round(time.perf_counter() - start, 3)
 
     model.load_state_dict(best_state)
-    result.test, result.predictions["test"] = evaluate(model, test_loader, device, criterion, amp, channels_last)
+    result.test, result.predictions["test"] = evaluate(net, test_loader, device, criterion, amp, channels_last)
     _measure_cost(result, model, cfg, spec.name, input_size, in_channels, data.num_classes, device)
     if keep_state:
         result.state_dict = best_state
