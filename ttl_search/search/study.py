@@ -307,7 +307,6 @@ def trial_strategies(cfg: StudyConfig) -> list[str]:
     return ([SEARCH_STRATEGY] if cfg.search.method != "none" else []) + list(cfg.baselines) + probe
 
 
-
 def splits_baselines(cfg: StudyConfig) -> bool:
     """Whether a new study keeps its baselines (and the frozen probe's model) in a baselines study
     ``NAME:baselines`` beside it: every study that searches and has any. The study itself then
