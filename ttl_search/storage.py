@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from .errors import ConfigError, StudyError, choices
-from .search.record import BASELINES_PART, PART_TAG, PREDICTIONS_ATTR, TrialRecord
+from .search.record import BASELINES_PART, PART_TAG, PREDICTIONS_ATTR, TrialRecord, part_ref
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,7 @@ def study_trials(study: optuna.Study, baselines: optuna.Study | None | bool = Tr
 def trial_ref(trial) -> int | str:
     """How commands name a trial of a merged view (:func:`study_trials`): its number, or
     ``baselines:N``."""
-    part = trial.system_attrs.get(PART_TAG)
-    return f"{part}:{trial.number}" if part else trial.number
+    return part_ref(trial.system_attrs.get(PART_TAG), trial.number)
 
 
 def reconcile_running(storage: RDBStorage, study: optuna.Study, reason: str) -> list[int]:

@@ -292,9 +292,9 @@ def _latency(restored: RestoredTrial) -> dict[str, Any]:
     """The model's latency for its card: from the study's quiet latency pass when it timed this
     model (median and interquartile range), else what the trial measured while training."""
     r = restored.record
-    row = latency_row(stored_latency(restored.study), r.strategy, r.cut)
+    table = stored_latency(restored.study)
+    row = latency_row(table, r.strategy, r.cut)
     if row:
-        table = stored_latency(restored.study)
         return {"latency_batch1_ms": row["batch1_ms"], "latency_batch1_iqr": row["batch1_iqr"],
                 "latency_batch64_ms": row["batch64_ms"], "latency_device": table["device_name"],
                 "latency_measured": "the study's latency pass, one model at a time"}

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError, StudyError
 from ..search.record import SEARCH_STRATEGY, TrialRecord, fmt_count, fmt_diff, fmt_interval, fmt_value
-from ..storage import baselines_study, load_study, open_storage, storage_url, study_names, study_trials
+from ..storage import baselines_study, load_study, open_storage, storage_url, study_names, study_trials, trial_ref
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def publish_answer(study: optuna.Study, cfg, best: dict[str, Any] | None = None)
     for key, value in attrs.items():
         if stored.get(key) != value:
             study.set_user_attr(key, value)
-    own = [t for t in trials if not TrialRecord.from_trial(t).part]
+    own = [t for t in trials if isinstance(trial_ref(t), int)]
     notes = {study: study_note(best, own, cfg, baselines.study_name if baselines is not None else None)}
     if baselines is not None:
         notes[baselines] = (f"# Baselines of study `{study.study_name}`\n\nThis study holds the baselines of study "
@@ -87,7 +87,7 @@ def publish_answer(study: optuna.Study, cfg, best: dict[str, Any] | None = None)
         system_attrs = dict(part._storage.get_study_system_attrs(part._study_id))  # read once: notes live there
         _save_note(part, None, note, system_attrs)
         for trial in trials:
-            if trial.state == TrialState.COMPLETE and bool(TrialRecord.from_trial(trial).part) == (part is baselines):
+            if trial.state == TrialState.COMPLETE and isinstance(trial_ref(trial), str) == (part is baselines):
                 _save_note(part, trial, trial_note(trial, intervals, cfg.metric, best["trial"], study.study_name),
                            system_attrs)
     log.debug("published the answer of %s: cut %d (trial %d)", study.study_name, best["cut"], best["trial"])

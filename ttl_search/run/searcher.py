@@ -27,9 +27,8 @@ from ray.tune.search import Searcher
 
 from ..config import to_dict
 from ..errors import StudyError, TTLSearchError
-from ..search.record import PREDICTIONS_ATTR, TrialRecord
+from ..search.record import PREDICTIONS_ATTR, SEARCH_STRATEGY, TrialRecord, part_ref
 from .cluster import ProgressCallback, os_reason
-from ..search.record import SEARCH_STRATEGY
 from ..search.samplers import CutCandidate, Job, Plan, job_distributions, suggest_params
 from ..storage import (StorageUnavailableError, attach_artifact, baselines_study, copied_system_attrs,
                        set_trial_system_attr, study_trials, trial_ref)
@@ -282,7 +281,7 @@ class StudySearcher(Searcher):
                                stage=cut.stage, phase=phase, seed=seed, ray_trial_id=trial_id)
         for key, value in launched.to_attrs().items():
             trial.set_user_attr(key, value)
-        ref = f"{part}:{trial.number}" if part else trial.number
+        ref = part_ref(part, trial.number)
         self.live[trial_id] = LiveTrial(trial, ref, time.time())
         file = f"{part}-trial-{trial.number}.pt" if part else f"trial-{trial.number}.pt"
         checkpoint = str(self.artifacts / cfg.name / file) if self.artifacts else None

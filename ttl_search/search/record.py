@@ -207,7 +207,7 @@ class TrialRecord:
     def ref(self) -> int | str:
         """How commands name the trial (``--trial``, ``best``'s lists): its number, or
         ``baselines:N`` for a trial of the baselines study."""
-        return f"{self.part}:{self.number}" if self.part else self.number
+        return part_ref(self.part, self.number)
 
     @property
     def wall_s(self) -> float | None:
@@ -224,6 +224,12 @@ class TrialRecord:
         if self.reused_from is not None:
             return f"same model as trial {self.reused_from}: stored, not trained again"
         return ""
+
+
+def part_ref(part: str | None, number: int) -> int | str:
+    """A trial's name in a study and its baselines study read as one: ``number`` for the study's
+    own trials, ``baselines:number`` for the baselines study's (``part``)."""
+    return f"{part}:{number}" if part else number
 
 
 def trial_predictions(trial: FrozenTrial, split: str = "val") -> tuple[Any, Any] | None:
