@@ -81,13 +81,13 @@ def pareto_front(costs: Sequence[float], values: Sequence[float], maximize: bool
 
 def search_order_rows(trials: Sequence[FrozenTrial], metric: str) -> pd.DataFrame:
     rows = []
-    for r in records(trials):
+    # the study's and its baselines' trials in the order they started (to the microsecond)
+    for r in sorted(records(trials), key=lambda r: (r.started is None, r.started or 0)):
         if r.cut is None:
             continue
         rows.append({"trial": r.ref, "phase": r.phase or "-", "strategy": r.strategy, "cut": r.cut,
                      "cut_name": r.cut_name, "stage": r.stage, "seed": r.seed, "state": r.state,
                      f"val_{metric}": r.val.get(metric),
                      "started": r.started.isoformat(timespec="seconds") if r.started else None, "note": r.note})
-    rows.sort(key=lambda r: (r["started"] is None, r["started"] or ""))  # the study's and its baselines' in time
     return pd.DataFrame(rows, columns=["trial", "phase", "strategy", "cut", "cut_name", "stage", "seed", "state",
                                        f"val_{metric}", "started", "note"])
