@@ -1,6 +1,7 @@
 """A throw-away PostgreSQL server of a test's own (Debian's postgresql binaries, which .ci/run
 installs): for tests that stop and restart the server, or need one when $TTL_SEARCH_TEST_POSTGRES
-is not set. Skips locally when the binaries are absent; under CI that is a failure."""
+is not set, and for benchmarks/reliability.py. Tests skip locally when the binaries are absent
+(:func:`server_or_skip`); under CI that is a failure."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+
+class ServerUnavailable(RuntimeError):
+    """No PostgreSQL server can be started here; the message says why."""
 
 
 def skip_or_fail(reason: str) -> None:
@@ -39,12 +44,13 @@ class PostgresServer:
     def __init__(self, database: str = "ttl") -> None:
         bindir = _bindir()
         if bindir is None or not (bindir / "initdb").is_file():
-            skip_or_fail("the PostgreSQL server binaries are absent (apt-get install postgresql, or run .ci/run)")
+            raise ServerUnavailable("the PostgreSQL server binaries are absent "
+                                    "(apt-get install postgresql, or run .ci/run)")
         self.bin = bindir
         self.as_postgres: list[str] = []
         if os.geteuid() == 0:  # initdb refuses root
             if not shutil.which("runuser"):
-                skip_or_fail("running as root without runuser: cannot start PostgreSQL as the postgres user")
+                raise ServerUnavailable("running as root without runuser: cannot start PostgreSQL as the postgres user")
             self.as_postgres = ["runuser", "-u", "postgres", "--"]
         self.dir = Path(tempfile.mkdtemp(prefix="ttl-test-pg-"))
         if self.as_postgres:
@@ -76,3 +82,12 @@ class PostgresServer:
             except subprocess.CalledProcessError:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def server_or_skip(database: str = "ttl") -> PostgresServer:
+    """A started server, or the test skips (fails under CI) saying why there is none."""
+    try:
+        return PostgresServer(database)
+    except ServerUnavailable as e:
+        skip_or_fail(str(e))
+        raise

@@ -71,9 +71,9 @@ def test_only_lost_connections_count_as_an_outage():
 
 @pytest.fixture
 def postgres_server():
-    from pgserver import PostgresServer
+    from pgserver import server_or_skip
 
-    server = PostgresServer()
+    server = server_or_skip()
     try:
         yield server
     finally:

@@ -573,7 +573,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         study, cfg = open_study(args.name, args.storage)
         print(f"timing every trained model of {args.name}, one at a time", flush=True)
         with count_bar("timing models", "model") as progress:
-            table = latency_phase(study, cfg, remote=False, progress=progress)
+            table = latency_phase(study, cfg, remote=False, progress=progress, again=True)
         if table is None:
             print("no latency measured: the study has no completed trial, or trial.latency_repeats is 0")
         else:

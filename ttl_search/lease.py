@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Callable
 
 from sqlalchemy import Column, Float, Integer, MetaData, String, Table, delete, insert, inspect, select, update
@@ -117,6 +118,24 @@ def _ensure_table(engine: Engine) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+def _insert_if_absent(engine: Engine, row: dict) -> bool:
+    """INSERT the lease row unless the study has one; whether it was inserted. PostgreSQL and SQLite
+    say so with ``ON CONFLICT DO NOTHING``, so taking over a lease leaves no error in the server's
+    log; other databases answer with the primary key's IntegrityError."""
+    dialect = engine.dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        stmt = import_module(f"sqlalchemy.dialects.{dialect}").insert(LEASES).values(**row)
+        with engine.begin() as conn:
+            stmt = stmt.on_conflict_do_nothing(index_elements=["study_name"]).returning(LEASES.c.study_name)
+            return conn.execute(stmt).first() is not None  # (rowcount is -1 here with psycopg)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(LEASES).values(**row))
+        return True
+    except IntegrityError:
+        return False
+
+
 def read_lease(engine: Engine, study_name: str) -> Lease | None:
     """The stored lease of ``study_name``, or None (no driver has held it since the table existed)."""
     if not inspect(engine).has_table(LEASES.name):
@@ -159,13 +178,10 @@ class DriverLease:
             now = time.time()
             row = {"study_name": self.study_name, "holder": self.holder, "host": self.host, "pid": self.pid,
                    "pid_namespace": pid_namespace(), "started": now, "heartbeat": now}
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(insert(LEASES).values(**row))
+            if _insert_if_absent(self.engine, row):
                 self._start()
                 return None
-            except IntegrityError:
-                pass  # a lease row exists: alive, stale, or left by a driver that ended cleanly elsewhere
+            # a lease row exists: alive, stale, or left by a driver that ended cleanly elsewhere
             held = read_lease(self.engine, self.study_name)
             if held is None:
                 continue  # released in between: try the INSERT again
@@ -185,6 +201,13 @@ class DriverLease:
                 self._start()
                 return held
         raise StudyError(f"study {self.study_name!r}: another driver keeps taking its lease; try again")
+
+    def check_free(self, force: bool = False) -> None:
+        """Refuse at once when a live driver holds the study (before a resume spends seconds loading
+        data and models); :meth:`acquire` decides for good."""
+        held = None if force else read_lease(self.engine, self.study_name)
+        if held is not None and held.holder != self.holder and held.alive(self.stale_after_s):
+            raise StudyError(self.refusal(held))
 
     def refusal(self, held: Lease) -> str:
         """Why a live lease cannot be taken, and what to do."""
@@ -223,6 +246,17 @@ class DriverLease:
                             "anything more")
         self.lost.set()
         return False
+
+    def ensure_held(self) -> None:
+        """Renew now; raise :class:`StudyError` when another driver took the study over (the caller
+        then writes nothing more). A database outage is left to the storage's own retries."""
+        if not self.lost.is_set():
+            try:
+                self.renew()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("study %s: lease not renewed (%s)", self.study_name, exc)
+        if self.lost.is_set():
+            raise StudyError(self.lost_reason)
 
     # -- giving it back -----------------------------------------------------------------------------
     def release(self) -> None:

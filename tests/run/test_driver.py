@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ttl_search.errors import DataError, WeightsError
+from ttl_search.errors import DataError, StudyError, WeightsError
 from ttl_search.run.driver import run_study
 from ttl_search.search.study import load_study_config
 from ttl_search.storage import open_storage, study_names
@@ -35,3 +35,25 @@ def test_weights_that_do_not_fit_fail_before_the_study_exists(tmp_path, breastmn
     with pytest.raises(WeightsError):
         run_study(cfg)
     assert study_names(open_storage(cfg.storage)) == []
+
+
+def test_a_driver_taken_over_after_its_search_stores_no_answer(tmp_path):
+    """Taken over (``resume --force``) after its search: the driver stops with the reason instead
+    of finishing as if nothing happened, and stores no answer for the dashboard (the reliability
+    benchmark's second-driver case saw a takeover during the latency pass)."""
+    import optuna
+
+    from ttl_search.lease import DriverLease
+    from ttl_search.results.dashboard import ANSWER_ATTR
+    from ttl_search.run.driver import _publish
+
+    cfg = _cfg(tmp_path)
+    rdb = open_storage(cfg.storage)
+    study = optuna.create_study(study_name=cfg.name, storage=rdb)
+    mine, other = (DriverLease(rdb.engine, cfg.name, 30, 120) for _ in range(2))
+    mine.acquire()
+    other.acquire(force=True)
+    with pytest.raises(StudyError, match="was taken over by the driver on"):
+        _publish(study, cfg, mine)
+    assert ANSWER_ATTR not in optuna.load_study(study_name=cfg.name, storage=rdb).user_attrs
+    other.release()

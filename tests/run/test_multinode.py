@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from pgserver import PostgresServer, free_port, skip_or_fail
+from pgserver import free_port, server_or_skip, skip_or_fail
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -228,7 +228,7 @@ def postgres_url() -> Iterator[str]:
     if url:
         yield url
         return
-    server = PostgresServer("ttl_mn")
+    server = server_or_skip("ttl_mn")
     try:
         yield server.url
     finally:

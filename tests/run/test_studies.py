@@ -464,9 +464,9 @@ def test_one_driver_per_study_a_second_is_refused_and_force_takes_over(tmp_path,
 def test_a_database_outage_is_ridden_out(tmp_path, shared_datasets_dir_module):
     """PostgreSQL stopped (`pg_ctl stop -m fast`) for 10 s while trials train: the driver waits and
     says so, the trainings go on, and the study finishes with every cut once."""
-    from pgserver import PostgresServer
+    from pgserver import server_or_skip
 
-    server = PostgresServer()
+    server = server_or_skip()
     log = tmp_path / "driver.log"
     try:
         proc = start_driver(_study_args("outage", server.url, shared_datasets_dir_module,
@@ -489,3 +489,28 @@ def test_a_database_outage_is_ridden_out(tmp_path, shared_datasets_dir_module):
         assert not [t for t in ts if t.state != TrialState.COMPLETE]
     finally:
         server.close()
+
+
+def test_reliability_benchmark_runs_studies_at_once_on_one_postgresql(tmp_path, shared_datasets_dir_module, capsys):
+    """benchmarks/reliability.py, its concurrent case: three debug studies at once on one throw-away
+    PostgreSQL, each ending with the uninterrupted run's trainings, none twice, no database error."""
+    import csv
+    import importlib.util
+
+    from pgserver import server_or_skip
+    from studyutil import REPO
+
+    server_or_skip().close()  # the benchmark starts its own; skip (fail under CI) where it cannot
+    spec = importlib.util.spec_from_file_location("reliability", REPO / "benchmarks" / "reliability.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "reliability.csv"
+    assert bench.main(["--scenarios", "concurrent", "--concurrent", "3", "--epochs", "1", "--timeout", "400",
+                       "--data", str(shared_datasets_dir_module), "--csv", str(out)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("failures: 0")
+    rows = {r["scenario"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"reference", "concurrent x3"}
+    both = rows["concurrent x3"]
+    assert both["exit codes"] == "0 0 0" and both["result"] == "ok"
+    assert int(both["planned"]) == 3 * int(rows["reference"]["planned"]) == int(both["completed"]) > 0
+    assert both["lost"] == both["twice"] == both["db errors"] == both["hangs"] == "0"

@@ -49,7 +49,13 @@ def test_predictions_recompute_the_selected_checkpoints_metrics(breastmnist):
             assert recomputed[metric] == pytest.approx(getattr(result, split)[metric], abs=1e-4), (split, metric)
 
 
-def test_same_seed_same_result(breastmnist):
+def test_same_seed_same_result_whatever_ran_before(breastmnist):
+    """A reused worker process (Ray Tune's reuse_actors) trains the same model as a fresh one: the
+    cached cut table must not draw from the trial's random stream (a killed study once resumed to
+    a different stage-2 cut because of it)."""
+    from ttl_search.models.truncation import analyze_cuts
+
+    analyze_cuts.cache_clear()  # as in a fresh worker process
     a = run_trial(_cfg(breastmnist, max_epochs=2, latency_repeats=0))
     b = run_trial(_cfg(breastmnist, max_epochs=2, latency_repeats=0))
     c = run_trial(_cfg(breastmnist, max_epochs=2, latency_repeats=0, seed=1))

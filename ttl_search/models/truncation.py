@@ -175,7 +175,11 @@ def analyze_cuts(backbone: str, input_size: int | None = None, num_classes: int 
     size = input_size or spec.default_input_size
     if size < 1:
         raise ConfigError(f"input size must be positive, got {size}")
-    loaded = load_backbone(backbone, None, in_channels)
+    # The random-weight copy draws from a forked random stream: this table is cached, so drawing
+    # from the caller's would make a trial's own initialisation depend on whether an earlier trial
+    # in the same (reused) worker process had filled the cache.
+    with torch.random.fork_rng(devices=[]):
+        loaded = load_backbone(backbone, None, in_channels)
     x = torch.zeros(1, *input_shape(spec, size, in_channels))
     rows: list[CutInfo] = []
     params = macs = 0

@@ -237,13 +237,15 @@ def run_search(study: optuna.Study, sampler, cfg: StudyConfig, artifacts: Path |
 
 
 @contextmanager
-def ray_cluster(cfg: StudyConfig) -> Iterator[None]:
+def ray_cluster(cfg: StudyConfig) -> Iterator[bool]:
     """Join (or start) Ray and check it can run the study's trials, before anything is stored;
-    shut Ray down afterwards when it was started here."""
+    shut Ray down afterwards when it was started here. Yields whether Ray is local (started here
+    for this study: the driver's machine is the trials' machine)."""
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     started_here = init_ray(cfg.ray_address)
     try:
         check_cluster_resources(cfg)
-        yield
+        yield started_here and not address
     finally:
         if started_here:
             import ray

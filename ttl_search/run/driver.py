@@ -51,29 +51,34 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         return (f"study {cfg.name!r} is being created by {held.describe()}; continue it later with "
                 f"`ttl-search resume {cfg.name}` or choose another name (--set name=...)")
 
-    with _driver_lease(rdb, cfg, force=False, refuse=creating) as (lease, _), ray_cluster(cfg):
+    with _driver_lease(rdb, cfg, force=False, refuse=creating) as (lease, _), ray_cluster(cfg) as local:
         # a cluster that cannot run the trials fails before the study exists
         study = _create_study(cfg, rdb, url, sampler, candidates)
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
-        _latency(study, cfg, lease)
-        _publish(study, cfg)
+        _latency(study, cfg, lease, remote=not local)
+        _publish(study, cfg, lease)
     return study
 
 
-def _latency(study: optuna.Study, cfg: StudyConfig, lease: DriverLease) -> None:
-    """The quiet latency pass after the search; its failure costs the study its latency figures
-    (``ttl-search report --measure-latency`` measures them later), never the finished study."""
+def _latency(study: optuna.Study, cfg: StudyConfig, lease: DriverLease, remote: bool) -> None:
+    """The quiet latency pass after the search: here when Ray is local (the trials' machine, and
+    no worker process to start), else on a Ray worker. Its failure costs the study its latency
+    figures (``ttl-search report --measure-latency`` measures them later), never the finished
+    study. A driver taken over meanwhile stops."""
     try:
-        latency_phase(study, cfg, remote=True, lease=lease)
+        latency_phase(study, cfg, remote=remote, lease=lease)
     except TTLSearchError as exc:
+        lease.ensure_held()
         log.warning("the latency pass of study %s failed: %s; `ttl-search report %s --measure-latency` runs it "
                     "again", cfg.name, exc, cfg.name)
 
 
-def _publish(study: optuna.Study, cfg: StudyConfig) -> None:
+def _publish(study: optuna.Study, cfg: StudyConfig, lease: DriverLease) -> None:
     """Store the answer where optuna-dashboard shows it; a failure there costs the dashboard its
-    copy of the answer, never the finished study (``ttl-search best`` publishes it again)."""
+    copy of the answer, never the finished study (``ttl-search best`` publishes it again). A
+    driver taken over meanwhile stops without writing it."""
+    lease.ensure_held()
     try:
         publish_answer(study, cfg)
     except Exception as exc:  # noqa: BLE001 - the study is finished and stored; this is a view of it
@@ -226,8 +231,9 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
     resolve_paths(cfg)
     candidates = stored_candidates(probe, cfg)
     sampler = make_sampler(cfg, candidates)
+    DriverLease(rdb.engine, cfg.name, cfg.driver.heartbeat_s, cfg.driver.stale_after_s).check_free(force)
     preflight(cfg, candidates)
-    with _driver_lease(rdb, cfg, force) as (lease, previous), ray_cluster(cfg):
+    with _driver_lease(rdb, cfg, force) as (lease, previous), ray_cluster(cfg) as local:
         store = driver_storage(url, cfg.driver.storage_patience_s, cfg.name)
         study = load_study(name, store, sampler)
         driver = f" ({previous.describe()})" if previous else ""
@@ -238,8 +244,8 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
                 reconcile_running(store, part, reason)
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
-        _latency(study, cfg, lease)
-        _publish(study, cfg)
+        _latency(study, cfg, lease, remote=not local)
+        _publish(study, cfg, lease)
     return study
 
 

@@ -59,9 +59,7 @@ def probe_phase(study: optuna.Study, cfg: StudyConfig, artifacts: Path | None, r
     result = (run_task(cfg, _probe_task, to_dict(tcfg), to_dict(cfg.probe), cfg.resources.cpus, what="the probe")
               if remote else run_probe(tcfg, cfg.probe, progress=progress))
     if lease is not None:
-        lease.renew()
-        if lease.lost.is_set():
-            raise StudyError(lease.lost_reason)
+        lease.ensure_held()
     return store_probe(study, cfg, result, artifacts)
 
 
