@@ -503,7 +503,11 @@ def test_reliability_benchmark_runs_studies_at_once_on_one_postgresql(tmp_path, 
     server_or_skip().close()  # the benchmark starts its own; skip (fail under CI) where it cannot
     spec = importlib.util.spec_from_file_location("reliability", REPO / "benchmarks" / "reliability.py")
     bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.modules.pop(spec.name, None)
     out = tmp_path / "reliability.csv"
     assert bench.main(["--scenarios", "concurrent", "--concurrent", "3", "--epochs", "1", "--timeout", "400",
                        "--data", str(shared_datasets_dir_module), "--csv", str(out)]) == 0
