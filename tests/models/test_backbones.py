@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -201,3 +204,24 @@ def test_efficientnet_lite0_imagenet_weights_take_one_channel():
     x = torch.rand(1, 1, 64, 64)
     with torch.no_grad():
         assert torch.allclose(gray.model.eval()(x), rgb.model.eval()(x.expand(-1, 3, -1, -1)), atol=1e-4)
+
+
+def test_registering_the_backbones_imports_neither_torchvision_nor_timm():
+    # Each driver, Ray worker and reading command imports the registry; torchvision (with
+    # torch._dynamo) and timm cost seconds there and are imported when a backbone needs them.
+    code = ("import sys, ttl_search.models.backbones as bb; bb.get_backbone('test_cnn'); "
+            "print(sorted(m for m in ('torchvision', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_weights_are_listed_on_first_use_and_r3d_normalisation_is_torchvisions():
+    import torchvision
+
+    spec = bb.get_backbone("r3d_18")
+    kinetics = torchvision.models.get_model_weights("r3d_18").KINETICS400_V1.transforms()
+    assert spec.mean == tuple(kinetics.mean) and spec.std == tuple(kinetics.std)
+    assert spec.weights[0].mean == spec.mean and spec.weight_names == ["KINETICS400_V1"]
+    resnet = bb.get_backbone("resnet50")
+    assert resnet.weight_names[0] == "IMAGENET1K_V1" and len(resnet.weights) == 2
+    assert type(resnet.build()).__name__ == "ResNet"

@@ -134,3 +134,20 @@ def test_bad_head_and_classes():
         truncate(loaded, 3, 2, head="attention")
     with pytest.raises(ConfigError, match="num_classes"):
         truncate(loaded, 3, 1)
+
+
+@pytest.mark.parametrize("name", bb.backbone_names())
+def test_mac_counts_equal_torchs_flop_counter_on_every_backbone(name):
+    # count_macs counts convolutions and linear layers with hooks; torch's FlopCounterMode counts
+    # the same operators (2 FLOPs per MAC) but costs seconds to import: they must agree exactly.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ttl_search.models.truncation import input_shape
+
+    spec = bb.get_backbone(name)
+    model = truncate(bb.load_backbone(name, None), len(spec.cuts), num_classes=3).eval()
+    x = torch.zeros(1, *input_shape(spec, 32 if spec.dims == 3 else 64, 3))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    assert count_macs(model, x) == counter.get_total_flops() // 2 > 0

@@ -57,3 +57,26 @@ def test_a_driver_taken_over_after_its_search_stores_no_answer(tmp_path):
         _publish(study, cfg, mine)
     assert ANSWER_ATTR not in optuna.load_study(study_name=cfg.name, storage=rdb).user_attrs
     other.release()
+
+
+@pytest.mark.integration
+def test_a_local_ray_stops_with_every_process_it_started(monkeypatch):
+    # shutdown_ray kills the autoscaler monitor itself first (Ray would wait a second for it); no
+    # process of the local Ray may outlive the study, and a second start works
+    import psutil
+    import ray
+    from ray._private import worker
+
+    from ttl_search.run.cluster import RAY_ALREADY, RAY_LOCAL, init_ray, shutdown_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for _ in range(2):
+        assert init_ray(None, num_cpus=1) == RAY_LOCAL
+        assert init_ray(None) == RAY_ALREADY  # the caller's Ray: not shut down by shutdown_ray(RAY_ALREADY)
+        shutdown_ray(RAY_ALREADY)
+        assert ray.is_initialized()
+        started = [info.process.pid for infos in worker._global_node.all_processes.values() for info in infos]
+        assert "monitor" in worker._global_node.all_processes
+        shutdown_ray(RAY_LOCAL)
+        assert not ray.is_initialized()
+        assert [pid for pid in started if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"] == []

@@ -111,6 +111,28 @@ def test_the_searcher_stores_each_outcome_and_waits_at_the_stage_barrier():
     assert searcher.suggest("e")["trial"]["cut"] == 5  # the failed stage-end cut is retried
 
 
+def test_a_final_result_is_stored_at_once_and_waiting_asks_do_not_read_the_study():
+    searcher, study = _searcher([])
+    reads = []
+    read = searcher._trials
+    searcher._trials = lambda: reads.append(1) or read()
+    for tid in ("a", "b", "c"):
+        assert searcher.suggest(tid) is not None
+    assert [searcher.suggest(tid) for tid in "defg"] == [None] * 4
+    assert len(reads) == 4  # three launches, then one read for the barrier: its repeats come from memory
+    # the final result is stored when it arrives, so the plan goes on while Tune still holds the
+    # trial's worker (and can hand it to stage 2); Tune's later completion changes nothing
+    searcher.on_trial_result("a", _final(**COMPLETE))
+    assert study.get_trials()[0].state == TrialState.COMPLETE and searcher.counts["complete"] == 1
+    searcher.on_trial_complete("a", _final(**COMPLETE))
+    assert searcher.counts["complete"] == 1 and len(study.get_trials()) == 3
+    assert searcher.suggest("h") is None  # b and c still run: the barrier holds
+    for tid in ("b", "c"):
+        searcher.on_trial_result(tid, _final(**{**COMPLETE, "val": {"auroc": 0.7, "loss": 0.5}}))
+    stage2 = searcher.suggest("i")
+    assert stage2 is not None and stage2["trial"]["cut"] in (1, 2)  # inside stage 1, the best stage (0.8)
+
+
 def test_the_token_notice_logger_is_quiet_only_inside_the_block(caplog):
     logger = logging.getLogger(RAY_TOKEN_NOTICE_LOGGER)
     with caplog.at_level(logging.WARNING, logger=RAY_TOKEN_NOTICE_LOGGER):

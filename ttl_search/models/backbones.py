@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -91,8 +91,9 @@ class BackboneSpec:
     """Attribute path of the first convolution (adapted for 1- or C-channel input)."""
     head_prefixes: tuple[str, ...]
     """State-dict key prefixes of the original classifier (ignored when loading a file)."""
-    weights: tuple[WeightsOption, ...] = ()
-    """Named pretrained weights; the first is the default."""
+    weights: Sequence[WeightsOption] = ()
+    """Named pretrained weights; the first is the default (a :class:`LazyWeights` lists them on
+    first use)."""
     convert_state_dict: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     """Maps foreign key formats (e.g. efficientnet_pytorch) onto this network's keys."""
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -320,7 +321,49 @@ def load_backbone(name: str, weights: str | None = None, in_channels: int = 3) -
     return LoadedBackbone(spec, model, spec.units(model), resolved, in_channels, tuple(mean), tuple(std))
 
 
-def torchvision_weights(arch: str) -> tuple[WeightsOption, ...]:
+class LazyWeights(Sequence[WeightsOption]):
+    """A backbone's weight options, listed on first use.
+
+    Listing torchvision's weights imports torchvision (1.5-2 s here, most of it torch._dynamo,
+    which torchvision.ops pulls in); registering every family at import would make each driver,
+    each Ray worker and each command that only reads a study pay that for backbones it never
+    uses."""
+
+    def __init__(self, factory: Callable[[], Sequence[WeightsOption]]) -> None:
+        self._factory = factory
+        self._options: tuple[WeightsOption, ...] | None = None
+
+    def _resolved(self) -> tuple[WeightsOption, ...]:
+        if self._options is None:
+            self._options = tuple(self._factory())
+        return self._options
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._resolved()[index]
+
+    def __len__(self) -> int:
+        return len(self._resolved())
+
+    def __iter__(self) -> Iterator[WeightsOption]:
+        return iter(self._resolved())
+
+    def __repr__(self) -> str:
+        return f"LazyWeights({self._options!r})" if self._options is not None else "LazyWeights(<not listed yet>)"
+
+
+def torchvision_weights(arch: str) -> LazyWeights:
+    """torchvision's weights for ``arch``, listed (torchvision imported) on first use."""
+    return LazyWeights(lambda: _torchvision_weights(arch))
+
+
+def torchvision_model(arch: str) -> nn.Module:
+    """torchvision's ``arch`` with random weights (torchvision is imported here, not before)."""
+    import torchvision
+
+    return torchvision.models.get_model(arch, weights=None)
+
+
+def _torchvision_weights(arch: str) -> tuple[WeightsOption, ...]:
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)

@@ -9,7 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .backbones import BackboneSpec, UnitList, register, torchvision_weights
+from .backbones import BackboneSpec, UnitList, register, torchvision_model, torchvision_weights
 
 
 class DenseLayerUnit(nn.Module):
@@ -49,8 +49,6 @@ def _densenet_units(model: nn.Module, fine: bool) -> UnitList:
 
 
 def register_densenets() -> None:
-    import torchvision
-
     for depth in (121, 201):
         arch = f"densenet{depth}"
         weights = torchvision_weights(arch)
@@ -65,7 +63,7 @@ def register_densenets() -> None:
                     ),
                     dims=2,
                     default_input_size=224,
-                    build=lambda a=arch: torchvision.models.get_model(a, weights=None),
+                    build=lambda a=arch: torchvision_model(a),
                     units=lambda m, fine=fine: _densenet_units(m, fine),
                     first_conv="features.conv0",
                     head_prefixes=("classifier.",),

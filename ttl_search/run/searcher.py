@@ -180,6 +180,10 @@ class StudySearcher(Searcher):
         self.live: dict[str, LiveTrial] = {}
         self.counts = {"complete": 0, "failed": 0, "pruned": 0}
         self.last_progress: tuple = ()
+        self.waiting = False
+        """The plan said wait (for running trials, e.g. at a stage barrier): it cannot say anything
+        else until one of them ends, so Tune's frequent asks are answered without reading the
+        study again (hundreds of reads at one barrier, seconds of the driver's CPU)."""
 
     # -- stopping -----------------------------------------------------------------------------------
     def fail(self, error: TTLSearchError) -> None:
@@ -226,6 +230,8 @@ class StudySearcher(Searcher):
     def suggest(self, trial_id: str) -> dict | None:
         if self.halted():
             return Searcher.FINISHED
+        if self.waiting:
+            return None
         try:
             return self._suggest(trial_id)
         except StorageUnavailableError as exc:
@@ -252,6 +258,7 @@ class StudySearcher(Searcher):
             plan = self.sampler.plan(self._trials())
         self._progress(plan)
         if plan.action == "wait":
+            self.waiting = bool(self.live)  # nothing running to wait for: ask the plan again next time
             return None
         if plan.action == "finished":
             return Searcher.FINISHED
@@ -293,7 +300,13 @@ class StudySearcher(Searcher):
     # -- Tune reports ------------------------------------------------------------------------------
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         live = self.live.get(trial_id)
-        if live is None or result.get("final") or self.halted():
+        if live is None or self.halted():
+            return
+        if result.get("final"):
+            # Stored now, not when Tune reports the trial complete a step later: the plan's next
+            # trials (stage 2, after a barrier) are then asked for while this trial's worker is
+            # still alive, and Tune hands it to one of them instead of starting a new worker.
+            self._finish(trial_id, result, error=False)
             return
         try:
             self._report(live, int(result["epoch"]), result.get("val_raw"))
@@ -306,9 +319,14 @@ class StudySearcher(Searcher):
             live.reported.add(epoch)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._finish(trial_id, result, error)  # nothing to do when its final result was stored
+
+    def _finish(self, trial_id: str, result: dict | None, error: bool) -> None:
+        """Store the outcome of a live trial (once: it is no longer live afterwards)."""
         live = self.live.pop(trial_id, None)
         if live is None:
             return
+        self.waiting = False  # the plan may go on once this trial is stored
         self._check_lease()
         if self.halted():  # Tune stopped the trial because the study stops
             self.live[trial_id] = live
