@@ -32,6 +32,7 @@ from its ImageNet weights. Data: BreastMNIST's training images (``--data``), res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -189,6 +190,25 @@ def schedule_floor(rs, concurrency: int) -> float:
     return total
 
 
+@contextlib.contextmanager
+def _timed(module, name: str, spent: dict[str, float]):
+    """Add the seconds spent in ``module.name`` to ``spent[name]`` for the duration of the block."""
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - start
+
+    setattr(module, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
 def study_overhead(args, epochs: int, label: str) -> dict:
     """The debug study on local Ray, its trials ``epochs`` long: wall time against the ideal (the
     sum of its trials' worker seconds divided by the concurrency) and against the schedule floor
@@ -201,35 +221,19 @@ def study_overhead(args, epochs: int, label: str) -> dict:
     from ttl_search.storage import study_trials
 
     spent = {"init_ray": 0.0, "shutdown_ray": 0.0}
-
-    def timed(name):
-        original = getattr(cluster, name)
-
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            try:
-                return original(*a, **k)
-            finally:
-                spent[name] += time.perf_counter() - start
-        return original, wrapper
-
-    patched = {name: timed(name) for name in spent}
-    for name, (_, wrapper) in patched.items():
-        setattr(cluster, name, wrapper)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            url = f"sqlite:///{tmp}/bench.db"
-            cfg = load_study_config(HERE.parent / "studies" / "debug.yaml", [
-                f"storage={url}", f"trial.data.root={args.data}", f"trial.max_epochs={epochs}",
-                "trial.early_stopping=0", f"artifacts={tmp}/artifacts"])
-            start = time.perf_counter()
-            run_study(cfg)
-            wall = time.perf_counter() - start
-            study, _ = open_study(cfg.name, url)
-            rs = [r for r in records(study_trials(study)) if r.complete and not r.reused_from]
-    finally:
-        for name, (original, _) in patched.items():
-            setattr(cluster, name, original)
+    with contextlib.ExitStack() as stack:
+        for name in spent:
+            stack.enter_context(_timed(cluster, name, spent))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        url = f"sqlite:///{tmp}/bench.db"
+        cfg = load_study_config(HERE.parent / "studies" / "debug.yaml", [
+            f"storage={url}", f"trial.data.root={args.data}", f"trial.max_epochs={epochs}",
+            "trial.early_stopping=0", f"artifacts={tmp}/artifacts"])
+        start = time.perf_counter()
+        run_study(cfg)
+        wall = time.perf_counter() - start
+        study, _ = open_study(cfg.name, url)
+        rs = [r for r in records(study_trials(study)) if r.complete and not r.reused_from]
     worker = sum(r.duration_s or 0.0 for r in rs)
     train = sum(r.train_time_s or 0.0 for r in rs)
     ideal = worker / cfg.concurrency
