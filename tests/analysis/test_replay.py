@@ -37,10 +37,10 @@ def test_two_stage_replay_trains_the_stage_ends_then_the_winning_stage():
     r = replay(trials, cfg, candidates, Method("two_stage", {"method": "two_stage", "top_k": 1}), repeat=0)
     sampler = make_sampler(load_study_config(DEBUG_STUDY), candidates)
     assert isinstance(sampler, TwoStageSampler)
-    ends = sorted(c.index for c in sampler.representatives.values())
+    ends = sorted((c.index for c in sampler.representatives.values()), reverse=True)  # deepest first
     stage = next(c.stage for c in candidates if c.index == 5)
-    inner = sorted(c.index for c in sampler.stages[stage] if c.index not in ends)
-    assert r.trained[:len(ends)] == ends and sorted(r.trained[len(ends):]) == inner
+    inner = sorted((c.index for c in sampler.stages[stage] if c.index not in ends), reverse=True)
+    assert r.trained == ends + inner
     assert r.pick == 5 and r.compute_s == sum(10.0 * c for c in r.trained)
 
 

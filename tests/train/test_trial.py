@@ -78,6 +78,31 @@ def test_compiled_trial_learns_and_keeps_a_plain_checkpoint(breastmnist):
     model.load_state_dict(result.state_dict, strict=True)
 
 
+def test_weight_average_is_what_is_validated_selected_and_stored(breastmnist):
+    """``ema``: the same training run (identical training losses) is judged on its averaged
+    weights, and the stored checkpoint reproduces the selected validation metric."""
+    import torch
+
+    from ttl_search.data import load_data, make_loader
+    from ttl_search.train.trial import evaluate, prepare_trial
+
+    plain = run_trial(_cfg(breastmnist, max_epochs=3, lr=3e-3, latency_repeats=0), keep_state=True)
+    cfg = _cfg(breastmnist, max_epochs=3, lr=3e-3, latency_repeats=0, ema=0.9)
+    averaged = run_trial(cfg, keep_state=True)
+    assert [h["train_loss"] for h in averaged.history] == [h["train_loss"] for h in plain.history]
+    assert [h["auroc"] for h in averaged.history] != [h["auroc"] for h in plain.history]
+    assert any(not torch.equal(averaged.state_dict[k], plain.state_dict[k]) for k in plain.state_dict)
+
+    data = load_data(cfg.data)
+    prepared = prepare_trial(cfg, data)
+    model = prepared.built.model
+    model.load_state_dict(averaged.state_dict, strict=True)
+    loader = make_loader(data.val, prepared.transform, train=False, batch_size=256, seed=0, dims=2,
+                         device=torch.device("cpu"))
+    metrics, _ = evaluate(model, loader, torch.device("cpu"), torch.nn.CrossEntropyLoss())
+    assert metrics["auroc"] == pytest.approx(averaged.val["auroc"], abs=1e-6)
+
+
 def test_diverging_loss_fails_with_reason(breastmnist):
     result = run_trial(_cfg(breastmnist, optimizer="sgd", lr=1e30, max_epochs=3))
     assert result.status == "failed"
@@ -119,6 +144,7 @@ def test_3d_trial_on_adrenalmnist3d(adrenalmnist3d):
     ("backbone", "vgg", "resnet50"),
     ("cut", 99, "1..7"),
     ("device", "tpu", "cpu"),
+    ("ema", 1.0, r"ema must be a decay in \[0, 1\)"),
 ])
 def test_bad_trial_config(key, value, message, breastmnist):
     with pytest.raises(TTLSearchError, match=message):

@@ -215,8 +215,17 @@ class PlannedSampler(BaseSampler):
         return [j for j in jobs if not ledger.settled(j.key, self.max_retries)]
 
     def _jobs(self, strategy: str, cuts: Iterable[int], phase: str) -> list[Job]:
-        """Every seed (and cross-validation fold) of ``cuts``."""
+        """Every seed (and cross-validation fold) of ``cuts``, in the order given."""
         return [Job(strategy, c, r, phase, f) for c in cuts for r in range(self.repeats) for f in range(self.folds)]
+
+    def _phase_jobs(self, cuts: Iterable[int], phase: str) -> list[Job]:
+        """The search trainings of a phase whose cuts are all trained anyway, deepest cut first.
+
+        A deeper cut keeps every layer of a shallower one, so it trains longest; starting the
+        longest first (the LPT rule) lets the short ones fill the slots at the end of the phase
+        instead of one long training running alone there, which shortens each phase, and most of
+        all the wait at the two-stage barrier. The order decides nothing but timing."""
+        return self._jobs(SEARCH_STRATEGY, sorted(cuts, reverse=True), phase)
 
     def baseline_jobs(self) -> list[Job]:
         return [j for s, c in self.baselines for j in self._jobs(s, [c], "baseline")]
@@ -281,10 +290,10 @@ class BaselinesOnlySampler(PlannedSampler):
 
 
 class ExhaustiveSampler(PlannedSampler):
-    """Every valid cut, each ``repeats`` times, in order."""
+    """Every valid cut, each ``repeats`` times, deepest first."""
 
     def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
-        jobs = self._jobs(SEARCH_STRATEGY, [c.index for c in self.candidates], "exhaustive")
+        jobs = self._phase_jobs([c.index for c in self.candidates], "exhaustive")
         return jobs, "exhaustive", False, len(jobs)
 
 
@@ -312,13 +321,13 @@ class TwoStageSampler(PlannedSampler):
         return [reps[cut] for cut in order[: self.top_k]]
 
     def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
-        stage1 = self._jobs(SEARCH_STRATEGY, [c.index for c in self.representatives.values()], "stage1")
+        stage1 = self._phase_jobs([c.index for c in self.representatives.values()], "stage1")
         largest = sorted((len(cs) - 1 for cs in self.stages.values()), reverse=True)[: self.top_k]
         if self._open(stage1, ledger):
             return stage1, "stage1", True, len(stage1) + sum(largest) * self.repeats * self.folds
         winners = self.winning_stages(ledger)
         inner = [c for s in winners for c in self.stages[s] if c is not self.representatives[s]]
-        stage2 = self._jobs(SEARCH_STRATEGY, [c.index for c in inner], "stage2")
+        stage2 = self._phase_jobs([c.index for c in inner], "stage2")
         return stage2, "stage2", False, len(stage1) + len(stage2)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..models.backbones import LoadedBackbone, get_backbone, load_backbone
 from ..models.cost import count_macs, count_params, measure_latency
@@ -79,6 +80,10 @@ class TrialConfig:
     """ReduceLROnPlateau patience in epochs."""
     class_weighted: bool = False
     """Weight the cross-entropy by inverse class frequency of the training split."""
+    ema: float = 0.0
+    """Decay per optimizer step of an exponential moving average of the weights (batch-norm
+    statistics included), e.g. 0.95; 0 disables it. When set, validation, checkpoint selection,
+    test and the stored weights all use the averaged model."""
     metric: str = "auroc"
     """Validation metric that selects the checkpoint (``auroc``, ``auprc``, ``accuracy``...)."""
     seed: int = 0
@@ -126,6 +131,8 @@ def validate_trial_config(cfg: TrialConfig) -> None:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError(f"lr must be a positive number, got {cfg.lr!r}")
+    if isinstance(cfg.ema, bool) or not (isinstance(cfg.ema, (int, float)) and 0 <= cfg.ema < 1):
+        raise ConfigError(f"ema must be a decay in [0, 1) (0 disables the weight average), got {cfg.ema!r}")
     if cfg.cut is not None and not (isinstance(cfg.cut, int) and 1 <= cfg.cut <= len(spec.cuts)):
         raise ConfigError(f"cut {cfg.cut!r} does not exist for {spec.name}; valid cuts: 1..{len(spec.cuts)} or null")
     if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
@@ -334,6 +341,8 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if cfg.compile else model  # what trains; ``model`` keeps the plain state dict
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    judged = ema.module if ema is not None else net  # what is validated, selected and stored
     cut_info = spec.cuts[built.cut - 1]
     loader = partial(make_loader, seed=cfg.seed, dims=data.dims, device=device)
     train_loader = loader(data.train, tcfg, train=True, batch_size=cfg.batch_size)
@@ -362,8 +371,8 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     try:
         for epoch in range(1, cfg.max_epochs + 1):
             train_loss = train_epoch(net, built.frozen, train_loader, optimizer, criterion, scaler, device, amp, epoch,
-                                     channels_last)
-            val_metrics, val_predictions = evaluate(net, val_loader, device, criterion, amp, channels_last)
+                                     channels_last, ema)
+            val_metrics, val_predictions = evaluate(judged, val_loader, device, criterion, amp, channels_last)
             scheduler.step(val_metrics["loss"])
             lr_now = optimizer.param_groups[-1]["lr"]
             result.history.append({"epoch": epoch, "train_loss": train_loss, "lr": lr_now, **val_metrics})
@@ -372,7 +381,8 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
             if _better(value, best_value, direction):
                 best_value, result.best_epoch, result.val, stale = value, epoch, val_metrics, 0
                 result.predictions["val"] = val_predictions
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                state = (ema.module if ema is not None else model).state_dict()
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
             else:
                 stale += 1
             log.info("epoch %d: train loss %.4f, val %s %.4f", epoch, train_loss, cfg.metric, value)
@@ -398,7 +408,9 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
 
 
 def train_epoch(model: nn.Module, frozen: list[nn.Module], loader, optimizer, criterion, scaler, device,
-                 amp: torch.dtype | None, epoch: int, channels_last: bool = False) -> float:
+                 amp: torch.dtype | None, epoch: int, channels_last: bool = False,
+                 ema: AveragedModel | None = None) -> float:
+    """One pass over ``loader``; the mean training loss. ``ema`` (when given) is updated after every step."""
     model.train()
     for module in frozen:
         module.eval()
@@ -416,6 +428,8 @@ def train_epoch(model: nn.Module, frozen: list[nn.Module], loader, optimizer, cr
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
         total += loss.item() * len(y)
         n += len(y)
     return total / max(n, 1)
