@@ -12,18 +12,18 @@ orchestration's overhead.
    two trials sharing the GPU at 0.5 each (two processes at once) against one.
 2. **Orchestration**: the debug study (``studies/debug.yaml``) runs on local Ray with short trials
    (``--epochs``, default 6), then with trials about 30 s long on a 2-core CPU (``--long-epochs``,
-   default 200) twice: searched in two stages (4 trials) and exhaustively (its 7 cuts, no stage
-   barrier, so the ideal below is reachable and the rest is orchestration). Each wall time is
-   compared with the ideal, the sum of its trials' worker seconds divided by the concurrency,
-   and with the schedule floor, the least time any executor could take for the same trials given
-   the two-stage search's barrier (stage 2 starts when stage 1 has ended): the whole call (Ray's start, the checks before the study, the
+   default 200) twice: searched in two stages (4 or 5 trials, by the winning stage) and
+   exhaustively (its 7 cuts, no stage barrier). Each wall time is compared with the ideal, the sum
+   of its trials' worker seconds divided by the concurrency, and with the schedule floor, the least
+   time any executor could take for the same trials given the two-stage search's barrier (stage 2
+   starts when stage 1 has ended): the whole call (Ray's start, the checks before the study, the
    latency pass and Ray's stop after it) and the search alone (first trial's start to last trial's
    end). The row also says where the rest went: Ray's start and stop, the first wave's worker
    start (process, imports, first data load) and a reused worker's hand-over to the next trial.
    A line per study with its goal follows (debug: wall at most 1.5x the ideal; 30-second
    trials: 1.05x).
 
-    python benchmarks/throughput.py                       # CPU: the three cases, then the two studies
+    python benchmarks/throughput.py                       # CPU: the three cases, then the three studies
     python benchmarks/throughput.py --study-only          # only the orchestration part
     python benchmarks/throughput.py --cases lite0 --rounds 3 --no-study --compile   # torch.compile too
 
