@@ -296,7 +296,7 @@ def main() -> int:
     if not args.no_study:
         runs = [("debug", args.epochs, f"debug, {args.epochs} epochs", "two_stage")]
         if args.long_epochs:
-            runs += [("30-second trials", args.long_epochs, f"30-second trials ({method}, {args.long_epochs} epochs)",
+            runs += [("30-second trials", args.long_epochs, f"long trials ({method}, {args.long_epochs} epochs)",
                       method) for method in ("two_stage", "exhaustive")]
         studies = [(goal, study_overhead(args, epochs, label, method)) for goal, epochs, label, method in runs]
         print()

@@ -342,7 +342,8 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if cfg.compile else model  # what trains; ``model`` keeps the plain state dict
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
-    judged = ema.module if ema is not None else net  # what is validated, selected and stored
+    kept = ema.module if ema is not None else model  # whose weights a selected checkpoint stores
+    judged = ema.module if ema is not None else net  # what is validated and selected
     cut_info = spec.cuts[built.cut - 1]
     loader = partial(make_loader, seed=cfg.seed, dims=data.dims, device=device)
     train_loader = loader(data.train, tcfg, train=True, batch_size=cfg.batch_size)
@@ -381,8 +382,7 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
             if _better(value, best_value, direction):
                 best_value, result.best_epoch, result.val, stale = value, epoch, val_metrics, 0
                 result.predictions["val"] = val_predictions
-                state = (ema.module if ema is not None else model).state_dict()
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in kept.state_dict().items()}
             else:
                 stale += 1
             log.info("epoch %d: train loss %.4f, val %s %.4f", epoch, train_loss, cfg.metric, value)
