@@ -24,8 +24,9 @@ from tabulate import tabulate
 from dataclasses import replace
 
 from ttl_search.results import best_cut, open_study, stored_candidates
-from ttl_search.results.answer import study_answer, trial_evidence
+from ttl_search.search.answer import study_answer, trial_evidence
 from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, records, summarize_cut
+from ttl_search.search.samplers import search_trials
 from ttl_search.search.selection import score_candidates
 from ttl_search.search.study import load_study_config
 from ttl_search.storage import open_storage, study_names, study_trials
@@ -49,27 +50,32 @@ def seed_row(seed: int, name: str, storage: str) -> dict:
     study, cfg = open_study(name, storage)
     trials = study_trials(study)
     best = best_cut(name, storage)
-    metric, last = cfg.metric, max(c for s, c in completed_by_cut(records(trials)) if s == SEARCH_STRATEGY)
-    evidence, _ = trial_evidence(trials, "test")
+    searched = completed_by_cut(records(search_trials(trials, cfg.search.repeats)))  # single models, no ensemble seed
+    metric, last = cfg.metric, max(c for s, c in searched if s == SEARCH_STRATEGY)
+    evidence, _ = trial_evidence(search_trials(trials, cfg.search.repeats), "test")
     tests = score_candidates(evidence, metric, cfg.resolved_direction, cfg.selection) if evidence else {}
-    full = summarize_cut(completed_by_cut(records(trials))[(SEARCH_STRATEGY, last)])
+    full = summarize_cut(searched[(SEARCH_STRATEGY, last)])
     other = "best" if best["rule"] == "smallest_within_ci" else "smallest_within_ci"
     other_cfg = replace(cfg, selection=replace(cfg.selection, rule=other))
     other_pick = study_answer(trials, other_cfg, stored_candidates(study, cfg)).pick
     chosen_test = tests.get((SEARCH_STRATEGY, best["cut"]))
+    ens = best.get("ensemble")
     full_test = tests.get((SEARCH_STRATEGY, last))
     return {
         "seed": seed, "study": name, "rule": best["rule"], "trainings": len(trials), "pick": best["cut"],
         "params": best["params"], "val": best["val"][metric],
         "val_ci": f"[{best['val_ci'][0]:.3f}, {best['val_ci'][1]:.3f}]" if best["val_ci"] else "-",
         "same_as_best": ",".join(map(str, best["indistinguishable"])), "test": best["test"][metric],
-
         "test_ci": f"[{chosen_test.ci[0]:.3f}, {chosen_test.ci[1]:.3f}]" if chosen_test else "-",
         f"full (cut {last}) val": full.val.get(metric), f"full (cut {last}) test": full.test.get(metric),
         "full_test_ci": f"[{full_test.ci[0]:.3f}, {full_test.ci[1]:.3f}]" if full_test else "-",
         f"pick if rule {other}": other_pick,
-        "its test": summarize_cut(completed_by_cut(records(trials))[(SEARCH_STRATEGY, other_pick)]).test.get(metric),
+        "its test": summarize_cut(searched[(SEARCH_STRATEGY, other_pick)]).test.get(metric),
         "wall_s": sum((r.wall_s or 0) for r in records(trials)),
+        "ensemble": ens["size"] if ens else 1,
+        "ens val": ens["val"] if ens else None,
+        "ens test": ens["test"] if ens else None,
+        "ens_test_ci": f"[{ens['test_ci'][0]:.3f}, {ens['test_ci'][1]:.3f}]" if ens and ens["test_ci"] else "-",
     }
 
 
@@ -97,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     frame = pd.DataFrame(rows)
     print(tabulate(frame, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f"))
     picks = collections.Counter(frame["pick"])
+    full_test = next(c for c in frame.columns if c.startswith("full (cut") and c.endswith(" test"))
     cut, count = picks.most_common(1)[0]
     print(f"\npicks over {len(frame)} seeds: {dict(picks)}; the most frequent (cut {cut}) in {count}/{len(frame)}; "
           f"mean test {frame['test'].mean():.4f} (sd {frame['test'].std(ddof=0):.4f})")
+    if frame["ens test"].notna().any():
+        print(f"the answer as an ensemble of the chosen cut's seeds: mean validation {frame['ens val'].mean():.4f}, "
+              f"mean test {frame['ens test'].mean():.4f} (sd {frame['ens test'].std(ddof=0):.4f}); "
+              f"full fine-tuning's mean test {frame[full_test].mean():.4f}")
     other = next(c for c in frame.columns if c.startswith("pick if rule"))
     print(f"{other}: {dict(collections.Counter(frame[other]))}; mean test {frame['its test'].mean():.4f} "
           f"(sd {frame['its test'].std(ddof=0):.4f})")

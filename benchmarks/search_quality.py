@@ -37,7 +37,7 @@ from tabulate import tabulate
 from ttl_search.analysis.replay import Method, indistinguishable, oracle_cut, replay, seeds_of
 from ttl_search.errors import TTLSearchError
 from ttl_search.results import best_cut, open_study, stored_candidates, stored_probe, study_sampler
-from ttl_search.results.answer import trial_evidence
+from ttl_search.search.answer import trial_evidence
 from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, mean_sd, records, summarize_cut
 from ttl_search.search.selection import score_candidates
 from ttl_search.search.study import load_study_config

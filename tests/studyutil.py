@@ -103,10 +103,14 @@ def complete_keys(ts) -> list[tuple]:
 
 
 def synthetic_study(cfg, strength: dict[int, float], seeds: int = 1, n_pos: int = 70, n_neg: int = 30,
-                    baselines: dict[str, float] | None = None, predictions: bool = True):
+                    baselines: dict[str, float] | None = None, predictions: bool = True,
+                    extra_seeds: dict[int, tuple[int, float]] | None = None):
     """An in-memory study of ``cfg`` whose completed trials were never trained: cut ``c`` of seed
     ``r`` "predicts" scores ``label * strength[c] + noise(seed r)`` on fixed validation and test
     labels, with every attribute a real trial stores (metrics, size, train time, predictions).
+
+    ``extra_seeds``: cut -> (n, strength): n more seeds of that cut (repeats ``seeds..seeds+n-1``,
+    as an ensemble phase trains them) with their own strength.
 
     Returns (study, candidates). Train time of cut c is ``10 * c`` seconds.
     """
@@ -125,15 +129,17 @@ def synthetic_study(cfg, strength: dict[int, float], seeds: int = 1, n_pos: int 
     candidates = cut_candidates(cfg)
     by_index = {c.index: c for c in candidates}
     strategies = sorted({"ttl", *trial_strategies(cfg), *(baselines or {})})
-    dists = job_distributions(candidates, strategies, seeds)
+    extra_seeds = extra_seeds or {}
+    dists = job_distributions(candidates, strategies, seeds + max((n for n, _ in extra_seeds.values()), default=0))
     study = optuna.create_study(direction=cfg.resolved_direction, study_name=cfg.name)
     study.set_user_attr(CONFIG_ATTR, to_dict(cfg))
     study.set_user_attr(CANDIDATES_ATTR, [asdict(c) for c in candidates])
     labels = np.r_[np.ones(n_pos, dtype=np.int64), np.zeros(n_neg, dtype=np.int64)]
-    jobs = [("ttl", c, s) for c, s in strength.items()] + [(b, candidates[-1].index, s)
-                                                         for b, s in (baselines or {}).items()]
-    for strategy, cut, s in jobs:
-        for repeat in range(seeds):
+    jobs = [("ttl", c, s, range(seeds)) for c, s in strength.items()] + [
+        (b, candidates[-1].index, s, range(seeds)) for b, s in (baselines or {}).items()] + [
+        ("ttl", c, s, range(seeds, seeds + n)) for c, (n, s) in extra_seeds.items()]
+    for strategy, cut, s, repeats in jobs:
+        for repeat in repeats:
             rng = np.random.default_rng([cut, repeat, len(strategy)])
             split_probs = {}
             for split in ("val", "test"):

@@ -13,10 +13,10 @@ import json
 import logging
 import sys
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import TTLSearchError
-from .search.record import fmt_count, fmt_diff, fmt_interval, fmt_params
+from .search.record import ensemble_line, fmt_count, fmt_diff, fmt_interval, fmt_params
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -265,6 +265,17 @@ def print_ranking(best: dict) -> None:
                 ["strategy", "cut", "name", "params", "seeds", "mean", "interval", "vs best (paired)", ""], rows)
 
 
+def _ensemble_cells(best: dict, metric: str) -> dict[str, Any]:
+    """The ensemble's columns of ``best --format csv/markdown`` (its size; its values on the study's
+    metric row); none without an ensemble."""
+    ens = best.get("ensemble")
+    if not ens:
+        return {}
+    main = metric == best["metric"]
+    return {"ensemble_size": ens["size"], "ensemble_validation": ens["val"] if main else None,
+            "ensemble_test": ens["test"] if main else None}
+
+
 def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict | None = None) -> None:
     from .results import best_cut
 
@@ -280,7 +291,8 @@ def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict |
                      "validation_ci_high": (best["val_ci"] or [None, None])[1] if metric == best["metric"] else None,
                      "test": best["test"].get(metric), "test_sd": best["test_sd"].get(metric),
                      "repeats": best["repeats"], "params": best["params"],
-                     "trainable_params": best.get("trainable_params")} for metric in best["val"]], fmt)
+                     "trainable_params": best.get("trainable_params"),
+                     **_ensemble_cells(best, metric)} for metric in best["val"]], fmt)
         return
     state = "finished" if best["finished"] else "not finished yet"
     print(f"study {name} ({state}): chosen cut {best['cut']} ({best['cut_name']}, stage {best['stage']}) of "
@@ -296,6 +308,8 @@ def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict |
               f"cut {best['reference_cut']}: {same}")
     elif best["note"]:
         print(best["note"])
+    if best.get("ensemble"):
+        print(ensemble_line(best["ensemble"], best["cut"], metric, best["reference_cut"]))
     for warning in best["warnings"]:
         print(f"WARNING: {warning}")
     rows = []
@@ -459,6 +473,8 @@ def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[i
         print_probe(probe, metric, tuned, cfg.selection.confidence)
     if best is not None:
         print_ranking(best)
+        if best.get("ensemble"):
+            print(ensemble_line(best["ensemble"], best["cut"], metric, best["reference_cut"]))
     return done, finished
 
 
@@ -591,7 +607,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     result = export_trial(args.name, args.storage, args.trial, args.output, args.opset)
     card, v = result.card, result.card["verification"]
-    print(f"exported trial {card['trial']} of study {args.name}: {card['model']['backbone']} cut {card['model']['cut']} "
+    what = (f"the ensemble of {len(card['trial'])} models (trials {', '.join(map(str, card['trial']))})"
+            if card["model"].get("ensemble") else f"trial {card['trial']}")
+    print(f"exported {what} of study {args.name}: {card['model']['backbone']} cut {card['model']['cut']} "
           f"({card['model']['cut_name']}), {fmt_count(card['cost']['params'])} parameters")
     print(f"checked on {v['samples']} test images: max |probability difference| TorchScript "
           f"{v['torchscript_max_abs_diff']:.2e}, ONNX {v['onnx_max_abs_diff']:.2e}")
@@ -691,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="study name")
     _storage_arg(p)
     p.add_argument("--trial", default=None, help="trial number, or baselines:N for a trial of the baselines study "
-                   "(default: the chosen cut's best trial)")
+                   "(default: the chosen cut's best trial, or every member when the answer is an ensemble)")
     p.add_argument("--samples", type=int, default=500, help="held-out images to use (default 500, at most the split)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="held-out split (default test)")
     p.add_argument("--spatial", choices=("positions", "subsample", "pool"), default="subsample",
@@ -717,11 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the figures with the study before the report uses them")
     p.set_defaults(handler=cmd_report)
 
-    p = sub.add_parser("export", help="the chosen (or a given) trial's model as TorchScript and ONNX with a model card")
+    p = sub.add_parser("export", help="the study's answer (the chosen cut's model, or its ensemble) or a given trial's "
+                       "model as TorchScript and ONNX with a model card")
     p.add_argument("name", help="study name")
     _storage_arg(p)
     p.add_argument("--trial", default=None, help="trial number, or baselines:N for a trial of the baselines study "
-                   "(default: the chosen cut's best trial)")
+                   "(default: the chosen cut's best trial, or every member when the answer is an ensemble)")
     p.add_argument("--output", required=True, help="folder for the model files and card")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.set_defaults(handler=cmd_export)

@@ -6,7 +6,7 @@ import pytest
 
 from studyutil import DEBUG_STUDY, synthetic_study
 from ttl_search.analysis.replay import Method, indistinguishable, oracle_cut, replay, seeds_of
-from ttl_search.results.answer import study_answer
+from ttl_search.search.answer import study_answer
 from ttl_search.search.samplers import TwoStageSampler
 from ttl_search.search.study import load_study_config, make_sampler
 

@@ -393,6 +393,71 @@ def test_cross_validated_study_decides_on_the_mean_over_folds(tmp_path, shared_d
     assert low <= mean <= high
 
 
+def test_an_ensemble_study_trains_the_chosen_cuts_other_seeds_last(tmp_path, shared_datasets_dir_module):
+    """selection.ensemble=2: after the two-stage search, one more seed of the chosen cut; `best`
+    reports the averaged probabilities' metrics, a resume trains nothing more."""
+    import numpy as np
+
+    from ttl_search.search.record import trial_predictions
+    from ttl_search.train.metrics import metric_value
+
+    url = f"sqlite:///{tmp_path / 'ens.db'}"
+    args = _study_args("ens", url, shared_datasets_dir_module, "--set", "selection.ensemble=2",
+                       "--set", "trial.max_epochs=1")
+    assert run_cli(args, tmp_path / "driver.log") == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    ts = trials("ens", url)
+    best = _best("ens", url, tmp_path / "driver.log")
+    assert all(t.state == TrialState.COMPLETE for t in ts)
+    assert [t.user_attrs["phase"] for t in ts].count("ensemble") == 1
+    last = max(ts, key=lambda t: t.datetime_start)
+    assert last.user_attrs["phase"] == "ensemble" and (last.params["cut"], last.params["repeat"]) == (best["cut"], 1)
+    assert last.user_attrs["seed"] == 1  # search.seed 0 + repeat 1
+    members = [t for t in ts if t.params["cut"] == best["cut"]]
+    ens = best["ensemble"]
+    assert ens["size"] == 2 and ens["complete"] and ens["seeds"] == [0, 1]
+    assert sorted(ens["trials"]) == sorted(t.number for t in members) and best["repeats"] == 1
+    for split in ("val", "test"):
+        labels = trial_predictions(members[0], split)[0]
+        mean = np.mean([trial_predictions(t, split)[1] for t in members], axis=0)
+        assert ens[split] == pytest.approx(metric_value("auroc", labels, mean), abs=1e-9)
+        assert ens[f"{split}_ci"][0] <= ens[split] <= ens[f"{split}_ci"][1]
+    shown = cli("best", "ens", "--storage", url)
+    assert shown.returncode == 0 and f"Answer: the ensemble of 2 seeds of cut {best['cut']}" in shown.stdout
+    resumed = cli("resume", "ens", "--storage", url, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(trials("ens", url)) == len(ts)
+
+    # `export` writes the answer: both members in one model whose softmax is their averaged probabilities
+    import onnxruntime as ort
+
+    from ttl_search.data import make_loader
+    from ttl_search.export import restore_trial
+    from ttl_search.search.record import TrialRecord
+
+    out = tmp_path / "export"
+    shown = cli("export", "ens", "--storage", url, "--output", out)
+    assert shown.returncode == 0 and "the ensemble of 2 models" in shown.stdout, shown.stderr
+    card = json.loads((out / "model_card.json").read_text())
+    assert [str(n) for n in card["trial"]] == [str(n) for n in sorted(ens["trials"])]
+    assert card["model"]["ensemble"]["size"] == 2 and card["metrics"]["ensemble"]["test"] == ens["test"]
+    assert card["verification"]["test_metric_recomputed"] == pytest.approx(ens["test"], abs=1e-4)
+    assert card["cost"]["params"] == sum(TrialRecord.from_trial(t).params for t in members)
+    assert "Ensemble of 2 models" in (out / "model_card.md").read_text()
+    restored = restore_trial("ens", url, members[0].number, pretrained=False)
+    loader = make_loader(restored.data.test, restored.transform, train=False, batch_size=512, seed=0,
+                         dims=restored.data.dims)
+    x, _ = next(iter(loader))
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    probs = np.exp(session.run(None, {"input": x.numpy()})[0])
+    mean = np.mean([trial_predictions(t, "test")[1] for t in members], axis=0)
+    assert np.abs(probs - mean).max() < 1e-4
+    one = cli("export", "ens", "--storage", url, "--trial", members[0].number, "--output", tmp_path / "one")
+    assert one.returncode == 0 and f"exported trial {members[0].number} of" in one.stdout, one.stderr
+    report = cli("report", "ens", "--storage", url, "--output", tmp_path / "report")
+    assert report.returncode == 0, report.stderr
+    assert f"Answer: the ensemble of 2 seeds of cut {best['cut']}" in (tmp_path / "report" / "summary.md").read_text()
+
+
 def test_two_runs_of_one_new_name_at_once(tmp_path, shared_datasets_dir_module):
     """Both drivers pass the "exists?" check at about the same moment; the one that loses the race
     to create the study says it already exists (no DuplicatedStudyError traceback), the other runs."""

@@ -92,6 +92,47 @@ def test_barrier_waits_for_stage_one():
     assert plan.action == "run" and plan.phase == "stage2" and 9 <= plan.job.cut <= 13
 
 
+def test_the_ensemble_phase_trains_the_chosen_cuts_other_seeds_after_the_search():
+    """selection.ensemble=3: once every search training has settled, the chosen cut's seeds 1 and 2;
+    they never reach a decision, so a resumed plan (a new sampler over the stored trials) is done."""
+    cfg = _study_cfg()
+    cfg.selection.ensemble = 3
+
+    def weak_later_seeds(p):  # had seeds 1 and 2 counted, cut 11 would lose its stage's lead
+        return 0.1 if p["repeat"] else stage3_wins(p)
+
+    sampler = make_sampler(cfg)
+    study = drive(sampler, weak_later_seeds, repeats=3)
+    keys = [(t.params["cut"], t.params["repeat"], t.user_attrs["phase"]) for t in study.trials]
+    assert keys[:9] == [(c, 0, "stage1") for c in (17, 14, 8, 4)] + [(c, 0, "stage2") for c in (13, 12, 11, 10, 9)]
+    assert keys[9:] == [(11, 1, "ensemble"), (11, 2, "ensemble")]
+    resumed = make_sampler(cfg)
+    assert resumed.plan(study.trials).action == "finished" and resumed.plan(study.trials).expected_total == 11
+    assert resumed.ranking(study.trials)[0] == (11, stage3_wins({"cut": 11}))
+
+
+def test_the_ensemble_phase_waits_for_the_last_search_training():
+    cfg = _study_cfg(backbone="test_cnn", input_size=28, method="exhaustive")
+    cfg.selection.ensemble = 3
+    sampler = make_sampler(cfg)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    last = None
+    while (plan := sampler.plan(study.get_trials(deepcopy=False))).action == "run" and plan.phase == "exhaustive":
+        if last is not None:
+            study.tell(last, 0.5 + 0.01 * last.params["cut"])
+        last = study.ask()
+        suggest_params(last, sampler.candidates, ["ttl"], 3)
+    assert plan.action == "wait" and "barrier" in plan.note  # the pick needs the last search result
+    study.tell(last, 0.5 + 0.01 * last.params["cut"])
+    best = max(c.index for c in sampler.candidates)
+    for repeat in (1, 2):  # both seeds start at once: the pick is final, nothing holds them back
+        plan = sampler.plan(study.get_trials(deepcopy=False))
+        assert (plan.action, plan.phase, plan.job.cut, plan.job.repeat) == ("run", "ensemble", best, repeat)
+        suggest_params(study.ask(), sampler.candidates, ["ttl"], 3)
+    plan = sampler.plan(study.get_trials(deepcopy=False))
+    assert (plan.action, plan.phase, plan.note) == ("wait", "ensemble", "waiting for running trials")
+
+
 def test_tolerance_prefers_the_smaller_model():
     scores = {4: 0.90, 8: 0.905, 14: 0.91}
     params = {4: 1, 8: 2, 14: 3}

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import from_dict, merge, to_dict
 from ..errors import StudyError
-from ..results.answer import study_answer, trial_evidence
+from ..search.answer import study_answer, trial_evidence
 from ..search.record import PREDICTIONS_ATTR, SEARCH_STRATEGY, TrialRecord
 from ..search.samplers import CutCandidate, suggest_params, trial_key
 from ..search.selection import score_candidates

@@ -13,6 +13,9 @@ checkpoint. :func:`export_trial` writes:
 
 Both files take a float32 ``N x C x H x W`` (``N x C x D x H x W`` for 3D) batch, normalised as
 the card says, and return ``logits``; ``softmax(logits, dim=1)`` gives the class probabilities.
+When the study's answer is an ensemble (``selection.ensemble``), the default export is the whole
+ensemble (:class:`AveragedProbabilities`): its ``logits`` are the log of the members' averaged
+class probabilities, so the same softmax gives the ensemble's probabilities.
 Before it returns, the export runs the test split through the restored model, the TorchScript
 file and the ONNX file (ONNX Runtime) and records the largest probability difference.
 """
@@ -40,7 +43,7 @@ from ..results import artifacts_dir, chosen_cut, open_study, stored_latency, tri
 from ..data import DatasetSplits, Split, TransformConfig, load_data, make_loader
 from ..errors import ConfigError, StudyError, choices
 from ..train.metrics import compute_metrics
-from ..search.record import SEARCH_STRATEGY, TrialRecord, latency_row
+from ..search.record import SEARCH_STRATEGY, TrialRecord, fmt_diff, fmt_interval, latency_row
 from ..storage import storage_url, study_trials, trial_ref
 from ..search.study import StudyConfig
 from ..train.trial import PreparedTrial, TrialConfig, prepare_trial, seed_everything
@@ -384,6 +387,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _trials_text(trial: str | int | list) -> str:
+    """``trial 3``, or ``trials 3, 9, 10`` for an ensemble's card."""
+    return f"trials {', '.join(map(str, trial))}" if isinstance(trial, list) else f"trial {trial}"
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     """The model card as Markdown for people."""
     m, i, o, d, c, v = card["model"], card["input"], card["output"], card["data"], card["cost"], card["verification"]
@@ -392,7 +400,7 @@ def card_markdown(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {m['backbone']} truncated at cut {m['cut']} ({m['cut_name']})",
         "",
-        f"Study `{card['study']}`, trial {card['trial']} ({card['strategy']}"
+        f"Study `{card['study']}`, {_trials_text(card['trial'])} ({card['strategy']}"
         f"{', the cut the search chose' if card['chosen_by_search'] else ''}), exported {card['created']}.",
         "",
         "## Model",
@@ -401,6 +409,9 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"- Cut {m['cut']} of {m['cuts_of_backbone']} (last kept unit `{m['cut_name']}`, stage {m['stage']}); "
         f"kept units: {', '.join(f'`{u}`' for u in m['kept_units'])}. Everything above the cut is absent from the files.",
         f"- Head: {m['head']}, {m['num_classes']} classes.",
+        *([f"- Ensemble of {m['ensemble']['size']} models of this cut (trials {', '.join(map(str, card['trial']))}, "
+           f"seeds {', '.join(map(str, m['ensemble']['seeds']))}): {m['ensemble']['combination']}; the files hold "
+           "every member; the sizes below are the sums."] if m.get("ensemble") else []),
         f"- Parameters: {c['params']:,} (full backbone with the same head: {c['full_model_params']:,}); "
         f"MACs per image: {c['macs']:,} (full: {c['full_model_macs']:,})." if c.get("params") and c.get("full_model_params") and c.get("macs") and c.get("full_model_macs")
         else f"- Parameters: {c.get('params')}; MACs per image: {c.get('macs')}.",
@@ -430,6 +441,11 @@ def card_markdown(card: dict[str, Any]) -> str:
     ]
     for name in metrics["trial"]["val"]:
         lines.append(f"| {name} | {_fmt(metrics['trial']['val'].get(name))} | {_fmt(metrics['trial']['test'].get(name))} |")
+    if metrics.get("ensemble"):
+        e = metrics["ensemble"]
+        lines += ["", f"The ensemble (the exported model): validation {metrics['selection_metric']} {_fmt(e['val'])} "
+                  f"{fmt_interval(e['val_ci'])}, paired difference to the best single cut {e['reference_cut']} "
+                  f"{fmt_diff(e['diff'], e['diff_ci'])}; test {_fmt(e['test'])} {fmt_interval(e['test_ci'])}."]
     if len(over["seeds"]) > 1:
         lines += ["", f"The same cut over seeds {over['seeds']} (trials {over['trials']}), mean ± sd:", "",
                   "| metric | validation | test |", "|---|---|---|"]
@@ -450,7 +466,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"Checked on the {v['samples']} test images: largest difference of class probabilities from the restored "
         f"PyTorch model: TorchScript {v['torchscript_max_abs_diff']:.2e}, ONNX Runtime {v['onnx_max_abs_diff']:.2e}; "
         f"test {v['metric']} recomputed from the ONNX outputs {_fmt(v['test_metric_recomputed'])} "
-        f"(stored with the trial: {_fmt(v['test_metric_stored'])}).",
+        f"(stored with the {'study' if m.get('ensemble') else 'trial'}: {_fmt(v['test_metric_stored'])}).",
         "",
         "## Versions",
         "",
@@ -460,19 +476,76 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class AveragedProbabilities(nn.Module):
+    """An ensemble as one model: the log of its members' averaged class probabilities (so that
+    ``softmax`` of the output is that average, and its argmax the ensemble's class)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+def _ensemble_members(name: str, storage: str | None, trial: int | str | None) -> list[RestoredTrial] | None:
+    """The restored members of the study's answer when it is a complete ensemble and no trial was
+    asked for; None otherwise (one trial is exported)."""
+    if trial is not None:
+        return None
+    url = storage_url(storage)
+    study, cfg = open_study(name, url)
+    summary = chosen_cut(study, cfg) or {}
+    ensemble = summary.get("ensemble")
+    if not ensemble:
+        return None
+    if not ensemble["complete"]:
+        raise StudyError(f"study {name!r} answers with an ensemble of {ensemble['size']} seeds of cut "
+                         f"{summary['cut']}, but only seeds {ensemble['seeds']} are trained; resume it "
+                         f"(`ttl-search resume {name}`), or export one member with --trial N (trials "
+                         f"{', '.join(map(str, ensemble['trials']))})")
+    return [restore_trial(name, url, number, pretrained=False) for number in ensemble["trials"]]
+
+
+def _ensemble_card(card: dict[str, Any], members: list[RestoredTrial]) -> dict[str, Any]:
+    """The card of the first member, made the ensemble's: its trials, summed size, the ensemble's
+    metrics (from the study's answer), and latency marked as one member's."""
+    summary = members[0].summary
+    ensemble = summary["ensemble"]
+    records_ = [m.record for m in members]
+    card["trial"] = [trial_ref(m.trial) for m in members]
+    card["model"]["ensemble"] = {"size": len(members), "seeds": [r.seed for r in records_],
+                                 "checkpoints": [str(m.checkpoint) for m in members],
+                                 "combination": "the mean of the members' softmax probabilities"}
+    card["model"]["fine_tuned_checkpoint"] = card["model"]["ensemble"]["checkpoints"]
+    card["output"]["probabilities"] = "softmax(logits, dim=1): the members' averaged probabilities"
+    card["metrics"]["ensemble"] = {k: ensemble[k] for k in ("val", "val_ci", "test", "test_ci", "diff", "diff_ci")}
+    card["metrics"]["ensemble"]["reference_cut"] = summary["reference_cut"]
+    for key in ("params", "trainable_params", "macs"):
+        values = [getattr(r, key) for r in records_]
+        card["cost"][key] = sum(values) if all(v is not None for v in values) else None
+    card["cost"]["latency_measured"] = f"{card['cost']['latency_measured']} (one member; the ensemble runs {len(members)})"
+    return card
+
+
 def export_trial(name: str, storage: str | None = None, trial: int | str | None = None,
                  output: str | Path | None = None, opset: int = ONNX_OPSET) -> ExportResult:
-    """Export trial ``trial`` (default: the chosen cut's best trial) of study ``name`` to
-    ``output`` as TorchScript and ONNX with a model card."""
+    """Export trial ``trial`` (default: the study's answer: the chosen cut's best trial, or the
+    whole ensemble when the answer is one) of study ``name`` to ``output`` as TorchScript and ONNX
+    with a model card."""
     import onnx
     import onnxruntime as ort
 
     if output is None:
         raise ConfigError("export needs an output folder (--output DIR)")
-    restored = restore_trial(name, storage, trial, pretrained=False)
+    members = _ensemble_members(name, storage, trial)
+    restored = members[0] if members else restore_trial(name, storage, trial, pretrained=False)
     out = Path(output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     model, tr, spec = restored.model, restored.transform, restored.prepared.loaded.spec
+    if members:
+        model = AveragedProbabilities([m.model for m in members]).eval()
     example = torch.randn(2, *input_shape(spec, tr.input_size, tr.in_channels))
     files = {"torchscript": out / TORCHSCRIPT_FILE, "onnx": out / ONNX_FILE, "card_json": out / CARD_JSON,
              "card_md": out / CARD_MD}
@@ -502,13 +575,15 @@ def export_trial(name: str, storage: str | None = None, trial: int | str | None 
         "torchscript_max_abs_diff": float(np.abs(ts_probs - reference).max()),
         "onnx_max_abs_diff": float(np.abs(onnx_probs - reference).max()),
         "metric": metric, "test_metric_recomputed": recomputed,
-        "test_metric_stored": restored.record.test.get(metric),
+        "test_metric_stored": restored.summary["ensemble"]["test"] if members else restored.record.test.get(metric),
     }
     worst = max(verification["torchscript_max_abs_diff"], verification["onnx_max_abs_diff"])
     if worst > 1e-4:
         log.warning("exported files differ from the restored model by up to %.2e in probability", worst)
     card = build_card(restored, files, exporter, opset, verification, onnx_weights)
+    if members:
+        card = _ensemble_card(card, members)
     files["card_json"].write_text(json.dumps(card, indent=2) + "\n")
     files["card_md"].write_text(card_markdown(card))
-    log.info("exported trial %s of study %s to %s", trial_ref(restored.trial), name, out)
+    log.info("exported trial(s) %s of study %s to %s", card["trial"], name, out)
     return ExportResult(out, files, card)

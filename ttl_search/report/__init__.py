@@ -31,7 +31,8 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from ..errors import StudyError
-from ..search.record import fmt_count, fmt_diff, fmt_interval
+from ..search.record import ensemble_line, fmt_count, fmt_diff, fmt_interval
+from ..search.samplers import search_trials
 from ..storage import study_trials, trial_ref
 from .plots import (
     STRATEGY_LABELS, _cut_dicts, plot_metric_vs_cost, plot_metric_vs_cut, plot_search_order, trainable_note,
@@ -215,6 +216,8 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
             ]
         elif chosen.get("note"):
             lines += [chosen["note"], ""]
+        if chosen.get("ensemble"):
+            lines += [ensemble_line(chosen["ensemble"], chosen["cut"], metric, chosen["reference_cut"]), ""]
     lines += ["## Results (test split, mean ± sd over seeds)", ""]
     if results is not None and not results.empty:
         header = ["method", "cut", "seeds"] + [METRIC_HEADERS[m] for m in TABLE_METRICS] + [
@@ -305,7 +308,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
     metric = cfg.metric
     spec = get_backbone(cfg.trial.backbone)
     cuts = _cut_dicts(spec)
-    cm_all = cut_metrics(trials, metric, strategy=None, latency=latency)
+    cm_all = cut_metrics(search_trials(trials, cfg.search.repeats), metric, strategy=None, latency=latency)
     ttl = cm_all[cm_all["strategy"] == "ttl"].reset_index(drop=True)
     baselines = cm_all[cm_all["strategy"] != "ttl"].reset_index(drop=True)
     chosen = None
@@ -318,7 +321,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
                   "trainable_params": row["trainable_params"], "latency_batch1_ms": row["latency_batch1_ms"],
                   "full_params": best["full"]["params"], "val_ci": best["val_ci"], "rule": best["rule"],
                   "indistinguishable": best["indistinguishable"], "reference_cut": best["reference_cut"],
-                  "confidence": best["confidence"], "note": best["note"]}
+                  "confidence": best["confidence"], "note": best["note"], "ensemble": best["ensemble"]}
         add_intervals(cm_all, best["ranking"])
         ttl = cm_all[cm_all["strategy"] == "ttl"].reset_index(drop=True)
     out = Path(output) if output else artifacts_dir(cfg, url) / name / "report"

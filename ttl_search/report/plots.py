@@ -16,7 +16,7 @@ from .tables import pareto_front, spreads_overlap
 STRATEGY_LABELS = {name: s.label for name, s in STRATEGIES.items()}
 BASELINE_MARKERS = {name: s.marker for name, s in STRATEGIES.items() if name in BASELINES}
 PHASE_COLORS = {"stage1": "#1f77b4", "stage2": "#ff7f0e", "baseline": "#7f7f7f", "tpe": "#2ca02c",
-                "exhaustive": "#9467bd"}
+                "exhaustive": "#9467bd", "ensemble": "#17becf"}
 STATE_MARKERS = {"COMPLETE": "o", "FAIL": "x", "PRUNED": "v", "RUNNING": "*", "WAITING": "."}
 CHOSEN_COLOR = "#d62728"
 

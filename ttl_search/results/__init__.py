@@ -19,10 +19,10 @@ from ..config import from_dict, to_dict
 from ..errors import StudyError
 from ..search.record import (SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, fmt_count, fmt_interval,
                              fmt_value, records, summarize_cut)
-from ..search.samplers import CutCandidate
+from ..search.samplers import CutCandidate, search_trials
 from ..storage import BASELINES_OF_ATTR, load_study, open_storage, sqlite_path, study_trials
 from ..search.study import StudyConfig, cut_candidates, make_sampler, upgrade_stored_config
-from .answer import Answer, study_answer
+from ..search.answer import Answer, Ensemble, study_answer
 from ..train.trial import TrialConfig
 
 CONFIG_ATTR = "config"
@@ -181,7 +181,7 @@ def chosen_cut(study: optuna.Study, cfg: StudyConfig,
     if answer.pick is None:
         return None
     cut = answer.pick
-    groups = completed_by_cut(records(trials))
+    groups = completed_by_cut(records(search_trials(trials, cfg.search.repeats)))
     chosen = groups[(SEARCH_STRATEGY, cut)]
     latency = stored_latency(study)
     summary = summarize_cut(chosen, latency)
@@ -201,7 +201,22 @@ def chosen_cut(study: optuna.Study, cfg: StudyConfig,
         "ranking": _ranking_rows(answer, groups, cfg, latency),
         "note": answer.note, "chance": answer.chance,
         "at_chance": (SEARCH_STRATEGY, cut) in answer.at_chance, "warnings": answer.warnings(cfg.metric),
+        "ensemble": _ensemble_dict(answer.ensemble),
     }
+
+
+def _ensemble_dict(ensemble: Ensemble | None) -> dict[str, Any] | None:
+    """The answer's ensemble as ``best`` reports it (JSON-ready): size, repeats and their seeds,
+    trials, whether it is complete, validation value, interval and paired difference to the best cut, test value
+    and interval."""
+    if ensemble is None:
+        return None
+    val, test = ensemble.val, ensemble.test
+    return {"size": ensemble.size, "repeats": ensemble.repeats, "seeds": ensemble.seeds, "trials": ensemble.trials,
+            "complete": ensemble.complete,
+            "val": val.value if val else None, "val_ci": list(val.ci) if val else None,
+            "diff": val.diff if val else None, "diff_ci": list(val.diff_ci) if val else None,
+            "test": test.value if test else None, "test_ci": list(test.ci) if test else None}
 
 
 def _ranking_rows(answer: Answer, groups: dict[tuple[str, int], list[TrialRecord]],
@@ -240,7 +255,7 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
         trials = study_trials(study)
         answer = study_answer(trials, cfg, stored_candidates(study, cfg))
         latency = stored_latency(study)
-        for (strategy, cut), group in completed_by_cut(records(trials)).items():
+        for (strategy, cut), group in completed_by_cut(records(search_trials(trials, cfg.search.repeats))).items():
             summary = summarize_cut(group, latency)
             score = answer.scores.get((strategy, cut))
             row = {"study": name, "strategy": strategy, "cut": cut, "cut_name": summary.cut_name,

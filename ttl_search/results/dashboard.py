@@ -24,7 +24,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import ConfigError, StudyError
-from ..search.record import SEARCH_STRATEGY, TrialRecord, fmt_count, fmt_diff, fmt_interval, fmt_value
+from ..search.record import (SEARCH_STRATEGY, TrialRecord, ensemble_line, fmt_count, fmt_diff, fmt_interval,
+                             fmt_value)
 from ..storage import baselines_study, load_study, open_storage, storage_url, study_names, study_trials, trial_ref
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def study_note(best: dict[str, Any], trials: Sequence[FrozenTrial], cfg, baselin
                                       else "the best mean validation metric."),
         "",
     ]
+    if best.get("ensemble"):
+        lines += [ensemble_line(best["ensemble"], best["cut"], metric, best["reference_cut"]), ""]
     if baselines:
         lines += [f"This study holds the search's trials only, so its plots, history and \"Best Trial\" show the "
                   f"search. The baselines (and the frozen probe's model) are in study `{baselines}`; the table "

@@ -142,7 +142,7 @@ def _store_probe_trial(study: optuna.Study, cfg: StudyConfig, result: ProbeResul
     baselines = baselines_study(study)
     candidates = stored_candidates(study, cfg)
     strategies, cuts = part_space(cfg, candidates, PROBE_STRATEGY, baselines is not None)
-    distributions = job_distributions(candidates, strategies, cfg.search.repeats, cfg.selection.folds, cuts)
+    distributions = job_distributions(candidates, strategies, cfg.seed_count, cfg.selection.folds, cuts)
     study = baselines or study
     params = {"strategy": PROBE_STRATEGY, "cut": cut, "repeat": 0, "fold": 0}
     # Stored RUNNING first: Optuna attaches artifacts only to unfinished trials.

@@ -396,3 +396,14 @@ def fmt_diff(diff: Any, ci: Sequence[Any] | None) -> str:
     if _unknown(diff):
         return "-"
     return f"{diff:+.4f} {fmt_interval(ci)}"
+
+
+def ensemble_line(ensemble: dict[str, Any], cut: int, metric: str, reference: int | None) -> str:
+    """One sentence on the answer's ensemble (``best``'s ``ensemble`` entry) for people."""
+    done = "" if ensemble["complete"] else f"; {len(ensemble['seeds'])} of {ensemble['size']} seeds trained so far"
+    test = "" if _unknown(ensemble["test"]) else f"; test {metric} {ensemble['test']:.4f} {fmt_interval(ensemble['test_ci'])}"
+    val = "-" if _unknown(ensemble["val"]) else f"{ensemble['val']:.4f}"
+    return (f"Answer: the ensemble of {ensemble['size']} seeds of cut {cut} (class probabilities averaged; seeds "
+            f"{', '.join(map(str, ensemble['seeds'])) or '-'}{done}): validation {metric} {val} "
+            f"{fmt_interval(ensemble['val_ci'])}, against the best single cut {reference} (paired) "
+            f"{fmt_diff(ensemble['diff'], ensemble['diff_ci'])}{test}.")

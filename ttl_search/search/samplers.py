@@ -63,7 +63,7 @@ class Job:
     repeat: int
     """Seed index (0-based)."""
     phase: str
-    """``stage1``, ``stage2``, ``exhaustive``, ``tpe`` or ``baseline``."""
+    """``stage1``, ``stage2``, ``exhaustive``, ``guided``, ``tpe``, ``baseline`` or ``ensemble``."""
     fold: int = 0
     """Validating fold of a cross-validated study (0 otherwise)."""
 
@@ -121,6 +121,20 @@ def trial_key(trial: FrozenTrial) -> Key | None:
         return None
     return Key(str(p.get("strategy", a.get("strategy", SEARCH_STRATEGY))), int(cut), int(p.get("repeat", 0)),
                int(p.get("fold", 0)))
+
+
+ENSEMBLE_PHASE = "ensemble"
+"""The phase after the search that trains the chosen cut's other seeds (``selection.ensemble``)."""
+
+Chooser = Callable[[Sequence[FrozenTrial]], "int | None"]
+"""The study's selection rule as the sampler calls it: settled search trials -> chosen cut."""
+
+
+def search_trials(trials: Iterable[FrozenTrial], repeats: int) -> list[FrozenTrial]:
+    """The trials the search decides on: every trial but the ensemble phase's, whose seed (repeat)
+    is beyond the search's ``repeats``. Decisions never see the ensemble's extra seeds, so they
+    cannot change the cut those seeds were trained for, even on a resume."""
+    return [t for t in trials if (key := trial_key(t)) is None or key.repeat < repeats]
 
 
 @dataclass
@@ -192,7 +206,8 @@ class PlannedSampler(BaseSampler):
     """
 
     def __init__(self, candidates: Sequence[CutCandidate], direction: str, repeats: int = 1, max_retries: int = 2,
-                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, folds: int = 1) -> None:
+                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, folds: int = 1,
+                 ensemble: int = 1, chooser: Chooser | None = None) -> None:
         self.candidates = list(candidates)
         self.by_index = {c.index: c for c in candidates}
         self.direction = direction
@@ -201,6 +216,10 @@ class PlannedSampler(BaseSampler):
         self.baselines = list(baselines)
         self.tolerance = tolerance
         self.folds = folds
+        self.ensemble = ensemble
+        """Seeds of the chosen cut that make the answer (see ``selection.ensemble``)."""
+        self.chooser = chooser
+        """The study's selection rule: its settled search trials -> the chosen cut (or None)."""
         self._pending: dict[int, Job] = {}
         """The job of each trial being asked, by storage trial id (unique across studies)."""
         self._next: Job | None = None
@@ -231,19 +250,47 @@ class PlannedSampler(BaseSampler):
         return [j for s, c in self.baselines for j in self._jobs(s, [c], "baseline")]
 
     def plan(self, trials: Sequence[FrozenTrial]) -> Plan:
-        """The next training (or a completed twin to copy), ``wait`` or ``finished``."""
+        """The next training (or a completed twin to copy), ``wait`` or ``finished``.
+
+        The search's phases (and the baselines) first, decided on the search's own trials; then,
+        with ``ensemble`` above ``repeats``, the ensemble phase: the chosen cut's missing seeds."""
         ledger = Ledger.from_trials(trials)
-        jobs, phase, barrier, expected = self.search_jobs(ledger)
-        expected += len(self.baseline_jobs())
-        for job in self._open([*jobs, *self.baseline_jobs()], ledger):
+        decided_on = search_trials(trials, self.repeats)
+        jobs, phase, barrier, expected = self.search_jobs(Ledger.from_trials(decided_on))
+        extra = max(0, self.ensemble - self.repeats) * self.folds
+        expected += len(self.baseline_jobs()) + extra
+        open_jobs = self._open([*jobs, *self.baseline_jobs()], ledger)
+        plan = self._next_job(open_jobs, ledger, phase, expected)
+        if plan is None and extra and not open_jobs:  # every search training settled: the pick is final
+            phase = ENSEMBLE_PHASE
+            plan = self._next_job(self.ensemble_jobs(decided_on), ledger, phase, expected)
+        if plan is not None:
+            return plan
+        if ledger.running:
+            barrier = barrier or (extra > 0 and phase != ENSEMBLE_PHASE)
+            return Plan("wait", None, phase, expected, "waiting for running trials" + (
+                " (stage barrier)" if barrier else ""))
+        return Plan("finished", None, phase, expected, "every planned training is settled")
+
+    def _next_job(self, jobs: Iterable[Job], ledger: Ledger, phase: str, expected: int) -> Plan | None:
+        """A plan to run the first open job of ``jobs`` that no running trial (or twin) answers;
+        None when there is none."""
+        for job in self._open(jobs, ledger):
             key = job.key
             twin = twin_key(key)
             if key in ledger.running or twin in ledger.running:
                 continue  # a running twin will answer for this job too
             return Plan("run", job, phase, expected, reuse=ledger.first_complete.get(twin))
-        if ledger.running:
-            return Plan("wait", None, phase, expected, "waiting for running trials" + (" (stage barrier)" if barrier else ""))
-        return Plan("finished", None, phase, expected, "every planned training is settled")
+        return None
+
+    def ensemble_jobs(self, decided_on: Sequence[FrozenTrial]) -> list[Job]:
+        """The seeds ``repeats..ensemble-1`` (every fold) of the cut the search chose on
+        ``decided_on`` (its settled trials); none without a chooser or a chosen cut."""
+        cut = self.chooser(decided_on) if self.chooser is not None else None
+        if cut is None:
+            return []
+        return [Job(SEARCH_STRATEGY, cut, r, ENSEMBLE_PHASE, f)
+                for r in range(self.repeats, self.ensemble) for f in range(self.folds)]
 
     # -- Optuna sampler interface -------------------------------------------------------------
     def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
@@ -279,7 +326,8 @@ class PlannedSampler(BaseSampler):
 
     # -- answers ---------------------------------------------------------------------------------
     def ranking(self, trials: Sequence[FrozenTrial], strategy: str = SEARCH_STRATEGY) -> list[tuple[int, float]]:
-        return rank_cuts(trials, self.candidates, self.direction, self.tolerance, strategy)
+        return rank_cuts(search_trials(trials, self.repeats), self.candidates, self.direction, self.tolerance,
+                         strategy)
 
 
 class BaselinesOnlySampler(PlannedSampler):
@@ -302,8 +350,8 @@ class TwoStageSampler(PlannedSampler):
 
     def __init__(self, candidates: Sequence[CutCandidate], direction: str, repeats: int = 1, max_retries: int = 2,
                  baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, top_k: int = 1,
-                 folds: int = 1) -> None:
-        super().__init__(candidates, direction, repeats, max_retries, baselines, tolerance, folds)
+                 folds: int = 1, ensemble: int = 1, chooser: Chooser | None = None) -> None:
+        super().__init__(candidates, direction, repeats, max_retries, baselines, tolerance, folds, ensemble, chooser)
         if top_k < 1:
             raise ConfigError(f"search.top_k must be >= 1, got {top_k}")
         self.top_k = top_k
@@ -360,8 +408,9 @@ class GuidedSampler(PlannedSampler):
 
     def __init__(self, candidates: Sequence[CutCandidate], direction: str, ranking: Sequence[int] | None,
                  budget: int = 5, initial: int = 2, repeats: int = 1, max_retries: int = 2,
-                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, folds: int = 1) -> None:
-        super().__init__(candidates, direction, repeats, max_retries, baselines, tolerance, folds)
+                 baselines: Sequence[tuple[str, int]] = (), tolerance: float = 0.0, folds: int = 1,
+                 ensemble: int = 1, chooser: Chooser | None = None) -> None:
+        super().__init__(candidates, direction, repeats, max_retries, baselines, tolerance, folds, ensemble, chooser)
         if budget < 1 or initial < 1:
             raise ConfigError(f"guided search: search.budget and search.initial must be >= 1, got {budget} and {initial}")
         self.probe_order = None if ranking is None else [c for c in ranking if c in self.by_index]
@@ -512,31 +561,36 @@ class SearchMethod:
     """One line for help texts and reports."""
     build: SamplerBuilder
     """(cut candidates, direction, the study's ``search`` settings, baselines as (strategy, cut),
-    cross-validation folds, the probe's ranking of the cuts or None) -> the sampler."""
+    cross-validation folds, the probe's ranking of the cuts or None, the ensemble's seeds, the
+    study's selection rule as a :data:`Chooser`) -> the sampler."""
     takes_baselines: bool = True
     """Whether it can schedule baselines in the same study."""
     takes_folds: bool = True
     """Whether it can train every cut on each cross-validation fold."""
+    takes_ensemble: bool = True
+    """Whether it can train the chosen cut's other seeds after the search (``selection.ensemble``)."""
     needs_probe: bool = False
     """Whether it is guided by the frozen probe (run before the search, stored in the study)."""
 
 
 def _planned(cls: type[PlannedSampler], **extra: Callable[[Any], Any]) -> SamplerBuilder:
-    def build(candidates, direction, s, baselines, folds=1, ranking=None):
+    def build(candidates, direction, s, baselines, folds=1, ranking=None, ensemble=1, chooser=None):
         return cls(candidates, direction=direction, repeats=s.repeats, max_retries=s.max_retries,
-                   baselines=baselines, tolerance=s.tolerance, folds=folds, **{k: f(s) for k, f in extra.items()})
+                   baselines=baselines, tolerance=s.tolerance, folds=folds, ensemble=ensemble, chooser=chooser,
+                   **{k: f(s) for k, f in extra.items()})
     return build
 
 
-def _tpe(candidates, direction, s, baselines, folds=1, ranking=None) -> TPESearch:
+def _tpe(candidates, direction, s, baselines, folds=1, ranking=None, ensemble=1, chooser=None) -> TPESearch:
     budget = s.budget if s.budget is not None else DEFAULT_BUDGETS["tpe"]
     return TPESearch(candidates, direction, budget, seed=s.seed, max_retries=s.max_retries, tolerance=s.tolerance)
 
 
-def _guided(candidates, direction, s, baselines, folds=1, ranking=None) -> GuidedSampler:
+def _guided(candidates, direction, s, baselines, folds=1, ranking=None, ensemble=1, chooser=None) -> GuidedSampler:
     budget = s.budget if s.budget is not None else DEFAULT_BUDGETS["guided"]
     return GuidedSampler(candidates, direction, ranking, budget=budget, initial=s.initial, repeats=s.repeats,
-                         max_retries=s.max_retries, baselines=baselines, tolerance=s.tolerance, folds=folds)
+                         max_retries=s.max_retries, baselines=baselines, tolerance=s.tolerance, folds=folds,
+                         ensemble=ensemble, chooser=chooser)
 
 
 DEFAULT_BUDGETS = {"tpe": 10, "guided": 5}
@@ -548,11 +602,11 @@ SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (
                  _planned(TwoStageSampler, top_k=lambda s: s.top_k)),
     SearchMethod("exhaustive", "every valid cut", _planned(ExhaustiveSampler)),
     SearchMethod("tpe", "Optuna's TPE over the cuts (and optionally lr, weight decay) with a trial budget", _tpe,
-                 takes_baselines=False, takes_folds=False),
+                 takes_baselines=False, takes_folds=False, takes_ensemble=False),
     SearchMethod("guided", "the frozen probe ranks every cut; its best cuts are trained, then the best one's "
                  "neighbours, within a budget of trainings", _guided, needs_probe=True),
     SearchMethod("none", "no search: only the baselines (a sibling study for comparisons)",
-                 _planned(BaselinesOnlySampler)),
+                 _planned(BaselinesOnlySampler), takes_ensemble=False),
 )}
 
 

@@ -70,6 +70,11 @@ class SelectionConfig:
     folds: int = 1
     """k-fold cross-validation over train + validation when > 1 (decisions on the mean over
     folds); 1 uses the dataset's own validation split."""
+    ensemble: int = 1
+    """Models of the chosen cut (seeds 0..n-1) whose averaged class probabilities are the answer.
+    Above ``search.repeats``, the seeds the search did not train are trained at the chosen cut
+    once the search has decided (phase ``ensemble``); they never change the decision. 1: the
+    answer is the chosen cut's models one by one (their mean metric)."""
 
     def __post_init__(self) -> None:
         validate_selection_config(self)
@@ -99,6 +104,11 @@ def validate_selection_config(cfg: SelectionConfig) -> None:
         raise ConfigError(
             f"selection.folds must be 1 (the validation split) or an integer >= 2 "
             f"(k-fold cross-validation), got {cfg.folds!r}"
+        )
+    if not _is_int(cfg.ensemble) or cfg.ensemble < 1:
+        raise ConfigError(
+            f"selection.ensemble must be an integer >= 1 (1: one model; n: the average of n seeds of the "
+            f"chosen cut), got {cfg.ensemble!r}"
         )
 
 

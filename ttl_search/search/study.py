@@ -18,6 +18,7 @@ from ..errors import ConfigError, choices
 from ..train.metrics import metric_direction
 from .schedulers import SCHEDULERS
 from .record import SEARCH_STRATEGY
+from .answer import study_answer
 from .samplers import GUIDES, SEARCH_METHODS, CutCandidate, check_search, probe_ranking
 from .selection import SelectionConfig
 from ..models.strategies import BASELINES, PROBE_STRATEGY, STRATEGIES
@@ -150,6 +151,12 @@ class StudyConfig:
     def resolved_direction(self) -> str:
         return self.direction or metric_direction(self.metric)
 
+    @property
+    def seed_count(self) -> int:
+        """Seeds (repeats) a trial of this study may train with: the search's ``repeats``, or the
+        ensemble's size when larger (its extra seeds are trained at the chosen cut alone)."""
+        return max(self.search.repeats, self.selection.ensemble)
+
 
 def validate_study_config(cfg: StudyConfig) -> None:
     """Checks across keys; messages name the key and the valid choices."""
@@ -168,6 +175,10 @@ def validate_study_config(cfg: StudyConfig) -> None:
         folding = [m for m, spec in SEARCH_METHODS.items() if spec.takes_folds]
         raise ConfigError(f"selection.folds > 1 does not work with search.method {cfg.search.method}; methods that "
                           f"cross-validate: {choices(folding)}")
+    if cfg.selection.ensemble > 1 and not SEARCH_METHODS[cfg.search.method].takes_ensemble:
+        ensembling = [m for m, spec in SEARCH_METHODS.items() if spec.takes_ensemble]
+        raise ConfigError(f"selection.ensemble > 1 does not work with search.method {cfg.search.method}; methods that "
+                          f"train the chosen cut's other seeds: {choices(ensembling)}")
     for key in ("repeats", "budget", "top_k", "initial"):
         if getattr(cfg.search, key) is not None and getattr(cfg.search, key) < 1:
             raise ConfigError(f"search.{key} must be >= 1, got {getattr(cfg.search, key)}")
@@ -298,7 +309,8 @@ def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = N
     baselines = [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]
     ranking = probe_ranking(probe["rows"], cfg.search.guide, cfg.resolved_direction) if probe else None
     return method.build(candidates, cfg.resolved_direction, cfg.search, baselines, cfg.selection.folds,
-                        ranking=ranking)
+                        ranking=ranking, ensemble=cfg.selection.ensemble,
+                        chooser=lambda trials: study_answer(trials, cfg, candidates).pick)
 
 
 def trial_strategies(cfg: StudyConfig) -> list[str]:

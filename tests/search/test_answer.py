@@ -6,7 +6,7 @@ import pytest
 
 from studyutil import DEBUG_STUDY, synthetic_study
 from ttl_search.results import chosen_cut
-from ttl_search.results.answer import study_answer
+from ttl_search.search.answer import study_answer
 from ttl_search.search.study import load_study_config
 
 
@@ -82,12 +82,15 @@ def test_no_completed_trial_no_answer():
     ("selection.rule=smallest", "valid rules: best, smallest_within_ci"),
     ("selection.confidence=1.5", "selection.confidence"),
     ("selection.folds=0", "selection.folds"),
+    ("selection.ensemble=0", r"selection.ensemble must be an integer >= 1"),
+    ("selection.ensemble=2.5", r"selection.ensemble must be of type int"),
+    ("selection.ensemble=3 search.method=tpe", r"methods that train the chosen cut's other seeds: "),
 ])
 def test_bad_selection_settings_are_named(override, message):
     from ttl_search.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        config(override)
+        config(*override.split())
 
 
 def test_models_that_learned_nothing_are_flagged():
@@ -110,3 +113,51 @@ def test_accuracy_chance_is_the_majority_share():
     cfg = config("metric=accuracy")
     study, candidates = synthetic_study(cfg, ALIKE, n_pos=70, n_neg=30)
     assert study_answer(study.trials, cfg, candidates).chance == 0.7
+
+
+def test_the_ensemble_averages_the_chosen_cuts_seeds_and_never_moves_the_pick():
+    """selection.ensemble=3: the decision reads the search's seed alone, even when the chosen cut's
+    other seeds are weak enough to move it if they counted; the ensemble's metrics are those of the
+    averaged probabilities."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from ttl_search.search.record import trial_predictions
+
+    cfg = config("selection.ensemble=3")
+    alone, candidates = synthetic_study(cfg, ALIKE)
+    study, _ = synthetic_study(cfg, ALIKE, extra_seeds={4: (2, 0.3)})
+    before, answer = study_answer(alone.trials, cfg, candidates), study_answer(study.trials, cfg, candidates)
+    assert answer.pick == before.pick == 4 and answer.scores == before.scores
+    assert study_answer(study.trials, config("search.repeats=3"), candidates).pick != 4  # had they counted
+    members = [t for t in study.trials if t.params["cut"] == 4]
+    assert [t.params["repeat"] for t in members] == [0, 1, 2]
+    ens = answer.ensemble
+    assert ens.size == 3 and ens.repeats == ens.seeds == [0, 1, 2] and ens.complete
+    assert ens.trials == [t.number for t in members]
+    assert study_answer(study.trials, config("selection.ensemble=3", "search.seed=7"), candidates).ensemble.seeds == [
+        7, 8, 9]
+    for split, score in (("val", ens.val), ("test", ens.test)):
+        labels = trial_predictions(members[0], split)[0]
+        mean = np.mean([trial_predictions(t, split)[1] for t in members], axis=0)
+        assert score.value == pytest.approx(roc_auc_score(labels, mean[:, 1]), abs=1e-9)
+        assert score.ci[0] <= score.value <= score.ci[1]
+    assert ens.val.diff == pytest.approx(ens.val.value - answer.scores[("ttl", answer.reference)].value)
+    assert before.ensemble.repeats == [0] and not before.ensemble.complete  # the search's seed only, so far
+    # weak added seeds make an ensemble significantly worse than the best cut: said, not hidden
+    assert ens.worse and any("do not confirm the pick" in w for w in answer.warnings("auroc"))
+    good, _ = synthetic_study(cfg, ALIKE, extra_seeds={4: (2, 2.9)})
+    confirmed = study_answer(good.trials, cfg, candidates)
+    assert confirmed.ensemble.complete and not confirmed.ensemble.worse and not confirmed.warnings("auroc")
+
+    best = chosen_cut(study, cfg)
+    assert best["repeats"] == 1 and best["ensemble"]["complete"] and best["ensemble"]["val"] == ens.val.value
+    assert {(r["cut"], r["repeats"]) for r in best["ranking"]} == {(c, 1) for c in ALIKE}
+    from ttl_search.results.dashboard import study_note
+
+    note = study_note(best, study.trials, cfg)
+    assert f"Answer: the ensemble of 3 seeds of cut 4 (class probabilities averaged; seeds 0, 1, 2): validation " \
+           f"auroc {ens.val.value:.4f}" in note
+    partial = chosen_cut(alone, cfg)["ensemble"]
+    assert not partial["complete"] and partial["seeds"] == [0]
+    assert "seeds 0; 1 of 3 seeds trained so far)" in study_note(chosen_cut(alone, cfg), alone.trials, cfg)

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
-from ..search.record import SEARCH_STRATEGY, completed_by_cut, records, trial_predictions
-from ..search.samplers import CutCandidate, rank_cuts, trial_key
-from ..search.selection import BEST, Evidence, Score, choose, metric_value, score_candidates
-from ..search.study import StudyConfig
+from .record import SEARCH_STRATEGY, completed_by_cut, records, trial_predictions
+from .samplers import CutCandidate, rank_cuts, search_trials, trial_key
+from .selection import BEST, Evidence, Score, choose, metric_value, score_candidates
+
+if TYPE_CHECKING:
+    from .study import StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class Answer:
     learned anything."""
     exploded: list[Key] = field(default_factory=list)
     """(strategy, cut)s whose validation loss exploded (mean above :data:`LOSS_EXPLODED`)."""
+    ensemble: "Ensemble | None" = None
+    """The answer as an ensemble of the chosen cut's seeds (``selection.ensemble`` > 1), else None."""
 
     def warnings(self, metric: str) -> list[str]:
         """What makes the answer doubtful, for people: the pick (or every cut) at chance, losses
@@ -67,11 +71,89 @@ class Answer:
         elif (SEARCH_STRATEGY, self.pick) in self.at_chance:
             out.append(f"the chosen cut's validation {metric} interval reaches chance ({self.chance:.4f}): it is not "
                        "shown to have learned anything")
+        e = self.ensemble
+        if e is not None and e.complete and e.worse:
+            out.append(f"the ensemble of cut {self.pick} is significantly worse on validation than the best cut "
+                       f"{self.reference} (paired difference {e.val.diff:+.4f}, interval [{e.val.diff_ci[0]:.4f}, "
+                       f"{e.val.diff_ci[1]:.4f}]): the seeds it added do not confirm the pick; consider "
+                       f"selection.rule best, or more seeds per cut (search.repeats)")
         exploded = sorted(c for s, c in self.exploded if s == SEARCH_STRATEGY)
         if exploded:
             out.append(f"the validation loss exploded (above {LOSS_EXPLODED:g}) at cut(s) {exploded}: "
                        "the training diverged; lower the learning rate")
         return out
+
+
+ENSEMBLE = "ensemble"
+"""The strategy name under which an ensemble is scored against the single cuts."""
+
+
+@dataclass
+class Ensemble:
+    """The chosen cut's ensemble: its seeds' class probabilities averaged, image by image."""
+
+    size: int
+    """Seeds it is configured to average (``selection.ensemble``)."""
+    repeats: list[int]
+    """Seed indices (the trial parameter ``repeat``) with a completed training, in increasing order."""
+    seeds: list[int]
+    """Their random seeds (``search.seed`` + repeat)."""
+    complete: bool
+    """Whether every configured seed (on every fold) has completed."""
+    trials: list[int]
+    """Trial numbers of its members."""
+    val: Score | None
+    """Validation metric of the averaged probabilities (mean over folds), its interval, and its
+    paired difference to the reference cut (the best single cut)."""
+    test: Score | None
+    """Test metric of the probabilities averaged over every member, with its interval (the test
+    split decides nothing)."""
+    worse: bool = False
+    """Whether its validation metric is significantly worse than the reference cut's (paired)."""
+
+
+def ensemble_evidence(trials: Sequence[FrozenTrial], cut: int, size: int,
+                      split: str) -> tuple[Evidence, list[int], list[int]]:
+    """The averaged ``split`` probabilities of the first ``size`` seeds of TTL cut ``cut`` (one
+    matrix per fold; every fold's models predict the same test images, so the test split averages
+    all of them into fold 0), with the repeats and trial numbers that took part."""
+    members: dict[int, list[np.ndarray]] = {}
+    labels_of: dict[int, np.ndarray] = {}
+    repeats, numbers = set(), []
+    for t in trials:
+        key = trial_key(t)
+        if (t.state != TrialState.COMPLETE or key is None or key.strategy != SEARCH_STRATEGY or key.cut != cut
+                or key.repeat >= size):
+            continue
+        found = trial_predictions(t, split)
+        if found is None:
+            continue
+        fold = key.fold if split == "val" else 0
+        labels_of[fold] = found[0]
+        members.setdefault(fold, []).append(found[1])
+        repeats.add(key.repeat)
+        numbers.append(t.number)
+    evidence = Evidence({f: (labels_of[f], [np.mean(members[f], axis=0)]) for f in sorted(members)})
+    return evidence, sorted(repeats), sorted(numbers)
+
+
+def score_ensemble(trials: Sequence[FrozenTrial], cfg: StudyConfig, cut: int, reference: Key,
+                   reference_evidence: Evidence) -> Ensemble:
+    """The ensemble of cut ``cut`` under ``cfg.selection``: validation and test scores of the averaged
+    probabilities, the validation one paired with the reference cut's evidence."""
+    size, key = cfg.selection.ensemble, (ENSEMBLE, cut)
+    val, repeats, numbers = ensemble_evidence(trials, cut, size, "val")
+    test, _, _ = ensemble_evidence(trials, cut, size, "test")
+    args = (cfg.metric, cfg.resolved_direction, cfg.selection)
+    val_score = score_candidates({reference: reference_evidence, key: val}, *args, reference=reference)[key] \
+        if val.folds else None
+    test_score = score_candidates({key: test}, *args)[key] if test.folds else None
+    expected = size * cfg.selection.folds
+    sign = 1.0 if cfg.resolved_direction == "maximize" else -1.0
+    worse = bool(val_score and not val_score.indistinguishable and not np.isnan(val_score.diff_ci[0])
+                 and sign * val_score.diff < 0)
+    return Ensemble(size, repeats, [cfg.search.seed + r for r in repeats], len(numbers) >= expected, numbers,
+                    val_score, test_score, worse)
 
 
 def trial_evidence(trials: Sequence[FrozenTrial], split: str = "val") -> tuple[dict[Key, Evidence], set[Key]]:
@@ -97,8 +179,13 @@ def trial_evidence(trials: Sequence[FrozenTrial], split: str = "val") -> tuple[d
 def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Sequence[CutCandidate]) -> Answer:
     """The study's answer under ``cfg.selection``: rule ``best`` is the best mean validation metric
     (a smaller model within ``search.tolerance`` wins); ``smallest_within_ci`` the smallest model
-    among the TTL cuts indistinguishable from the best by a paired bootstrap."""
+    among the TTL cuts indistinguishable from the best by a paired bootstrap.
+
+    Only the search's trials decide (:func:`~ttl_search.search.samplers.search_trials`); with
+    ``selection.ensemble`` > 1 the answer also scores the chosen cut's ensemble, from all its seeds."""
     selection, direction = cfg.selection, cfg.resolved_direction
+    every = trials
+    trials = search_trials(trials, cfg.search.repeats)
     ranking = rank_cuts(trials, candidates, direction, cfg.search.tolerance)
     if not ranking:
         return Answer(None, None, selection.rule)
@@ -120,8 +207,10 @@ def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Se
     close = sorted(k[1] for k, s in ttl_scores.items() if s.indistinguishable)
     chance = chance_level(evidence[reference], cfg.metric)
     at_chance = [k for k, sc in scores.items() if not _beats(sc, chance, direction)]
+    ensemble = (score_ensemble(every, cfg, pick, reference, evidence[reference]) if selection.ensemble > 1
+                else None)
     return Answer(pick, reference[1], selection.rule, scores, close, chance=chance, at_chance=at_chance,
-                  exploded=exploded_losses(trials))
+                  exploded=exploded_losses(trials), ensemble=ensemble)
 
 
 def _beats(score: Score, chance: float, direction: str) -> bool:
