@@ -187,3 +187,18 @@ def test_missing_checkpoint(study):
         for original, aside in moved:
             if aside.exists():
                 aside.rename(original)
+
+
+def test_an_unfinished_ensemble_is_not_exported_as_the_answer(tmp_path):
+    """selection.ensemble=3 with only the search's seed trained: export names what is missing and
+    how to finish it, before it reads any checkpoint."""
+    from studyutil import DEBUG_STUDY, synthetic_study
+    from ttl_search.search.study import load_study_config
+
+    cfg = load_study_config(DEBUG_STUDY, ["search.method=exhaustive", "selection.ensemble=3", "name=unfinished"])
+    study, _ = synthetic_study(cfg, {1: 0.2, 2: 0.4, 3: 0.8, 4: 2.9, 5: 3.0, 6: 3.05, 7: 2.95})
+    url = f"sqlite:///{tmp_path / 'ens.db'}"
+    optuna.copy_study(from_study_name="unfinished", from_storage=study._storage, to_storage=url)
+    with pytest.raises(StudyError, match=r"ensemble of 3 seeds of cut 4, but only seeds \[0\] are trained; resume it "
+                                         r"\(`ttl-search resume unfinished`\), or export one member with --trial N"):
+        export_trial("unfinished", url, output=tmp_path / "out")
