@@ -182,6 +182,13 @@ def restore_trial(name: str, storage: str | None = None, trial: int | str | None
     url = storage_url(storage)
     study, cfg = open_study(name, url)
     frozen, summary = select_trial(name, study, cfg, trial)
+    return _restore(name, url, study, cfg, frozen, summary, pretrained)
+
+
+def _restore(name: str, url: str, study: optuna.Study, cfg: StudyConfig, frozen: FrozenTrial, summary: dict,
+             pretrained: bool) -> RestoredTrial:
+    """:func:`restore_trial` of an open study's completed trial ``frozen`` (``summary``: the study's
+    ``chosen_cut``)."""
     checkpoint = find_checkpoint(name, frozen, cfg, url)
     tcfg = trial_config(cfg, frozen)
     data = load_data(tcfg.data)
@@ -496,7 +503,8 @@ def _ensemble_members(name: str, storage: str | None, trial: int | str | None) -
         return None
     url = storage_url(storage)
     study, cfg = open_study(name, url)
-    summary = chosen_cut(study, cfg) or {}
+    trials = study_trials(study)
+    summary = chosen_cut(study, cfg, trials) or {}
     ensemble = summary.get("ensemble")
     if not ensemble:
         return None
@@ -505,7 +513,8 @@ def _ensemble_members(name: str, storage: str | None, trial: int | str | None) -
                          f"{summary['cut']}, but only seeds {ensemble['seeds']} are trained; resume it "
                          f"(`ttl-search resume {name}`), or export one member with --trial N (trials "
                          f"{', '.join(map(str, ensemble['trials']))})")
-    return [restore_trial(name, url, number, pretrained=False) for number in ensemble["trials"]]
+    by_ref = {trial_ref(t): t for t in trials}  # the members are the study's own (search) trials
+    return [_restore(name, url, study, cfg, by_ref[n], summary, pretrained=False) for n in ensemble["trials"]]
 
 
 def _ensemble_card(card: dict[str, Any], members: list[RestoredTrial]) -> dict[str, Any]:

@@ -223,6 +223,8 @@ class PlannedSampler(BaseSampler):
         self._pending: dict[int, Job] = {}
         """The job of each trial being asked, by storage trial id (unique across studies)."""
         self._next: Job | None = None
+        self._chosen: tuple[tuple, int | None] | None = None
+        """The chooser's last pick and the settled trials it was made on."""
 
     # -- what to run ------------------------------------------------------------------------
     def search_jobs(self, ledger: Ledger) -> tuple[list[Job], str, bool, int]:
@@ -256,7 +258,8 @@ class PlannedSampler(BaseSampler):
         with ``ensemble`` above ``repeats``, the ensemble phase: the chosen cut's missing seeds."""
         ledger = Ledger.from_trials(trials)
         decided_on = search_trials(trials, self.repeats)
-        jobs, phase, barrier, expected = self.search_jobs(Ledger.from_trials(decided_on))
+        searched = ledger if len(decided_on) == len(trials) else Ledger.from_trials(decided_on)
+        jobs, phase, barrier, expected = self.search_jobs(searched)
         extra = max(0, self.ensemble - self.repeats) * self.folds
         expected += len(self.baseline_jobs()) + extra
         open_jobs = self._open([*jobs, *self.baseline_jobs()], ledger)
@@ -286,7 +289,14 @@ class PlannedSampler(BaseSampler):
     def ensemble_jobs(self, decided_on: Sequence[FrozenTrial]) -> list[Job]:
         """The seeds ``repeats..ensemble-1`` (every fold) of the cut the search chose on
         ``decided_on`` (its settled trials); none without a chooser or a chosen cut."""
-        cut = self.chooser(decided_on) if self.chooser is not None else None
+        if self.chooser is None:
+            return []
+        # Once the search has settled its trials never change, so the pick (a bootstrap over every
+        # cut) is computed once per set of settled trials, not on every ask of the ensemble phase.
+        settled = tuple((t._trial_id, t.state) for t in decided_on)
+        if self._chosen is None or self._chosen[0] != settled:
+            self._chosen = (settled, self.chooser(decided_on))
+        cut = self._chosen[1]
         if cut is None:
             return []
         return [Job(SEARCH_STRATEGY, cut, r, ENSEMBLE_PHASE, f)
