@@ -9,6 +9,11 @@ split decides nothing here; it only measures.
 
     TTL_SEARCH_DATA=../shared/datasets python benchmarks/demo_stability.py --seeds 0 1 2 3 4
     python benchmarks/demo_stability.py --study old_demo.yaml --prefix old --set selection.rule=best
+    python benchmarks/demo_stability.py --replay-only --reselect ensemble=indistinguishable
+
+``--reselect KEY=VALUE`` re-chooses the stored studies' answers under other ``selection`` settings
+(the rule, the interval, the ensemble) without training: selection reads only the stored trials.
+An ensemble of seeds the studies did not train shows as incomplete.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from tabulate import tabulate
 
 from dataclasses import replace
 
-from ttl_search.results import best_cut, open_study, stored_candidates
+from ttl_search.config import from_dict, merge, parse_overrides, to_dict
+from ttl_search.results import chosen_cut, open_study, stored_candidates
 from ttl_search.search.answer import study_answer, trial_evidence
 from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, records, summarize_cut
 from ttl_search.search.samplers import search_trials
-from ttl_search.search.selection import score_candidates
+from ttl_search.search.selection import SelectionConfig, score_candidates
 from ttl_search.search.study import load_study_config
 from ttl_search.storage import open_storage, study_names, study_trials
 
@@ -46,10 +52,23 @@ def run_seed(study: Path, seed: int, name: str, storage: str, overrides: list[st
     run_study(cfg)
 
 
-def seed_row(seed: int, name: str, storage: str) -> dict:
+def reselected(selection: SelectionConfig, items: list[str]) -> SelectionConfig:
+    """``selection`` with ``KEY=VALUE`` items (keys of the ``selection`` block) applied, validated."""
+    return from_dict(SelectionConfig, merge(to_dict(selection), parse_overrides(items)), prefix="selection.")
+
+
+def best_ensemble(frame: pd.DataFrame) -> str:
+    """What the table's ensembles average, for the summary line."""
+    kinds = {str(e).startswith("cuts") for e in frame["ensemble"] if e != 1}
+    return "the cuts indistinguishable from the best" if kinds == {True} else "the chosen cut's seeds"
+
+
+def seed_row(seed: int, name: str, storage: str, reselect: list[str] = ()) -> dict:
     study, cfg = open_study(name, storage)
+    if reselect:
+        cfg = replace(cfg, selection=reselected(cfg.selection, reselect))
     trials = study_trials(study)
-    best = best_cut(name, storage)
+    best = chosen_cut(study, cfg, trials)
     searched = completed_by_cut(records(search_trials(trials, cfg.search.repeats)))  # single models, no ensemble seed
     metric, last = cfg.metric, max(c for s, c in searched if s == SEARCH_STRATEGY)
     evidence, _ = trial_evidence(search_trials(trials, cfg.search.repeats), "test")
@@ -72,7 +91,8 @@ def seed_row(seed: int, name: str, storage: str) -> dict:
         f"pick if rule {other}": other_pick,
         "its test": summarize_cut(searched[(SEARCH_STRATEGY, other_pick)]).test.get(metric),
         "wall_s": sum((r.wall_s or 0) for r in records(trials)),
-        "ensemble": ens["size"] if ens else 1,
+        "ensemble": (f"cuts {','.join(map(str, ens['cuts']))}" if ens.get("kind") == "cuts" else ens["size"])
+        if ens else 1,
         "ens val": ens["val"] if ens else None,
         "ens test": ens["test"] if ens else None,
         "ens_test_ci": f"[{ens['test_ci'][0]:.3f}, {ens['test_ci'][1]:.3f}]" if ens and ens["test_ci"] else "-",
@@ -87,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default=f"sqlite:///{(HERE / 'out' / 'demo_stability.db').resolve()}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="study overrides")
     parser.add_argument("--replay-only", action="store_true", help="only read studies already stored")
+    parser.add_argument("--reselect", action="append", default=[], metavar="KEY=VALUE",
+                        help="read the studies' answers under another selection.KEY (no training)")
     args = parser.parse_args(argv)
     (HERE / "out").mkdir(exist_ok=True)
     prefix = args.prefix or load_study_config(args.study, args.set).name
@@ -96,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.replay_only:
             run_seed(Path(args.study), seed, name, args.storage, args.set)
         if name in study_names(open_storage(args.storage)):
-            rows.append(seed_row(seed, name, args.storage))
+            rows.append(seed_row(seed, name, args.storage, args.reselect))
     if not rows:
         print("no study to read", file=sys.stderr)
         return 2
@@ -108,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npicks over {len(frame)} seeds: {dict(picks)}; the most frequent (cut {cut}) in {count}/{len(frame)}; "
           f"mean test {frame['test'].mean():.4f} (sd {frame['test'].std(ddof=0):.4f})")
     if frame["ens test"].notna().any():
-        print(f"the answer as an ensemble of the chosen cut's seeds: mean validation {frame['ens val'].mean():.4f}, "
+        print(f"the answer as an ensemble ({best_ensemble(frame)}): mean validation {frame['ens val'].mean():.4f}, "
               f"mean test {frame['ens test'].mean():.4f} (sd {frame['ens test'].std(ddof=0):.4f}); "
               f"full fine-tuning's mean test {frame[full_test].mean():.4f}")
     other = next(c for c in frame.columns if c.startswith("pick if rule"))

@@ -709,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="study name")
     _storage_arg(p)
     p.add_argument("--trial", default=None, help="trial number, or baselines:N for a trial of the baselines study "
-                   "(default: the chosen cut's best trial, or every member when the answer is an ensemble)")
+                   "(default: the chosen cut's best trial)")
     p.add_argument("--samples", type=int, default=500, help="held-out images to use (default 500, at most the split)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="held-out split (default test)")
     p.add_argument("--spatial", choices=("positions", "subsample", "pool"), default="subsample",

@@ -125,3 +125,13 @@ def test_demo_stability_benchmark_reads_stored_seed_studies(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "demo-s0" in out and "demo-s1" in out and "pick if rule best" in out
     assert "picks over 2 seeds:" in out and "pick if rule best: {" in out
+    # the same stored trials under another selection setting, without training
+    assert bench.main(["--replay-only", "--storage", url, "--seeds", "0", "1", "--prefix", "demo",
+                       "--reselect", "ensemble=indistinguishable"]) == 0
+    out = capsys.readouterr().out
+    assert "the answer as an ensemble (the cuts indistinguishable from the best): mean validation" in out
+    assert "| cuts 5 " in out  # the clear winner alone
+    from ttl_search.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown config key 'selection.rules'"):
+        bench.main(["--replay-only", "--storage", url, "--seeds", "0", "--prefix", "demo", "--reselect", "rules=best"])

@@ -393,6 +393,25 @@ def test_cross_validated_study_decides_on_the_mean_over_folds(tmp_path, shared_d
     assert low <= mean <= high
 
 
+def _assert_onnx_averages(onnx_file: Path, name: str, url: str, members) -> None:
+    """The exported ensemble's probabilities on the test split are its members' stored ones, averaged."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ttl_search.data import make_loader
+    from ttl_search.export import restore_trial
+    from ttl_search.search.record import trial_predictions
+
+    restored = restore_trial(name, url, members[0].number, pretrained=False)
+    loader = make_loader(restored.data.test, restored.transform, train=False, batch_size=512, seed=0,
+                         dims=restored.data.dims)
+    x, _ = next(iter(loader))
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    probs = np.exp(session.run(None, {"input": x.numpy()})[0])
+    mean = np.mean([trial_predictions(t, "test")[1] for t in members], axis=0)
+    assert np.abs(probs - mean).max() < 1e-4
+
+
 def test_an_ensemble_study_trains_the_chosen_cuts_other_seeds_last(tmp_path, shared_datasets_dir_module):
     """selection.ensemble=2: after the two-stage search, one more seed of the chosen cut; `best`
     reports the averaged probabilities' metrics, a resume trains nothing more."""
@@ -428,10 +447,6 @@ def test_an_ensemble_study_trains_the_chosen_cuts_other_seeds_last(tmp_path, sha
     assert len(trials("ens", url)) == len(ts)
 
     # `export` writes the answer: both members in one model whose softmax is their averaged probabilities
-    import onnxruntime as ort
-
-    from ttl_search.data import make_loader
-    from ttl_search.export import restore_trial
     from ttl_search.search.record import TrialRecord
 
     out = tmp_path / "export"
@@ -443,19 +458,53 @@ def test_an_ensemble_study_trains_the_chosen_cuts_other_seeds_last(tmp_path, sha
     assert card["verification"]["test_metric_recomputed"] == pytest.approx(ens["test"], abs=1e-4)
     assert card["cost"]["params"] == sum(TrialRecord.from_trial(t).params for t in members)
     assert "Ensemble of 2 models" in (out / "model_card.md").read_text()
-    restored = restore_trial("ens", url, members[0].number, pretrained=False)
-    loader = make_loader(restored.data.test, restored.transform, train=False, batch_size=512, seed=0,
-                         dims=restored.data.dims)
-    x, _ = next(iter(loader))
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    probs = np.exp(session.run(None, {"input": x.numpy()})[0])
-    mean = np.mean([trial_predictions(t, "test")[1] for t in members], axis=0)
-    assert np.abs(probs - mean).max() < 1e-4
+    _assert_onnx_averages(out / "model.onnx", "ens", url, members)
     one = cli("export", "ens", "--storage", url, "--trial", members[0].number, "--output", tmp_path / "one")
     assert one.returncode == 0 and f"exported trial {members[0].number} of" in one.stdout, one.stderr
     report = cli("report", "ens", "--storage", url, "--output", tmp_path / "report")
     assert report.returncode == 0, report.stderr
     assert f"Answer: the ensemble of 2 seeds of cut {best['cut']}" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_a_cut_ensemble_study_answers_with_every_indistinguishable_cut(tmp_path, shared_datasets_dir_module):
+    """selection.ensemble=indistinguishable: nothing beyond the search is trained; `best` reports the
+    average of the indistinguishable cuts' models, and `export` writes them (different cuts) as one
+    model whose probabilities are that average."""
+    import numpy as np
+
+    from ttl_search.search.record import trial_predictions
+    from ttl_search.train.metrics import metric_value
+
+    url = f"sqlite:///{tmp_path / 'cuts.db'}"
+    args = _study_args("cuts", url, shared_datasets_dir_module, "--set", "selection.ensemble=indistinguishable",
+                       "--set", "trial.max_epochs=1")
+    assert run_cli(args, tmp_path / "driver.log") == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    ts = trials("cuts", url)
+    assert "ensemble" not in {t.user_attrs["phase"] for t in ts}
+    best = _best("cuts", url, tmp_path / "driver.log")
+    ens = best["ensemble"]
+    assert ens["kind"] == "cuts" and ens["cuts"] == best["indistinguishable"] and len(ens["cuts"]) >= 2
+    members = [t for t in ts if t.params["cut"] in ens["cuts"]]
+    assert sorted(ens["trials"]) == sorted(t.number for t in members) and ens["complete"]
+    for split in ("val", "test"):
+        labels = trial_predictions(members[0], split)[0]
+        mean = np.mean([trial_predictions(t, split)[1] for t in members], axis=0)
+        assert ens[split] == pytest.approx(metric_value("auroc", labels, mean), abs=1e-9)
+    shown = cli("best", "cuts", "--storage", url)
+    assert shown.returncode == 0, shown.stderr
+    assert f"Answer: the ensemble of the {len(ens['cuts'])} cuts indistinguishable from the best " \
+           f"({', '.join(map(str, ens['cuts']))}; {len(members)} models" in shown.stdout
+
+    out = tmp_path / "export"
+    shown = cli("export", "cuts", "--storage", url, "--output", out)
+    assert shown.returncode == 0 and f"the ensemble of {len(members)} models" in shown.stdout, shown.stderr
+    card = json.loads((out / "model_card.json").read_text())
+    assert sorted(card["model"]["ensemble"]["cuts"]) == sorted(t.params["cut"] for t in members)
+    assert card["model"]["cut"] == card["model"]["ensemble"]["cuts"][0] == best["cut"]  # the chosen cut first
+    assert card["verification"]["test_metric_recomputed"] == pytest.approx(ens["test"], abs=1e-4)
+    assert (out / "model_card.md").read_text().startswith(
+        f"# Model card: test_cnn truncated at cuts {', '.join(map(str, ens['cuts']))} (an ensemble)")
+    _assert_onnx_averages(out / "model.onnx", "cuts", url, members)
 
 
 def test_two_runs_of_one_new_name_at_once(tmp_path, shared_datasets_dir_module):

@@ -83,8 +83,12 @@ def test_no_completed_trial_no_answer():
     ("selection.confidence=1.5", "selection.confidence"),
     ("selection.folds=0", "selection.folds"),
     ("selection.ensemble=0", r"selection.ensemble must be an integer >= 1"),
-    ("selection.ensemble=2.5", r"selection.ensemble must be of type int"),
+    ("selection.ensemble=2.5", r"selection.ensemble must be an integer >= 1 .*, got 2.5"),
     ("selection.ensemble=3 search.method=tpe", r"methods that train the chosen cut's other seeds: "),
+    ("selection.ensemble=cuts", r"or 'indistinguishable' \(the average of the cuts indistinguishable from the best\), "
+                                r"got 'cuts'"),
+    ("selection.ensemble=indistinguishable search.method=none",
+     r"search.method none searches none; set selection.ensemble: 1, or a search method: two_stage"),
 ])
 def test_bad_selection_settings_are_named(override, message):
     from ttl_search.errors import ConfigError
@@ -154,10 +158,68 @@ def test_the_ensemble_averages_the_chosen_cuts_seeds_and_never_moves_the_pick():
     assert best["repeats"] == 1 and best["ensemble"]["complete"] and best["ensemble"]["val"] == ens.val.value
     assert {(r["cut"], r["repeats"]) for r in best["ranking"]} == {(c, 1) for c in ALIKE}
     from ttl_search.results.dashboard import study_note
+    from ttl_search.search.record import fmt_count
 
     note = study_note(best, study.trials, cfg)
-    assert f"Answer: the ensemble of 3 seeds of cut 4 (class probabilities averaged; seeds 0, 1, 2): validation " \
-           f"auroc {ens.val.value:.4f}" in note
+    size = fmt_count(3 * next(c.params for c in candidates if c.index == 4))
+    assert ens.params == 3 * next(c.params for c in candidates if c.index == 4)
+    assert f"Answer: the ensemble of 3 seeds of cut 4 (class probabilities averaged; seeds 0, 1, 2, {size} " \
+           f"parameters in all): validation auroc {ens.val.value:.4f}" in note
     partial = chosen_cut(alone, cfg)["ensemble"]
     assert not partial["complete"] and partial["seeds"] == [0]
-    assert "seeds 0; 1 of 3 seeds trained so far)" in study_note(chosen_cut(alone, cfg), alone.trials, cfg)
+    assert f"seeds 0, {size} parameters in all; 1 of 3 seeds trained so far)" in \
+        study_note(chosen_cut(alone, cfg), alone.trials, cfg)
+
+
+def test_the_cut_ensemble_averages_every_indistinguishable_cut_without_moving_the_pick():
+    """selection.ensemble=indistinguishable: the pick is the rule's (the smallest indistinguishable
+    cut), and the answer averages the probabilities of every model of the indistinguishable cuts:
+    no extra training, reported with its intervals, its members' summed size and a test score."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from ttl_search.search.record import trial_predictions
+    from ttl_search.search.samplers import search_trials
+
+    plain, cfg = config(), config("selection.ensemble=indistinguishable")
+    assert cfg.seed_count == cfg.search.repeats and cfg.selection.seed_ensemble == 1 and cfg.selection.has_ensemble
+    study, candidates = synthetic_study(cfg, ALIKE)
+    single, answer = study_answer(study.trials, plain, candidates), study_answer(study.trials, cfg, candidates)
+    assert single.ensemble is None and answer.pick == single.pick == 4 and answer.scores == single.scores
+    ens, close = answer.ensemble, answer.indistinguishable
+    assert ens.of_cuts and ens.cuts == close and len(close) > 1 and not {1, 2} & set(close)
+    members = [t for t in study.trials if t.params["cut"] in close]
+    assert ens.trials == [t.number for t in members] and ens.complete and ens.size == 1 and ens.repeats == [0]
+    assert ens.params == sum(c.params for c in candidates if c.index in close)
+    for split, score in (("val", ens.val), ("test", ens.test)):
+        labels = trial_predictions(members[0], split)[0]
+        mean = np.mean([trial_predictions(t, split)[1] for t in members], axis=0)
+        assert score.value == pytest.approx(roc_auc_score(labels, mean[:, 1]), abs=1e-9)
+    assert ens.val.diff == pytest.approx(ens.val.value - answer.scores[("ttl", answer.reference)].value)
+    # two seeds per cut: both are members; an ensemble phase's extra seeds never are
+    two = config("selection.ensemble=indistinguishable", "search.repeats=2")
+    study2, _ = synthetic_study(two, ALIKE, seeds=2, extra_seeds={4: (1, 0.1)})
+    ens2 = study_answer(study2.trials, two, candidates).ensemble
+    assert ens2.repeats == [0, 1] and ens2.size == 2 and ens2.complete
+    assert ens2.trials == [t.number for t in search_trials(study2.trials, 2) if t.params["cut"] in ens2.cuts]
+
+    best = chosen_cut(study, cfg)
+    assert best["ensemble"]["cuts"] == close and best["ensemble"]["params"] == ens.params
+    from ttl_search.results.dashboard import study_note
+
+    assert (f"Answer: the ensemble of the {len(close)} cuts indistinguishable from the best "
+            f"({', '.join(map(str, close))}; {len(members)} models, class probabilities averaged, ") in \
+        study_note(best, study.trials, cfg)
+
+
+def test_a_cut_ensemble_of_one_cut_says_it_is_that_cut_alone():
+    from ttl_search.search.record import ensemble_line
+
+    cfg = config("selection.ensemble=indistinguishable")
+    strength = {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 6.0, 6: 0.5, 7: 0.6}
+    study, candidates = synthetic_study(cfg, strength, n_pos=150, n_neg=150)
+    best = chosen_cut(study, cfg)
+    ens = best["ensemble"]
+    assert best["cut"] == 5 and ens["cuts"] == [5] and len(ens["trials"]) == 1 and ens["diff"] == 0
+    assert ensemble_line(ens, 5, "auroc", 5).startswith(
+        "Answer: cut 5 alone, the only cut indistinguishable from the best (1 model(s), ")

@@ -404,8 +404,10 @@ def card_markdown(card: dict[str, Any]) -> str:
     m, i, o, d, c, v = card["model"], card["input"], card["output"], card["data"], card["cost"], card["verification"]
     metrics = card["metrics"]
     over = metrics["cut_over_seeds"]
+    cuts = (m.get("ensemble") or {}).get("cuts") or [m["cut"]]
     lines = [
-        f"# Model card: {m['backbone']} truncated at cut {m['cut']} ({m['cut_name']})",
+        f"# Model card: {m['backbone']} truncated at cut {m['cut']} ({m['cut_name']})" if len(set(cuts)) == 1 else
+        f"# Model card: {m['backbone']} truncated at cuts {', '.join(map(str, sorted(set(cuts))))} (an ensemble)",
         "",
         f"Study `{card['study']}`, {_trials_text(card['trial'])} ({card['strategy']}"
         f"{', the cut the search chose' if card['chosen_by_search'] else ''}), exported {card['created']}.",
@@ -416,9 +418,11 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"- Cut {m['cut']} of {m['cuts_of_backbone']} (last kept unit `{m['cut_name']}`, stage {m['stage']}); "
         f"kept units: {', '.join(f'`{u}`' for u in m['kept_units'])}. Everything above the cut is absent from the files.",
         f"- Head: {m['head']}, {m['num_classes']} classes.",
-        *([f"- Ensemble of {m['ensemble']['size']} models of this cut (trials {', '.join(map(str, card['trial']))}, "
-           f"seeds {', '.join(map(str, m['ensemble']['seeds']))}): {m['ensemble']['combination']}; the files hold "
-           "every member; the sizes below are the sums."] if m.get("ensemble") else []),
+        *([f"- Ensemble of {m['ensemble']['size']} models "
+           + ("of this cut" if len(set(cuts)) == 1 else f"at cuts {', '.join(map(str, cuts))}")
+           + f" (trials {', '.join(map(str, card['trial']))}, seeds {', '.join(map(str, m['ensemble']['seeds']))}): "
+           f"{m['ensemble']['combination']}; the files hold every member; the sizes below are the sums; the cut "
+           "lines above describe the first member, at the chosen cut."] if m.get("ensemble") else []),
         f"- Parameters: {c['params']:,} (full backbone with the same head: {c['full_model_params']:,}); "
         f"MACs per image: {c['macs']:,} (full: {c['full_model_macs']:,})." if c.get("params") and c.get("full_model_params") and c.get("macs") and c.get("full_model_macs")
         else f"- Parameters: {c.get('params')}; MACs per image: {c.get('macs')}.",
@@ -506,15 +510,19 @@ def _ensemble_members(name: str, storage: str | None, trial: int | str | None) -
     trials = study_trials(study)
     summary = chosen_cut(study, cfg, trials) or {}
     ensemble = summary.get("ensemble")
-    if not ensemble:
+    if not ensemble or (ensemble["complete"] and len(ensemble["trials"]) == 1):  # one model: exported as such
         return None
     if not ensemble["complete"]:
-        raise StudyError(f"study {name!r} answers with an ensemble of {ensemble['size']} seeds of cut "
-                         f"{summary['cut']}, but only seeds {ensemble['seeds']} are trained; resume it "
+        of = (f"the cuts {ensemble['cuts']}" if ensemble.get("kind") == "cuts" else
+              f"{ensemble['size']} seeds of cut {summary['cut']}")
+        raise StudyError(f"study {name!r} answers with an ensemble of {of}, but only seeds {ensemble['seeds']} "
+                         f"are trained; resume it "
                          f"(`ttl-search resume {name}`), or export one member with --trial N (trials "
                          f"{', '.join(map(str, ensemble['trials']))})")
     by_ref = {trial_ref(t): t for t in trials}  # the members are the study's own (search) trials
-    return [_restore(name, url, study, cfg, by_ref[n], summary, pretrained=False) for n in ensemble["trials"]]
+    members = [_restore(name, url, study, cfg, by_ref[n], summary, pretrained=False) for n in ensemble["trials"]]
+    # the chosen cut's members first (a stable sort): the card describes the first member's cut
+    return sorted(members, key=lambda m: m.record.cut != summary["cut"])
 
 
 def _ensemble_card(card: dict[str, Any], members: list[RestoredTrial]) -> dict[str, Any]:
@@ -525,6 +533,7 @@ def _ensemble_card(card: dict[str, Any], members: list[RestoredTrial]) -> dict[s
     records_ = [m.record for m in members]
     card["trial"] = [trial_ref(m.trial) for m in members]
     card["model"]["ensemble"] = {"size": len(members), "seeds": [r.seed for r in records_],
+                                 "cuts": [r.cut for r in records_],
                                  "checkpoints": [str(m.checkpoint) for m in members],
                                  "combination": "the mean of the members' softmax probabilities"}
     card["model"]["fine_tuned_checkpoint"] = card["model"]["ensemble"]["checkpoints"]

@@ -206,14 +206,15 @@ def chosen_cut(study: optuna.Study, cfg: StudyConfig,
 
 
 def _ensemble_dict(ensemble: Ensemble | None) -> dict[str, Any] | None:
-    """The answer's ensemble as ``best`` reports it (JSON-ready): size, repeats and their seeds,
-    trials, whether it is complete, validation value, interval and paired difference to the best cut, test value
-    and interval."""
+    """The answer's ensemble as ``best`` reports it (JSON-ready): kind (``seeds`` or ``cuts``), seeds
+    per cut, repeats and their seeds, trials, member cuts and their summed parameters, whether it is
+    complete, validation value, interval and paired difference to the best cut, test value and
+    interval."""
     if ensemble is None:
         return None
     val, test = ensemble.val, ensemble.test
     return {"size": ensemble.size, "repeats": ensemble.repeats, "seeds": ensemble.seeds, "trials": ensemble.trials,
-            "complete": ensemble.complete,
+            "kind": ensemble.kind, "cuts": ensemble.cuts, "params": ensemble.params, "complete": ensemble.complete,
             "val": val.value if val else None, "val_ci": list(val.ci) if val else None,
             "diff": val.diff if val else None, "diff_ci": list(val.diff_ci) if val else None,
             "test": test.value if test else None, "test_ci": list(test.ci) if test else None}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Collection, Mapping, Sequence
 
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
@@ -58,7 +58,8 @@ class Answer:
     exploded: list[Key] = field(default_factory=list)
     """(strategy, cut)s whose validation loss exploded (mean above :data:`LOSS_EXPLODED`)."""
     ensemble: "Ensemble | None" = None
-    """The answer as an ensemble of the chosen cut's seeds (``selection.ensemble`` > 1), else None."""
+    """The answer as an ensemble (``selection.ensemble``: of the chosen cut's seeds, or of the
+    indistinguishable cuts), else None."""
 
     def warnings(self, metric: str) -> list[str]:
         """What makes the answer doubtful, for people: the pick (or every cut) at chance, losses
@@ -73,10 +74,13 @@ class Answer:
                        "shown to have learned anything")
         e = self.ensemble
         if e is not None and e.complete and e.worse:
-            out.append(f"the ensemble of cut {self.pick} is significantly worse on validation than the best cut "
-                       f"{self.reference} (paired difference {e.val.diff:+.4f}, interval [{e.val.diff_ci[0]:.4f}, "
-                       f"{e.val.diff_ci[1]:.4f}]): the seeds it added do not confirm the pick; consider "
-                       f"selection.rule best, or more seeds per cut (search.repeats)")
+            what, why = ((f"the ensemble of cuts {e.cuts}", "averaging the indistinguishable cuts does not help; "
+                          "consider selection.ensemble: 1") if e.of_cuts else
+                         (f"the ensemble of cut {self.pick}", "the seeds it added do not confirm the pick; consider "
+                          "selection.rule best, or more seeds per cut (search.repeats)"))
+            out.append(f"{what} is significantly worse on validation than the best cut {self.reference} (paired "
+                       f"difference {e.val.diff:+.4f}, interval [{e.val.diff_ci[0]:.4f}, {e.val.diff_ci[1]:.4f}]): "
+                       f"{why}")
         exploded = sorted(c for s, c in self.exploded if s == SEARCH_STRATEGY)
         if exploded:
             out.append(f"the validation loss exploded (above {LOSS_EXPLODED:g}) at cut(s) {exploded}: "
@@ -90,16 +94,18 @@ ENSEMBLE = "ensemble"
 
 @dataclass
 class Ensemble:
-    """The chosen cut's ensemble: its seeds' class probabilities averaged, image by image."""
+    """The answer as an ensemble: its members' class probabilities averaged, image by image. The
+    members are the chosen cut's seeds (``selection.ensemble: n``), or every search model of the
+    cuts indistinguishable from the best (``selection.ensemble: indistinguishable``)."""
 
     size: int
-    """Seeds it is configured to average (``selection.ensemble``)."""
+    """Seeds per cut it averages: ``selection.ensemble`` for seeds, ``search.repeats`` for cuts."""
     repeats: list[int]
     """Seed indices (the trial parameter ``repeat``) with a completed training, in increasing order."""
     seeds: list[int]
     """Their random seeds (``search.seed`` + repeat)."""
     complete: bool
-    """Whether every configured seed (on every fold) has completed."""
+    """Whether every configured seed (on every fold) of every member cut has completed."""
     trials: list[int]
     """Trial numbers of its members."""
     val: Score | None
@@ -110,20 +116,31 @@ class Ensemble:
     split decides nothing)."""
     worse: bool = False
     """Whether its validation metric is significantly worse than the reference cut's (paired)."""
+    cuts: list[int] = field(default_factory=list)
+    """The TTL cuts of its members (the chosen cut alone for an ensemble of seeds)."""
+    params: int | None = None
+    """Parameters of all its members together (None when a member's size is unknown)."""
+    kind: str = "seeds"
+    """``seeds`` (of the chosen cut) or ``cuts`` (the cuts indistinguishable from the best)."""
+
+    @property
+    def of_cuts(self) -> bool:
+        """Whether it averages the indistinguishable cuts (rather than the seeds of one)."""
+        return self.kind == "cuts"
 
 
-def ensemble_evidence(trials: Sequence[FrozenTrial], cut: int, size: int,
+def ensemble_evidence(trials: Sequence[FrozenTrial], cuts: Collection[int], size: int,
                       split: str) -> tuple[Evidence, list[int], list[int]]:
-    """The averaged ``split`` probabilities of the first ``size`` seeds of TTL cut ``cut`` (one
-    matrix per fold; every fold's models predict the same test images, so the test split averages
-    all of them into fold 0), with the repeats and trial numbers that took part."""
+    """The averaged ``split`` probabilities of the first ``size`` seeds of the TTL cuts ``cuts``
+    (one matrix per fold; every fold's models predict the same test images, so the test split
+    averages all of them into fold 0), with the repeats and trial numbers that took part."""
     members: dict[int, list[np.ndarray]] = {}
     labels_of: dict[int, np.ndarray] = {}
     repeats, numbers = set(), []
     for t in trials:
         key = trial_key(t)
-        if (t.state != TrialState.COMPLETE or key is None or key.strategy != SEARCH_STRATEGY or key.cut != cut
-                or key.repeat >= size):
+        if (t.state != TrialState.COMPLETE or key is None or key.strategy != SEARCH_STRATEGY
+                or key.cut not in cuts or key.repeat >= size):
             continue
         found = trial_predictions(t, split)
         if found is None:
@@ -137,23 +154,27 @@ def ensemble_evidence(trials: Sequence[FrozenTrial], cut: int, size: int,
     return evidence, sorted(repeats), sorted(numbers)
 
 
-def score_ensemble(trials: Sequence[FrozenTrial], cfg: StudyConfig, cut: int, reference: Key,
-                   reference_evidence: Evidence) -> Ensemble:
-    """The ensemble of cut ``cut`` under ``cfg.selection``: validation and test scores of the averaged
-    probabilities, the validation one paired with the reference cut's evidence."""
-    size, key = cfg.selection.ensemble, (ENSEMBLE, cut)
-    val, repeats, numbers = ensemble_evidence(trials, cut, size, "val")
-    test, _, _ = ensemble_evidence(trials, cut, size, "test")
+def score_ensemble(trials: Sequence[FrozenTrial], cfg: StudyConfig, cuts: Sequence[int], size: int,
+                   reference: Key, reference_evidence: Evidence,
+                   params: Mapping[int, int | None] | None = None) -> Ensemble:
+    """The ensemble of the first ``size`` seeds of ``cuts``: validation and test scores of the
+    averaged probabilities, the validation one paired with the reference cut's evidence."""
+    key = (ENSEMBLE, min(cuts))
+    val, repeats, numbers = ensemble_evidence(trials, cuts, size, "val")
+    test, _, _ = ensemble_evidence(trials, cuts, size, "test")
     args = (cfg.metric, cfg.resolved_direction, cfg.selection)
     val_score = score_candidates({reference: reference_evidence, key: val}, *args, reference=reference)[key] \
         if val.folds else None
     test_score = score_candidates({key: test}, *args)[key] if test.folds else None
-    expected = size * cfg.selection.folds
+    expected = len(cuts) * size * cfg.selection.folds
     sign = 1.0 if cfg.resolved_direction == "maximize" else -1.0
     worse = bool(val_score and not val_score.indistinguishable and not np.isnan(val_score.diff_ci[0])
                  and sign * val_score.diff < 0)
+    sizes = [(params or {}).get(c) for c in cuts]
+    total = None if None in sizes else size * sum(sizes)
+    kind = "cuts" if cfg.selection.cut_ensemble else "seeds"
     return Ensemble(size, repeats, [cfg.search.seed + r for r in repeats], len(numbers) >= expected, numbers,
-                    val_score, test_score, worse)
+                    val_score, test_score, worse, sorted(cuts), total, kind)
 
 
 def trial_evidence(trials: Sequence[FrozenTrial], split: str = "val") -> tuple[dict[Key, Evidence], set[Key]]:
@@ -199,7 +220,8 @@ def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Se
     reference = (SEARCH_STRATEGY, max(ranking, key=lambda cut_mean: sign * cut_mean[1])[0])  # best mean
     scores = score_candidates(evidence, cfg.metric, direction, selection, reference=reference)
     ttl_scores = {k: s for k, s in scores.items() if k[0] == SEARCH_STRATEGY}
-    params = {(SEARCH_STRATEGY, c.index): c.params for c in candidates}
+    sizes = {c.index: c.params for c in candidates}
+    params = {(SEARCH_STRATEGY, c): p for c, p in sizes.items()}
     if selection.rule == BEST:
         pick = ranking[0][0]
     else:
@@ -207,8 +229,12 @@ def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Se
     close = sorted(k[1] for k, s in ttl_scores.items() if s.indistinguishable)
     chance = chance_level(evidence[reference], cfg.metric)
     at_chance = [k for k, sc in scores.items() if not _beats(sc, chance, direction)]
-    ensemble = (score_ensemble(every, cfg, pick, reference, evidence[reference]) if selection.ensemble > 1
-                else None)
+    if selection.cut_ensemble:
+        ensemble = score_ensemble(trials, cfg, close, cfg.search.repeats, reference, evidence[reference], sizes)
+    elif selection.seed_ensemble > 1:
+        ensemble = score_ensemble(every, cfg, [pick], selection.seed_ensemble, reference, evidence[reference], sizes)
+    else:
+        ensemble = None
     return Answer(pick, reference[1], selection.rule, scores, close, chance=chance, at_chance=at_chance,
                   exploded=exploded_losses(trials), ensemble=ensemble)
 

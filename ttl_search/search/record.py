@@ -400,10 +400,19 @@ def fmt_diff(diff: Any, ci: Sequence[Any] | None) -> str:
 
 def ensemble_line(ensemble: dict[str, Any], cut: int, metric: str, reference: int | None) -> str:
     """One sentence on the answer's ensemble (``best``'s ``ensemble`` entry) for people."""
-    done = "" if ensemble["complete"] else f"; {len(ensemble['seeds'])} of {ensemble['size']} seeds trained so far"
     test = "" if _unknown(ensemble["test"]) else f"; test {metric} {ensemble['test']:.4f} {fmt_interval(ensemble['test_ci'])}"
     val = "-" if _unknown(ensemble["val"]) else f"{ensemble['val']:.4f}"
-    return (f"Answer: the ensemble of {ensemble['size']} seeds of cut {cut} (class probabilities averaged; seeds "
-            f"{', '.join(map(str, ensemble['seeds'])) or '-'}{done}): validation {metric} {val} "
-            f"{fmt_interval(ensemble['val_ci'])}, against the best single cut {reference} (paired) "
-            f"{fmt_diff(ensemble['diff'], ensemble['diff_ci'])}{test}.")
+    cuts = ensemble.get("cuts") or [cut]
+    size = f", {fmt_count(ensemble['params'])} parameters in all" if ensemble.get("params") else ""
+    if ensemble.get("kind") == "cuts" and len(cuts) == 1:
+        what = (f"cut {cuts[0]} alone, the only cut indistinguishable from the best "
+                f"({len(ensemble['trials'])} model(s){size})")
+    elif ensemble.get("kind") == "cuts":
+        what = (f"the ensemble of the {len(cuts)} cuts indistinguishable from the best ({', '.join(map(str, cuts))}; "
+                f"{len(ensemble['trials'])} models, class probabilities averaged{size})")
+    else:
+        done = "" if ensemble["complete"] else f"; {len(ensemble['seeds'])} of {ensemble['size']} seeds trained so far"
+        what = (f"the ensemble of {ensemble['size']} seeds of cut {cut} (class probabilities averaged; seeds "
+                f"{', '.join(map(str, ensemble['seeds'])) or '-'}{size}{done})")
+    return (f"Answer: {what}: validation {metric} {val} {fmt_interval(ensemble['val_ci'])}, against the best single "
+            f"cut {reference} (paired) {fmt_diff(ensemble['diff'], ensemble['diff_ci'])}{test}.")

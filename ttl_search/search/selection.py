@@ -46,6 +46,8 @@ BEST = "best"
 SMALLEST_WITHIN_CI = "smallest_within_ci"
 RULES = (BEST, SMALLEST_WITHIN_CI)
 """The selection rules :func:`choose` knows."""
+ENSEMBLE_CUTS = "indistinguishable"
+"""``selection.ensemble`` value: the answer averages every cut indistinguishable from the best."""
 
 DIRECTIONS = (MAXIMIZE, MINIMIZE)
 MIN_RESAMPLES = 100
@@ -70,14 +72,31 @@ class SelectionConfig:
     folds: int = 1
     """k-fold cross-validation over train + validation when > 1 (decisions on the mean over
     folds); 1 uses the dataset's own validation split."""
-    ensemble: int = 1
-    """Models of the chosen cut (seeds 0..n-1) whose averaged class probabilities are the answer.
-    Above ``search.repeats``, the seeds the search did not train are trained at the chosen cut
-    once the search has decided (phase ``ensemble``); they never change the decision. 1: the
-    answer is the chosen cut's models one by one (their mean metric)."""
+    ensemble: int | str = 1
+    """The answer as an average of class probabilities. An integer n: the models of the chosen cut
+    (seeds 0..n-1); above ``search.repeats``, the seeds the search did not train are trained at the
+    chosen cut once the search has decided (phase ``ensemble``); they never change the decision.
+    ``indistinguishable``: every model the search trained at the TTL cuts whose validation metric
+    is statistically indistinguishable from the best cut's (no extra training). 1: the answer is
+    the chosen cut's models one by one (their mean metric)."""
 
     def __post_init__(self) -> None:
         validate_selection_config(self)
+
+    @property
+    def seed_ensemble(self) -> int:
+        """Seeds of the chosen cut the answer averages (1 without an ensemble of seeds)."""
+        return self.ensemble if _is_int(self.ensemble) else 1
+
+    @property
+    def cut_ensemble(self) -> bool:
+        """Whether the answer averages the cuts indistinguishable from the best."""
+        return self.ensemble == ENSEMBLE_CUTS
+
+    @property
+    def has_ensemble(self) -> bool:
+        """Whether the answer is an ensemble (of seeds or of cuts) rather than one model."""
+        return self.cut_ensemble or self.seed_ensemble > 1
 
 
 def _is_int(value: object) -> bool:
@@ -105,10 +124,11 @@ def validate_selection_config(cfg: SelectionConfig) -> None:
             f"selection.folds must be 1 (the validation split) or an integer >= 2 "
             f"(k-fold cross-validation), got {cfg.folds!r}"
         )
-    if not _is_int(cfg.ensemble) or cfg.ensemble < 1:
+    if cfg.ensemble != ENSEMBLE_CUTS and (not _is_int(cfg.ensemble) or cfg.ensemble < 1):
         raise ConfigError(
             f"selection.ensemble must be an integer >= 1 (1: one model; n: the average of n seeds of the "
-            f"chosen cut), got {cfg.ensemble!r}"
+            f"chosen cut) or {ENSEMBLE_CUTS!r} (the average of the cuts indistinguishable from the best), "
+            f"got {cfg.ensemble!r}"
         )
 
 

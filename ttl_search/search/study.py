@@ -20,7 +20,7 @@ from .schedulers import SCHEDULERS
 from .record import SEARCH_STRATEGY
 from .answer import study_answer
 from .samplers import GUIDES, SEARCH_METHODS, CutCandidate, check_search, probe_ranking
-from .selection import SelectionConfig
+from .selection import ENSEMBLE_CUTS, SelectionConfig
 from ..models.strategies import BASELINES, PROBE_STRATEGY, STRATEGIES
 from ..train.probe import ProbeConfig
 from ..train.trial import TrialConfig
@@ -155,7 +155,7 @@ class StudyConfig:
     def seed_count(self) -> int:
         """Seeds (repeats) a trial of this study may train with: the search's ``repeats``, or the
         ensemble's size when larger (its extra seeds are trained at the chosen cut alone)."""
-        return max(self.search.repeats, self.selection.ensemble)
+        return max(self.search.repeats, self.selection.seed_ensemble)
 
 
 def validate_study_config(cfg: StudyConfig) -> None:
@@ -175,7 +175,11 @@ def validate_study_config(cfg: StudyConfig) -> None:
         folding = [m for m, spec in SEARCH_METHODS.items() if spec.takes_folds]
         raise ConfigError(f"selection.folds > 1 does not work with search.method {cfg.search.method}; methods that "
                           f"cross-validate: {choices(folding)}")
-    if cfg.selection.ensemble > 1 and not SEARCH_METHODS[cfg.search.method].takes_ensemble:
+    if cfg.selection.cut_ensemble and cfg.search.method == "none":
+        raise ConfigError(f"selection.ensemble {ENSEMBLE_CUTS} averages the searched TTL cuts, and search.method none "
+                          f"searches none; set selection.ensemble: 1, or a search method: "
+                          f"{choices(m for m in SEARCH_METHODS if m != 'none')}")
+    if cfg.selection.seed_ensemble > 1 and not SEARCH_METHODS[cfg.search.method].takes_ensemble:
         ensembling = [m for m, spec in SEARCH_METHODS.items() if spec.takes_ensemble]
         raise ConfigError(f"selection.ensemble > 1 does not work with search.method {cfg.search.method}; methods that "
                           f"train the chosen cut's other seeds: {choices(ensembling)}")
@@ -309,7 +313,7 @@ def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = N
     baselines = [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]
     ranking = probe_ranking(probe["rows"], cfg.search.guide, cfg.resolved_direction) if probe else None
     return method.build(candidates, cfg.resolved_direction, cfg.search, baselines, cfg.selection.folds,
-                        ranking=ranking, ensemble=cfg.selection.ensemble,
+                        ranking=ranking, ensemble=cfg.selection.seed_ensemble,
                         chooser=lambda trials: study_answer(trials, cfg, candidates).pick)
 
 
