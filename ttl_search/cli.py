@@ -266,14 +266,15 @@ def print_ranking(best: dict) -> None:
 
 
 def _ensemble_cells(best: dict, metric: str) -> dict[str, Any]:
-    """The ensemble's columns of ``best --format csv/markdown`` (its size; its values on the study's
-    metric row); none without an ensemble."""
+    """The ensemble's columns of ``best --format csv/markdown`` (the models it averages, its cuts;
+    its values on the study's metric row); none without an ensemble."""
     ens = best.get("ensemble")
     if not ens:
         return {}
     main = metric == best["metric"]
-    return {"ensemble_size": ens["size"], "ensemble_validation": ens["val"] if main else None,
-            "ensemble_test": ens["test"] if main else None}
+    models = len(ens["trials"]) if ens.get("kind") == "cuts" else ens["size"]
+    return {"ensemble_size": models, "ensemble_cuts": " ".join(map(str, ens.get("cuts") or [best["cut"]])),
+            "ensemble_validation": ens["val"] if main else None, "ensemble_test": ens["test"] if main else None}
 
 
 def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict | None = None) -> None:

@@ -3,6 +3,8 @@ the dashboard reading while the study writes, and ASHA pruning."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -494,6 +496,11 @@ def test_a_cut_ensemble_study_answers_with_every_indistinguishable_cut(tmp_path,
     assert shown.returncode == 0, shown.stderr
     assert f"Answer: the ensemble of the {len(ens['cuts'])} cuts indistinguishable from the best " \
            f"({', '.join(map(str, ens['cuts']))}; {len(members)} models" in shown.stdout
+    table = cli("best", "cuts", "--storage", url, "--format", "csv")
+    assert table.returncode == 0, table.stderr
+    row = next(csv.DictReader(io.StringIO(table.stdout)))
+    assert (int(row["ensemble_size"]), row["ensemble_cuts"]) == (len(members), " ".join(map(str, ens["cuts"])))
+    assert float(row["ensemble_test"]) == pytest.approx(ens["test"])
 
     out = tmp_path / "export"
     shown = cli("export", "cuts", "--storage", url, "--output", out)
