@@ -182,7 +182,7 @@ def test_the_cut_ensemble_averages_every_indistinguishable_cut_without_moving_th
     from ttl_search.search.samplers import search_trials
 
     plain, cfg = config(), config("selection.ensemble=indistinguishable")
-    assert cfg.seed_count == cfg.search.repeats and cfg.selection.seed_ensemble == 1 and cfg.selection.has_ensemble
+    assert cfg.seed_count == cfg.search.repeats and cfg.selection.seed_ensemble == 1 and cfg.selection.cut_ensemble
     study, candidates = synthetic_study(cfg, ALIKE)
     single, answer = study_answer(study.trials, plain, candidates), study_answer(study.trials, cfg, candidates)
     assert single.ensemble is None and answer.pick == single.pick == 4 and answer.scores == single.scores

@@ -93,11 +93,6 @@ class SelectionConfig:
         """Whether the answer averages the cuts indistinguishable from the best."""
         return self.ensemble == ENSEMBLE_CUTS
 
-    @property
-    def has_ensemble(self) -> bool:
-        """Whether the answer is an ensemble (of seeds or of cuts) rather than one model."""
-        return self.cut_ensemble or self.seed_ensemble > 1
-
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
