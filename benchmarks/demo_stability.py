@@ -59,8 +59,8 @@ def reselected(selection: SelectionConfig, items: list[str]) -> SelectionConfig:
 
 def best_ensemble(frame: pd.DataFrame) -> str:
     """What the table's ensembles average, for the summary line."""
-    kinds = {str(e).startswith("cuts") for e in frame["ensemble"] if e != 1}
-    return "the cuts indistinguishable from the best" if kinds == {True} else "the chosen cut's seeds"
+    kinds = set(frame["ens kind"].dropna())
+    return "the cuts indistinguishable from the best" if kinds == {"cuts"} else "the chosen cut's seeds"
 
 
 def seed_row(seed: int, name: str, storage: str, reselect: list[str] = ()) -> dict:
@@ -91,8 +91,9 @@ def seed_row(seed: int, name: str, storage: str, reselect: list[str] = ()) -> di
         f"pick if rule {other}": other_pick,
         "its test": summarize_cut(searched[(SEARCH_STRATEGY, other_pick)]).test.get(metric),
         "wall_s": sum((r.wall_s or 0) for r in records(trials)),
-        "ensemble": (f"cuts {','.join(map(str, ens['cuts']))}" if ens.get("kind") == "cuts" else ens["size"])
+        "ensemble": (f"cuts {','.join(map(str, ens['cuts']))}" if ens["kind"] == "cuts" else ens["size"])
         if ens else 1,
+        "ens kind": ens["kind"] if ens else None,
         "ens val": ens["val"] if ens else None,
         "ens test": ens["test"] if ens else None,
         "ens_test_ci": f"[{ens['test_ci'][0]:.3f}, {ens['test_ci'][1]:.3f}]" if ens and ens["test_ci"] else "-",

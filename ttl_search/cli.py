@@ -272,8 +272,8 @@ def _ensemble_cells(best: dict, metric: str) -> dict[str, Any]:
     if not ens:
         return {}
     main = metric == best["metric"]
-    models = len(ens["trials"]) if ens.get("kind") == "cuts" else ens["size"]
-    return {"ensemble_size": models, "ensemble_cuts": " ".join(map(str, ens.get("cuts") or [best["cut"]])),
+    models = len(ens["trials"]) if ens["kind"] == "cuts" else ens["size"]
+    return {"ensemble_size": models, "ensemble_cuts": " ".join(map(str, ens["cuts"])),
             "ensemble_validation": ens["val"] if main else None, "ensemble_test": ens["test"] if main else None}
 
 
@@ -309,8 +309,8 @@ def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict |
               f"cut {best['reference_cut']}: {same}")
     elif best["note"]:
         print(best["note"])
-    if best.get("ensemble"):
-        print(ensemble_line(best["ensemble"], best["cut"], metric, best["reference_cut"]))
+    if line := ensemble_line(best, metric):
+        print(line)
     for warning in best["warnings"]:
         print(f"WARNING: {warning}")
     rows = []
@@ -474,8 +474,8 @@ def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[i
         print_probe(probe, metric, tuned, cfg.selection.confidence)
     if best is not None:
         print_ranking(best)
-        if best.get("ensemble"):
-            print(ensemble_line(best["ensemble"], best["cut"], metric, best["reference_cut"]))
+        if line := ensemble_line(best, metric):
+            print(line)
     return done, finished
 
 

@@ -221,5 +221,5 @@ def test_a_cut_ensemble_of_one_cut_says_it_is_that_cut_alone():
     best = chosen_cut(study, cfg)
     ens = best["ensemble"]
     assert best["cut"] == 5 and ens["cuts"] == [5] and len(ens["trials"]) == 1 and ens["diff"] == 0
-    assert ensemble_line(ens, 5, "auroc", 5).startswith(
+    assert ensemble_line(best, "auroc").startswith(
         "Answer: cut 5 alone, the only cut indistinguishable from the best (1 model(s), ")

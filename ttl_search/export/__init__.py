@@ -507,13 +507,15 @@ def _ensemble_members(name: str, storage: str | None, trial: int | str | None) -
         return None
     url = storage_url(storage)
     study, cfg = open_study(name, url)
+    if not cfg.selection.cut_ensemble and cfg.selection.seed_ensemble == 1:
+        return None  # one model: restore_trial picks it
     trials = study_trials(study)
     summary = chosen_cut(study, cfg, trials) or {}
     ensemble = summary.get("ensemble")
     if not ensemble or (ensemble["complete"] and len(ensemble["trials"]) == 1):  # one model: exported as such
         return None
     if not ensemble["complete"]:
-        of = (f"the cuts {ensemble['cuts']}" if ensemble.get("kind") == "cuts" else
+        of = (f"the cuts {ensemble['cuts']}" if ensemble["kind"] == "cuts" else
               f"{ensemble['size']} seeds of cut {summary['cut']}")
         raise StudyError(f"study {name!r} answers with an ensemble of {of}, but only seeds {ensemble['seeds']} "
                          f"are trained; resume it "

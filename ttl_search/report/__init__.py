@@ -216,8 +216,8 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
             ]
         elif chosen.get("note"):
             lines += [chosen["note"], ""]
-        if chosen.get("ensemble"):
-            lines += [ensemble_line(chosen["ensemble"], chosen["cut"], metric, chosen["reference_cut"]), ""]
+        if line := ensemble_line(chosen, metric):
+            lines += [line, ""]
     lines += ["## Results (test split, mean ± sd over seeds)", ""]
     if results is not None and not results.empty:
         header = ["method", "cut", "seeds"] + [METRIC_HEADERS[m] for m in TABLE_METRICS] + [

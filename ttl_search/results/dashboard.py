@@ -145,8 +145,8 @@ def study_note(best: dict[str, Any], trials: Sequence[FrozenTrial], cfg, baselin
                                       else "the best mean validation metric."),
         "",
     ]
-    if best.get("ensemble"):
-        lines += [ensemble_line(best["ensemble"], best["cut"], metric, best["reference_cut"]), ""]
+    if line := ensemble_line(best, metric):
+        lines += [line, ""]
     if baselines:
         lines += [f"This study holds the search's trials only, so its plots, history and \"Best Trial\" show the "
                   f"search. The baselines (and the frozen probe's model) are in study `{baselines}`; the table "

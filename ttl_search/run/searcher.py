@@ -252,8 +252,8 @@ class StudySearcher(Searcher):
         plan = self.sampler.plan(self._trials())
         while plan.reuse is not None:  # a twin already trained this model: store its copy
             study, strategies, cuts = self._part(plan.job)
-            copy_twin(study, plan, job_distributions(self.candidates, strategies, self.cfg.seed_count, self.cfg.selection.folds,
-                                                     cuts))
+            copy_twin(study, plan, job_distributions(self.candidates, strategies, self.cfg.seed_count,
+                                                     self.cfg.selection.folds, cuts))
             self.counts["complete"] += 1
             plan = self.sampler.plan(self._trials())
         self._progress(plan)
@@ -265,8 +265,8 @@ class StudySearcher(Searcher):
         study, strategies, cuts = self._part(plan.job)
         self.sampler.expect(plan.job)
         trial = study.ask()
-        params = suggest_params(trial, self.candidates, strategies, self.cfg.seed_count, s.tune_lr and study is self.study,
-                                self.cfg.selection.folds, cuts)
+        params = suggest_params(trial, self.candidates, strategies, self.cfg.seed_count,
+                                s.tune_lr and study is self.study, self.cfg.selection.folds, cuts)
         config = self._launch(trial_id, trial, params, self.by_index[params["cut"]], plan.job.phase,
                               part="" if study is self.study else "baselines")
         self._progress(plan)  # the new trial counts as running from now on

@@ -155,10 +155,10 @@ def ensemble_evidence(trials: Sequence[FrozenTrial], cuts: Collection[int], size
 
 
 def score_ensemble(trials: Sequence[FrozenTrial], cfg: StudyConfig, cuts: Sequence[int], size: int,
-                   reference: Key, reference_evidence: Evidence,
-                   params: Mapping[int, int | None] | None = None) -> Ensemble:
+                   reference: Key, reference_evidence: Evidence, params: Mapping[int, int | None]) -> Ensemble:
     """The ensemble of the first ``size`` seeds of ``cuts``: validation and test scores of the
-    averaged probabilities, the validation one paired with the reference cut's evidence."""
+    averaged probabilities, the validation one paired with the reference cut's evidence;
+    ``params``: each cut's parameter count."""
     key = (ENSEMBLE, min(cuts))
     val, repeats, numbers = ensemble_evidence(trials, cuts, size, "val")
     test, _, _ = ensemble_evidence(trials, cuts, size, "test")
@@ -170,7 +170,7 @@ def score_ensemble(trials: Sequence[FrozenTrial], cfg: StudyConfig, cuts: Sequen
     sign = 1.0 if cfg.resolved_direction == "maximize" else -1.0
     worse = bool(val_score and not val_score.indistinguishable and not np.isnan(val_score.diff_ci[0])
                  and sign * val_score.diff < 0)
-    sizes = [(params or {}).get(c) for c in cuts]
+    sizes = [params.get(c) for c in cuts]
     total = None if None in sizes else size * sum(sizes)
     kind = "cuts" if cfg.selection.cut_ensemble else "seeds"
     return Ensemble(size, repeats, [cfg.search.seed + r for r in repeats], len(numbers) >= expected, numbers,

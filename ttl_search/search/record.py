@@ -398,16 +398,20 @@ def fmt_diff(diff: Any, ci: Sequence[Any] | None) -> str:
     return f"{diff:+.4f} {fmt_interval(ci)}"
 
 
-def ensemble_line(ensemble: dict[str, Any], cut: int, metric: str, reference: int | None) -> str:
-    """One sentence on the answer's ensemble (``best``'s ``ensemble`` entry) for people."""
+def ensemble_line(answer: dict[str, Any], metric: str) -> str | None:
+    """One sentence for people on the ensemble of a study's answer (``best``'s dict, or the
+    report's summary of it); None when the answer is one model."""
+    ensemble, cut = answer.get("ensemble"), answer["cut"]
+    if not ensemble:
+        return None
     test = "" if _unknown(ensemble["test"]) else f"; test {metric} {ensemble['test']:.4f} {fmt_interval(ensemble['test_ci'])}"
     val = "-" if _unknown(ensemble["val"]) else f"{ensemble['val']:.4f}"
-    cuts = ensemble.get("cuts") or [cut]
-    size = f", {fmt_count(ensemble['params'])} parameters in all" if ensemble.get("params") else ""
-    if ensemble.get("kind") == "cuts" and len(cuts) == 1:
+    cuts = ensemble["cuts"]
+    size = f", {fmt_count(ensemble['params'])} parameters in all" if ensemble["params"] else ""
+    if ensemble["kind"] == "cuts" and len(cuts) == 1:
         what = (f"cut {cuts[0]} alone, the only cut indistinguishable from the best "
                 f"({len(ensemble['trials'])} model(s){size})")
-    elif ensemble.get("kind") == "cuts":
+    elif ensemble["kind"] == "cuts":
         what = (f"the ensemble of the {len(cuts)} cuts indistinguishable from the best ({', '.join(map(str, cuts))}; "
                 f"{len(ensemble['trials'])} models, class probabilities averaged{size})")
     else:
@@ -415,4 +419,4 @@ def ensemble_line(ensemble: dict[str, Any], cut: int, metric: str, reference: in
         what = (f"the ensemble of {ensemble['size']} seeds of cut {cut} (class probabilities averaged; seeds "
                 f"{', '.join(map(str, ensemble['seeds'])) or '-'}{size}{done})")
     return (f"Answer: {what}: validation {metric} {val} {fmt_interval(ensemble['val_ci'])}, against the best single "
-            f"cut {reference} (paired) {fmt_diff(ensemble['diff'], ensemble['diff_ci'])}{test}.")
+            f"cut {answer['reference_cut']} (paired) {fmt_diff(ensemble['diff'], ensemble['diff_ci'])}{test}.")
