@@ -29,9 +29,9 @@ from tabulate import tabulate
 from dataclasses import replace
 
 from ttl_search.config import from_dict, merge, parse_overrides, to_dict
-from ttl_search.results import chosen_cut, open_study, stored_candidates
+from ttl_search.results import chosen_cut, open_study, stored_candidates, stored_probe_models
 from ttl_search.search.answer import study_answer, trial_evidence
-from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, records, summarize_cut
+from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, model_name, records, summarize_cut
 from ttl_search.search.samplers import search_trials
 from ttl_search.search.selection import SelectionConfig, score_candidates
 from ttl_search.search.study import load_study_config
@@ -72,24 +72,28 @@ def seed_row(seed: int, name: str, storage: str, reselect: list[str] = ()) -> di
     searched = completed_by_cut(records(search_trials(trials, cfg.search.repeats)))  # single models, no ensemble seed
     metric, last = cfg.metric, max(c for s, c in searched if s == SEARCH_STRATEGY)
     evidence, _ = trial_evidence(search_trials(trials, cfg.search.repeats), "test")
+    models = stored_probe_models(study)
+    for key, ev in (models.evidence("test") if models else {}).items():
+        evidence.setdefault(key, ev)
     tests = score_candidates(evidence, metric, cfg.resolved_direction, cfg.selection) if evidence else {}
     full = summarize_cut(searched[(SEARCH_STRATEGY, last)])
     other = "best" if best["rule"] == "smallest_within_ci" else "smallest_within_ci"
     other_cfg = replace(cfg, selection=replace(cfg.selection, rule=other))
-    other_pick = study_answer(trials, other_cfg, stored_candidates(study, cfg)).pick
-    chosen_test = tests.get((SEARCH_STRATEGY, best["cut"]))
+    other_pick = study_answer(trials, other_cfg, stored_candidates(study, cfg), models).key
+    chosen_test = tests.get((best["strategy"], best["cut"]))
     ens = best.get("ensemble")
     full_test = tests.get((SEARCH_STRATEGY, last))
     return {
-        "seed": seed, "study": name, "rule": best["rule"], "trainings": len(trials), "pick": best["cut"],
+        "seed": seed, "study": name, "rule": best["rule"], "trainings": len(trials), "pick": best["model"],
         "params": best["params"], "val": best["val"][metric],
         "val_ci": f"[{best['val_ci'][0]:.3f}, {best['val_ci'][1]:.3f}]" if best["val_ci"] else "-",
-        "same_as_best": ",".join(map(str, best["indistinguishable"])), "test": best["test"][metric],
+        "same_as_best": "; ".join(best["close"]), "test": best["test"][metric],
+        "test_acc": best["test"].get("accuracy"),
         "test_ci": f"[{chosen_test.ci[0]:.3f}, {chosen_test.ci[1]:.3f}]" if chosen_test else "-",
         f"full (cut {last}) val": full.val.get(metric), f"full (cut {last}) test": full.test.get(metric),
         "full_test_ci": f"[{full_test.ci[0]:.3f}, {full_test.ci[1]:.3f}]" if full_test else "-",
-        f"pick if rule {other}": other_pick,
-        "its test": summarize_cut(searched[(SEARCH_STRATEGY, other_pick)]).test.get(metric),
+        f"pick if rule {other}": model_name(*other_pick),
+        "its test": tests[other_pick].value if other_pick in tests else None,
         "wall_s": sum((r.wall_s or 0) for r in records(trials)),
         "ensemble": (f"cuts {','.join(map(str, ens['cuts']))}" if ens["kind"] == "cuts" else ens["size"])
         if ens else 1,
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     picks = collections.Counter(frame["pick"])
     full_test = next(c for c in frame.columns if c.startswith("full (cut") and c.endswith(" test"))
     cut, count = picks.most_common(1)[0]
-    print(f"\npicks over {len(frame)} seeds: {dict(picks)}; the most frequent (cut {cut}) in {count}/{len(frame)}; "
+    print(f"\npicks over {len(frame)} seeds: {dict(picks)}; the most frequent ({cut}) in {count}/{len(frame)}; "
           f"mean test {frame['test'].mean():.4f} (sd {frame['test'].std(ddof=0):.4f})")
     if frame["ens test"].notna().any():
         print(f"the answer as an ensemble ({best_ensemble(frame)}): mean validation {frame['ens val'].mean():.4f}, "

@@ -104,13 +104,17 @@ def complete_keys(ts) -> list[tuple]:
 
 def synthetic_study(cfg, strength: dict[int, float], seeds: int = 1, n_pos: int = 70, n_neg: int = 30,
                     baselines: dict[str, float] | None = None, predictions: bool = True,
-                    extra_seeds: dict[int, tuple[int, float]] | None = None):
+                    extra_seeds: dict[int, tuple[int, float]] | None = None, bias: dict[int, float] | None = None,
+                    probe: dict[int, float] | None = None):
     """An in-memory study of ``cfg`` whose completed trials were never trained: cut ``c`` of seed
-    ``r`` "predicts" scores ``label * strength[c] + noise(seed r)`` on fixed validation and test
+    ``r`` "predicts" logits ``(label - 0.5) * strength[c] + noise(seed r)`` on fixed validation and test
     labels, with every attribute a real trial stores (metrics, size, train time, predictions).
 
     ``extra_seeds``: cut -> (n, strength): n more seeds of that cut (repeats ``seeds..seeds+n-1``,
-    as an ensemble phase trains them) with their own strength.
+    as an ensemble phase trains them) with their own strength. ``bias``: cut -> a constant added to
+    the fine-tuned cut's logits (the same ranking, another decision threshold: a large one answers
+    one class). ``probe``: cut -> strength of a frozen probe's model at that cut, stored as a real
+    probe phase stores its table and predictions (no probe trial).
 
     Returns (study, candidates). Train time of cut c is ``10 * c`` seconds.
     """
@@ -142,8 +146,9 @@ def synthetic_study(cfg, strength: dict[int, float], seeds: int = 1, n_pos: int 
         for repeat in repeats:
             rng = np.random.default_rng([cut, repeat, len(strategy)])
             split_probs = {}
+            shift = (bias or {}).get(cut, 0.0) if strategy == "ttl" else 0.0
             for split in ("val", "test"):
-                score = 1 / (1 + np.exp(-(labels * s + rng.normal(0, 1, labels.size))))
+                score = 1 / (1 + np.exp(-((labels - 0.5) * s + rng.normal(0, 1, labels.size) + shift)))
                 split_probs[split] = np.c_[1 - score, score]
             val = compute_metrics(labels, split_probs["val"])
             test = compute_metrics(labels, split_probs["test"])
@@ -157,4 +162,20 @@ def synthetic_study(cfg, strength: dict[int, float], seeds: int = 1, n_pos: int 
                 params={k: v for k, v in {"strategy": strategy, "cut": cut, "repeat": repeat}.items() if k in dists},
                 distributions=dists,
                 value=val[cfg.metric], user_attrs=record.to_attrs(), system_attrs=system))
+    if probe:
+        from ttl_search.results import PROBE_ATTR, PROBE_PREDICTIONS_ATTR
+
+        stored, rows = {}, []
+        for cut, s in probe.items():
+            rng = np.random.default_rng([cut, 99])
+            split_probs = {}
+            for split in ("val", "test"):
+                score = 1 / (1 + np.exp(-((labels - 0.5) * s + rng.normal(0, 1, labels.size))))
+                split_probs[split] = np.c_[1 - score, score]
+            stored[str(cut)] = {k: encode_predictions(labels, p) for k, p in split_probs.items()}
+            c = by_index[cut]
+            rows.append({"cut": cut, "name": c.name, "stage": c.stage, "params": c.params, "channels": 8,
+                         "probe_val": compute_metrics(labels, split_probs["val"])[cfg.metric], "seconds": 0.5})
+        study._storage.set_study_system_attr(study._study_id, PROBE_PREDICTIONS_ATTR, stored)
+        study.set_user_attr(PROBE_ATTR, {"rows": rows, "seconds": 1.0, "metric": cfg.metric})
     return study, candidates

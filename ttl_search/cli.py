@@ -250,19 +250,30 @@ def _execution_args(p: argparse.ArgumentParser, set_help: str) -> None:
 
 
 def print_ranking(best: dict) -> None:
-    """Every completed cut and baseline: validation mean with its interval, and the paired
-    difference to the best cut."""
+    """Every candidate model (fine-tuned cuts, frozen probes, baselines): validation mean with its
+    interval, the paired difference to the best eligible candidate, and why the rule may not choose
+    it (a guard, chance, the majority class)."""
     level = f"{best['confidence']:.0%}"
     rows = []
     for r in best["ranking"]:
-        mark = "chosen" if r["chosen"] else ("same" if r["indistinguishable"] else "")
+        mark = "chosen" if r["chosen"] else ("same" if r["indistinguishable"] and not r.get("excluded") else "")
         mark += " (chance)" if r["at_chance"] else ""
+        mark += " (excluded)" if r.get("excluded") else ""
         mean = "-" if r["mean_val"] is None else f"{r['mean_val']:.4f}"
         rows.append([r["strategy"], r["cut"], r["cut_name"] or "-", fmt_params(r["params"], r["trainable_params"]),
                      r["repeats"], mean, fmt_interval(r["val_ci"]), fmt_diff(r["diff"], r["diff_ci"]), mark])
-    print_table(f"validation {best['metric']} of every trained cut ({level} bootstrap intervals; 'same': "
-                f"indistinguishable from the best cut {best['reference_cut']})",
+    print_table(f"validation {best['metric']} of every candidate ({level} bootstrap intervals; 'same': "
+                f"indistinguishable from the best eligible model, {best['reference']})",
                 ["strategy", "cut", "name", "params", "seeds", "mean", "interval", "vs best (paired)", ""], rows)
+    same = {(r["strategy"], r["cut"]) for r in best["ranking"] if r["indistinguishable"]}
+    excluded = [e for e in best.get("excluded") or [] if (e["strategy"], e["cut"]) in same]
+    if excluded:  # those the guards kept out though their main metric matched the best's
+        guards = ", ".join(best.get("guards") or []) or "none"
+        others = len(best["excluded"]) - len(excluded)
+        print(f"not eligible though indistinguishable on validation {best['metric']} (guards: {guards}; models "
+              f"that learned nothing are not eligible either){f'; {others} more in --format json' if others else ''}:")
+        for e in excluded:
+            print(f"  {e['model']}: {e['why']}")
 
 
 def _ensemble_cells(best: dict, metric: str) -> dict[str, Any]:
@@ -285,7 +296,8 @@ def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict |
         print(json.dumps(best, indent=2, default=str))
         return
     if fmt in ("csv", "markdown"):
-        write_rows([{"study": name, "cut": best["cut"], "cut_name": best["cut_name"], "rule": best["rule"],
+        write_rows([{"study": name, "strategy": best["strategy"], "cut": best["cut"], "cut_name": best["cut_name"],
+                     "rule": best["rule"],
                      "metric": metric, "validation": best["val"].get(metric),
                      "validation_sd": best["val_sd"].get(metric),
                      "validation_ci_low": (best["val_ci"] or [None, None])[0] if metric == best["metric"] else None,
@@ -296,17 +308,18 @@ def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict |
                      **_ensemble_cells(best, metric)} for metric in best["val"]], fmt)
         return
     state = "finished" if best["finished"] else "not finished yet"
-    print(f"study {name} ({state}): chosen cut {best['cut']} ({best['cut_name']}, stage {best['stage']}) of "
+    print(f"study {name} ({state}): chosen {best['model']} ({best['cut_name']}, stage {best['stage']}) of "
           f"{best['backbone']}, {fmt_params(best['params'], best.get('trainable_params'))} parameters "
           f"(full: {fmt_count(best['full']['params'])}), {fmt_count(best['macs'])} MACs")
     metric = best["metric"]
     if best["val_ci"]:
-        same = ", ".join(str(c) for c in best["indistinguishable"])
-        rule = ("the smallest of the cuts indistinguishable from the best" if best["rule"] == "smallest_within_ci"
-                else "the best mean")
+        same = ", ".join(best["close"])
+        pool = "every candidate" if best.get("candidates", "all") == "all" else "the fine-tuned cuts"
+        rule = (f"the smallest of {pool} indistinguishable from the best" if best["rule"] == "smallest_within_ci"
+                else f"the best mean of {pool}")
         print(f"rule {best['rule']} ({rule}): validation {metric} {best['val'].get(metric):.4f}, "
-              f"{best['confidence']:.0%} interval {fmt_interval(best['val_ci'])}; indistinguishable from the best "
-              f"cut {best['reference_cut']}: {same}")
+              f"{best['confidence']:.0%} interval {fmt_interval(best['val_ci'])}; indistinguishable from the best, "
+              f"{best['reference']}: {same}")
     elif best["note"]:
         print(best["note"])
     if line := ensemble_line(best, metric):
@@ -320,14 +333,18 @@ def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict |
             mean, sd = best[split].get(m), best[f"{split}_sd"].get(m)
             cells.append("-" if mean is None else f"{mean:.4f}" + (f" ± {sd:.4f}" if best["repeats"] > 1 else ""))
         rows.append([m, *cells])
-    print_table(f"cut {best['cut']}: mean over {best['repeats']} seed(s)", ["metric", "validation", "test"], rows)
+    print_table(f"{best['model']}: mean over {best['repeats']} seed(s)", ["metric", "validation", "test"], rows)
     print_ranking(best)
     for r in best["ranking"]:
-        if r["strategy"] == "probe":
-            same = " (indistinguishable from the best cut)" if r["indistinguishable"] else ""
-            print(f"frozen probe at cut {r['cut']} ({r['cut_name']}): validation {metric} {r['mean_val']:.4f} "
-                  f"{fmt_interval(r['val_ci'])}{same}, {fmt_params(r['params'], r['trainable_params'])} parameters, "
-                  f"no fine-tuning; export it with `ttl-search export {name} --trial {r['trials'][0]} --output DIR`")
+        if r["strategy"] != "probe" or (str(r["trials"][0]).startswith("probe:") and not r["chosen"]):
+            continue
+        same = " (indistinguishable from the best)" if r["indistinguishable"] else ""
+        ref = str(r["trials"][0])
+        export = ("the study's driver stores it as a model when the study finishes" if ref.startswith("probe:")
+                  else f"export it with `ttl-search export {name} --trial {ref} --output DIR`")
+        print(f"frozen probe at cut {r['cut']} ({r['cut_name']}): validation {metric} {r['mean_val']:.4f} "
+              f"{fmt_interval(r['val_ci'])}{same}, {fmt_params(r['params'], r['trainable_params'])} parameters, "
+              f"no fine-tuning; {export}")
 
 
 def _print_outcome(name: str, storage: str | None) -> int:

@@ -57,8 +57,8 @@ def test_oracle_and_indistinguishable():
     cut, value = oracle_cut(trials, cfg, 0)
     tests = {t.params["cut"]: t.user_attrs["test_auroc"] for t in trials if t.params.get("repeat", 0) == 0}
     assert value == max(tests.values()) and tests[cut] == value
-    assert indistinguishable(trials, cfg, 0, 5, 5)
-    assert not indistinguishable(trials, cfg, 0, 1, 5)
+    assert indistinguishable(trials, cfg, 0, ("ttl", 5), ("ttl", 5))
+    assert not indistinguishable(trials, cfg, 0, ("ttl", 1), ("ttl", 5))
 
 
 def test_search_quality_benchmark_replays_a_stored_study(tmp_path, capsys):
@@ -71,7 +71,8 @@ def test_search_quality_benchmark_replays_a_stored_study(tmp_path, capsys):
 
     from studyutil import REPO
 
-    cfg = load_study_config(DEBUG_STUDY, ["search.method=exhaustive", "search.repeats=3", "name=sq-breast-lite0-64"])
+    cfg = load_study_config(DEBUG_STUDY, ["search.method=exhaustive", "search.repeats=3", "name=sq-breast-lite0-64",
+                                          "probe.run=false"])  # as the benchmark's studies: probed afterwards
     study, _ = synthetic_study(cfg, STRENGTH, seeds=3, baselines={"full": 3.0, "linear_probe": 1.0})
     url = f"sqlite:///{tmp_path / 'sq.db'}"
     optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage, to_storage=url)
@@ -82,7 +83,9 @@ def test_search_quality_benchmark_replays_a_stored_study(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "## summary over 1 task(s)" in out and "two_stage k=1" in out and "tpe budget 5" in out
     rows = pd.read_csv(tmp_path / "search_quality.csv")
-    assert len(rows) == len(bench.METHODS) * 2 * 3  # methods x rules x seeds
+    others = len(bench.SELECTIONS) - 2  # replayed with the default method and exhaustive only
+    assert len(rows) == (len(bench.METHODS) * 2 + 2 * others) * 3  # (methods x selections) x seeds
+    assert set(rows.rule) == set(bench.SELECTIONS)
     guided = rows[rows.method == "guided budget 3"]
     assert (guided.trainings == 3).all()  # the probe was run once and stored with the study, then replayed
     from ttl_search.results import open_study, stored_probe
@@ -95,10 +98,21 @@ def test_search_quality_benchmark_replays_a_stored_study(tmp_path, capsys):
     assert (exh.trainings == 7).all() and (exh.compute_share == 1).all() and (exh.regret_vs_exhaustive == 0).all()
     assert (rows[rows.method == "tpe budget 5"].trainings == 5).all()
     assert rows.indistinguishable_from_exhaustive.dtype == bool
+    # every method of a default study runs the probe, but TPE (which cannot): its seconds count, its
+    # models are candidates; the selection from before counts neither
+    default = rows[(rows.rule == "default") & (rows.method == "two_stage k=1")]
+    before = rows[(rows.rule == "ttl only (before)") & (rows.method == "two_stage k=1")]
+    assert (default.compute_s.values == pytest.approx(before.compute_s.values + probe["seconds"], abs=0.05))
+    assert before.pick.astype(str).str.isdigit().all()
     answers = pd.read_csv(tmp_path / "search_quality_answers.csv")
-    assert {"full (cut 7)", "linear_probe (cut 7)"} <= set(answers.model)
-    assert f"frozen probe (cut {probe['best_cut']})" in set(answers.model)
-    assert answers[~answers.model.str.startswith("frozen probe")].test_ci.notna().all()
+    assert {"full fine-tuning (cut 7)", "linear probe (cut 7)"} <= set(answers.model)
+    assert answers.model.str.startswith("answer: ").sum() == 1 and answers.test_ci.notna().all()
+    goals = pd.read_csv(tmp_path / "search_quality_goals.csv")
+    assert len(goals) == 1 and goals.probe_cut.iloc[0] == probe["best_cut"]
+    assert {">=full", ">=probe", ">majority", ">=resnet18"} <= set(goals.columns)
+    assert goals.majority_acc.iloc[0] == pytest.approx(114 / 156)  # the real probe: BreastMNIST test labels
+    assert 0 < goals.answer_acc.iloc[0] <= 1
+    assert "against the goals" in out
     assert (tmp_path / "search_quality.png").stat().st_size > 10_000
     assert bench.main(["--replay-only", "--storage", url, "--tasks", "pneumonia_lite0_64", "--out", str(tmp_path)]) == 2
 

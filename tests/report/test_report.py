@@ -204,7 +204,7 @@ def test_report_files_table_and_artifacts(study, tmp_path):
                          for split in ("val", "test"))
             + f" | {fmt_count(chosen['params'])} | {fmt_count(chosen['trainable_params'])} |") in md
     assert f"Cut **{best['cut']}** (`{best['cut_name']}`" in md
-    assert f"bootstrap interval (stratified, paired across cuts): {fmt_interval(best['val_ci'])}" in md
+    assert f"bootstrap interval (stratified, paired across candidates): {fmt_interval(best['val_ci'])}" in md
     for png in ("metric_vs_cut.png", "metric_vs_cost.png", "search_order.png"):
         assert f"]({png})" in md
 

@@ -100,9 +100,11 @@ def test_guided_study_trains_within_its_budget_and_lists_the_probe(guided):
     order = [r["cut"] for r in sorted(table["rows"], key=lambda r: (-r["probe_val"], r["params"]))]
     assert order[0] in first  # the probe's best cut is trained first
     best = best_cut("guided", guided["url"])
-    probe_rows = [r for r in best["ranking"] if r["strategy"] == "probe"]
-    assert len(probe_rows) == 1 and probe_rows[0]["cut"] == table["best_cut"]
-    assert probe_rows[0]["val_ci"] is not None  # an interval like every other model's
+    probe_rows = {r["cut"]: r for r in best["ranking"] if r["strategy"] == "probe"}
+    assert sorted(probe_rows) == [r["cut"] for r in table["rows"]]  # the probe at every cut is a candidate
+    assert str(probe_rows[table["best_cut"]]["trials"][0]).startswith("baselines:")  # the stored model
+    assert all(r["trials"] == [f"probe:{c}"] for c, r in probe_rows.items() if c != table["best_cut"] and not r["chosen"])
+    assert all(r["val_ci"] is not None for r in probe_rows.values())  # an interval like every other model's
     assert "frozen probe" in guided["out"]  # the run's answer shows the probe beside the cuts
 
 
@@ -145,3 +147,53 @@ def test_probe_settings_are_checked():
     with pytest.raises(ConfigError, match="unknown config key 'probe.k'"):
         load_study_config(DEBUG_STUDY, ["probe.k=3"])
     assert os.path.isfile(DEBUG_STUDY)
+
+
+def test_an_answer_that_is_a_frozen_probe_is_stored_as_a_model(tmp_path, data_root):
+    """The answer is the frozen probe at a cut that no trial holds: the driver stores that probe as
+    a trial with its checkpoint (from the head the probe stored), and export restores it."""
+    import numpy as np
+    import torch
+
+    from ttl_search.export import restore_trial
+    from ttl_search.results import PROBE_PREDICTIONS_ATTR, best_cut, open_study, stored_candidates, study_system_attr
+    from ttl_search.run.driver import probe_study
+    from ttl_search.run.probe import PROBE_HEADS_ATTR, decode_head, store_answer_probe
+    from ttl_search.search.record import PREDICTIONS_ATTR, TrialRecord
+    from ttl_search.search.samplers import job_distributions
+    from ttl_search.search.study import load_study_config
+    from ttl_search.train.predictions import decode_predictions, encode_predictions
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    cfg = load_study_config(DEBUG_STUDY, [f"storage={url}", "name=probe-answer", f"trial.data.root={data_root}",
+                                          f"artifacts={tmp_path / 'a'}", "selection.rule=best"])
+    study, table, _ = probe_study(cfg)
+    heads = study_system_attr(study, PROBE_HEADS_ATTR)
+    assert sorted(map(int, heads)) == [r["cut"] for r in table["rows"]]  # every cut's head, not only the best's
+    cut = next(r["cut"] for r in table["rows"] if r["cut"] != table["best_cut"])
+    predictions = study_system_attr(study, PROBE_PREDICTIONS_ATTR)
+    labels, _ = decode_predictions(predictions[str(cut)]["val"])
+    perfect = np.eye(2)[labels]  # this cut's probe now validates best: the answer
+    predictions[str(cut)]["val"] = encode_predictions(labels, perfect)
+    study._storage.set_study_system_attr(study._study_id, PROBE_PREDICTIONS_ATTR, predictions)
+    chance = np.full((labels.size, 2), 0.5)
+    stored, cfg = open_study("probe-answer", url)
+    candidates = stored_candidates(stored, cfg)
+    dists = job_distributions(candidates, ["ttl"], 1, 1, [c.index for c in candidates])
+    record = TrialRecord(strategy="ttl", cut=1, repeat=0, val={"auroc": 0.5}, test={"auroc": 0.5}, params=1)
+    stored.add_trial(optuna.trial.create_trial(
+        params={"cut": 1}, distributions={"cut": dists["cut"]}, value=0.5, user_attrs=record.to_attrs(),
+        system_attrs={PREDICTIONS_ATTR: {"val": encode_predictions(labels, chance),
+                                         "test": predictions[str(cut)]["test"]}}))
+    best = best_cut("probe-answer", url)
+    assert (best["strategy"], best["cut"], best["trial"]) == ("probe", cut, f"probe:{cut}")
+
+    assert store_answer_probe(stored, cfg, tmp_path / "a") == cut
+    assert store_answer_probe(stored, cfg, tmp_path / "a") is None  # stored once
+    best = best_cut("probe-answer", url)
+    assert best["strategy"] == "probe" and best["cut"] == cut and str(best["trial"]).startswith("baselines:")
+    assert (tmp_path / "a" / "probe-answer" / f"probe-cut-{cut}.pt").is_file()
+    restored = restore_trial("probe-answer", url)
+    weight, bias = decode_head(heads[str(cut)])
+    assert torch.equal(restored.model.head.fc.weight.detach(), torch.tensor(weight))
+    assert torch.equal(restored.model.head.fc.bias.detach(), torch.tensor(bias))

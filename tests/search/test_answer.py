@@ -223,3 +223,77 @@ def test_a_cut_ensemble_of_one_cut_says_it_is_that_cut_alone():
     assert best["cut"] == 5 and ens["cuts"] == [5] and len(ens["trials"]) == 1 and ens["diff"] == 0
     assert ensemble_line(best, "auroc").startswith(
         "Answer: cut 5 alone, the only cut indistinguishable from the best (1 model(s), ")
+
+
+# ------------------------------------------------------------------ every candidate, guards
+
+
+def test_a_model_that_answers_one_class_is_never_chosen():
+    """Cut 4 ranks the images as well as the best cut (same AUROC) but its threshold makes it answer
+    'positive' for nearly every image: the default guard (balanced accuracy) excludes it, and
+    without guards its accuracy, no better than the majority class's share, still does."""
+    study, candidates = synthetic_study(config(), ALIKE, seeds=2, bias={4: 5.0})
+    answer = study_answer(study.trials, config(), candidates)
+    assert answer.scores[("ttl", 4)].indistinguishable  # AUROC alone cannot tell
+    assert answer.key != ("ttl", 4) and ("ttl", 4) not in answer.close and 4 not in answer.indistinguishable
+    assert "balanced_accuracy" in answer.excluded[("ttl", 4)] and "significantly worse" in answer.excluded[("ttl", 4)]
+    assert ("ttl", 4) in answer.below_majority and answer.majority == 0.7
+    unguarded = study_answer(study.trials, config("selection.guards=[]"), candidates)
+    assert unguarded.key != ("ttl", 4) and "does not beat the majority class (0.7000)" in unguarded.excluded[("ttl", 4)]
+    best = chosen_cut(study, config())
+    row = next(r for r in best["ranking"] if (r["strategy"], r["cut"]) == ("ttl", 4))
+    assert "balanced_accuracy" in row["excluded"] and "cut 4" in [e["model"] for e in best["excluded"]]
+    assert best["guards"] == ["balanced_accuracy"] and not best["below_majority"]
+
+
+def test_a_chosen_model_below_the_majority_class_is_flagged():
+    """When every candidate answers one class, the answer is still the best of them, flagged."""
+    cfg = config()
+    study, candidates = synthetic_study(cfg, ALIKE, seeds=1, bias={c: 5.0 for c in ALIKE})
+    answer = study_answer(study.trials, cfg, candidates)
+    assert answer.key in answer.below_majority
+    assert any("does not beat always answering the majority class" in w for w in answer.warnings("auroc"))
+
+
+def test_the_answer_is_chosen_among_frozen_probes_and_baselines_too():
+    """A frozen probe and a baseline are candidates like the fine-tuned cuts: the smallest model
+    indistinguishable from the best wins, whatever its kind; ``selection.candidates: ttl`` goes
+    back to the fine-tuned cuts alone."""
+    from ttl_search.results import stored_probe_models
+
+    weak = {c: 0.6 for c in ALIKE}
+    cfg = config()
+    study, candidates = synthetic_study(cfg, weak, seeds=1, baselines={"full": 0.6}, probe={2: 4.0, 3: 4.0, 6: 0.5})
+    models = stored_probe_models(study)
+    assert sorted(models.predictions) == [2, 3, 6] and models.params[2] < models.params[3]
+    answer = study_answer(study.trials, cfg, candidates, models)
+    assert answer.key == ("probe", 2) and answer.strategy == "probe" and ("probe", 3) in answer.close
+    assert ("probe", 6) in answer.scores and ("full", 7) in answer.pool
+    ttl_only = study_answer(study.trials, config("selection.candidates=ttl"), candidates, models)
+    assert ttl_only.strategy == "ttl" and ("probe", 2) not in ttl_only.pool
+    assert study_answer(study.trials, cfg, candidates).strategy == "ttl"  # without the probe's models
+
+    best = chosen_cut(study, cfg)
+    assert best["strategy"] == "probe" and best["cut"] == 2 and best["model"] == "frozen probe at cut 2"
+    assert best["trial"] == "probe:2" and best["params"] == models.params[2] and best["repeats"] == 1
+    assert best["val"]["auroc"] == pytest.approx(answer.scores[("probe", 2)].value, abs=1e-6)
+    ranked = {(r["strategy"], r["cut"]) for r in best["ranking"]}
+    assert {("probe", 2), ("probe", 3), ("probe", 6), ("full", 7)} <= ranked
+    assert next(r for r in best["ranking"] if r["chosen"])["trials"] == ["probe:2"]
+
+    strong = {"linear_probe": 5.0, "full": 0.6}
+    study, candidates = synthetic_study(cfg, weak, seeds=1, baselines=strong)
+    answer = study_answer(study.trials, cfg, candidates)
+    assert answer.key == ("linear_probe", 7) and answer.reference_key == ("linear_probe", 7)
+
+
+def test_selection_candidates_and_guards_are_checked():
+    from ttl_search.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"selection.candidates 'probes' is unknown; valid values: all, ttl"):
+        config("selection.candidates=probes")
+    with pytest.raises(ConfigError, match=r"'kappa' is not a guard metric; valid metrics: auroc, .*loss"):
+        config("selection.guards=[kappa]")
+    with pytest.raises(ConfigError, match=r"selection.guards must be a list of metrics"):
+        config("selection.guards=loss")
+    assert config("selection.guards=[loss, loss]").selection.guards == ["loss"]

@@ -122,6 +122,23 @@ def test_binary_head_is_the_sigmoid_of_the_logistic_regression():
     assert fit.probe_val == pytest.approx(-np.mean(np.log(fit.val_probs[np.arange(20), y[50:70]])))
 
 
+def test_a_class_weighted_probe_balances_its_decisions():
+    """With the trial's class weighting the probe weighs every class the same, as a class-weighted
+    fine-tuning does: on imbalanced classes it answers the minority class more often (a higher
+    balanced accuracy at the same features)."""
+    from ttl_search.train.metrics import metric_value
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(600) < 0.15).astype(int)  # 15% positives
+    x = rng.normal(size=(600, 4)) + 0.8 * y[:, None]
+    args = (x[:300], y[:300], x[300:450], y[300:450], x[450:], y[450:], 2, "auroc", ProbeConfig())
+    plain, weighted = fit_probe(*args), fit_probe(*args, class_weighted=True)
+    decisions = lambda fit: fit.val_probs.argmax(1)  # noqa: E731
+    assert decisions(weighted).sum() > decisions(plain).sum()
+    assert metric_value("balanced_accuracy", y[300:450], weighted.val_probs) > \
+        metric_value("balanced_accuracy", y[300:450], plain.val_probs)
+
+
 def _direct_log_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
     """log N(y; 0, I/beta + F F^T/alpha) per sample: the evidence computed without the SVD."""
     n = len(y)

@@ -407,12 +407,32 @@ def _val_by_cut(trials, metric: str) -> dict[int, tuple[float, float, int]]:
     return {int(r.cut): (r.val_mean, r.val_sd, int(r.n)) for r in frame.itertuples()}
 
 
+FROZEN_STRATEGIES = ("probe", "linear_probe")
+"""Strategies that change no pretrained unit: nothing for SVCCA to compare."""
+
+
+def fine_tuned_trial(name: str, storage: str | None = None) -> int | str | None:
+    """The trial SVCCA analyses by default: the answer's, unless the answer changed no pretrained
+    unit (a frozen probe, a linear probe); then the first trial of the best fine-tuned cut. None
+    while the study has no answer."""
+    from ..results import chosen_cut, open_study
+
+    best = chosen_cut(*open_study(name, storage))
+    if best is None:
+        return None  # restore_trial says why there is nothing to analyse
+    if best["strategy"] not in FROZEN_STRATEGIES:
+        return best["trial"]
+    tuned = [r for r in best["ranking"] if r["strategy"] not in FROZEN_STRATEGIES]
+    return tuned[0]["trials"][0] if tuned else best["trial"]
+
+
 def run_svcca(name: str, storage: str | None = None, trial: int | str | None = None,
               options: SVCCAOptions | None = None, output: str | Path | None = None,
               attach: bool = True) -> SVCCARun:
     """Pretrained vs fine-tuned (every unit up to the cut), unit vs unit (fine-tuned), and the
     random-feature baseline, on a held-out sample of the study's data; writes CSVs and PNGs to
-    ``output`` (default ``<artifacts>/<study>/svcca-trial-N``)."""
+    ``output`` (default ``<artifacts>/<study>/svcca-trial-N``). ``trial`` defaults to
+    :func:`fine_tuned_trial`."""
     from ..results import artifacts_dir
     from ..data import make_loader
     from ..export import restore_trial
@@ -420,7 +440,7 @@ def run_svcca(name: str, storage: str | None = None, trial: int | str | None = N
     from ..report.plots import plot_svcca
 
     opts = options or SVCCAOptions()
-    restored = restore_trial(name, storage, trial)
+    restored = restore_trial(name, storage, trial if trial is not None else fine_tuned_trial(name, storage))
     cut = restored.cut
     spec = restored.prepared.loaded.spec
     split = getattr(restored.data, opts.split)

@@ -17,14 +17,15 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import from_dict, merge, to_dict
 from ..errors import StudyError
-from ..search.answer import study_answer, trial_evidence
+from ..search.answer import Key, ProbeModels, study_answer, trial_evidence
 from ..search.record import PREDICTIONS_ATTR, SEARCH_STRATEGY, TrialRecord
-from ..search.samplers import CutCandidate, suggest_params, trial_key
+from ..search.samplers import SEARCH_METHODS, CutCandidate, suggest_params, trial_key
 from ..search.selection import score_candidates
 from ..search.study import StudyConfig, make_sampler, needs_probe
 from ..storage import set_trial_system_attr
@@ -41,7 +42,11 @@ class Method:
     search: dict[str, Any]
     """Overrides of the ``search`` block (``method``, ``top_k``, ``budget``...)."""
     selection: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the ``selection`` block (``rule``)."""
+    """Overrides of the ``selection`` block (``rule``, ``candidates``, ``guards``)."""
+    probe: bool | None = None
+    """``probe.run`` of the replayed study: whether it runs the frozen probe (its models join the
+    candidates, its seconds count as compute); None: as a default study does (before two-stage and
+    exhaustive). A guided method runs it whatever this says."""
 
 
 @dataclass
@@ -60,15 +65,25 @@ class Replay:
     """Training seconds of those trainings (as the exhaustive study measured them), plus the probe's
     seconds for a guided method."""
     pick: int | None
-    """The chosen cut."""
+    """The chosen model's cut."""
+    strategy: str = SEARCH_STRATEGY
+    """The chosen model's strategy (``ttl``, ``probe``...)."""
     val: float | None = None
     """The pick's validation metric (this seed)."""
     val_ci: tuple[float, float] | None = None
     """Its bootstrap interval."""
     test: float | None = None
     """The pick's test metric (this seed; reported, never used to decide)."""
+    test_ci: tuple[float, float] | None = None
+    """Its bootstrap interval (the same resampling as validation's)."""
+    test_accuracy: float | None = None
+    """The pick's test accuracy."""
     params: int | None = None
     """Parameters of the pick."""
+
+    @property
+    def key(self) -> Key | None:
+        return None if self.pick is None else (self.strategy, self.pick)
 
     @property
     def trainings(self) -> int:
@@ -90,23 +105,27 @@ def method_config(cfg: StudyConfig, method: Method, seed: int) -> StudyConfig:
     and no retries (a training the exhaustive study could not complete fails in the replay too)."""
     values = to_dict(cfg)
     search = {**method.search, "repeats": 1, "seed": seed, "max_retries": 0}
-    values = merge(values, {"search": search, "selection": method.selection,
+    values = merge(values, {"search": search, "selection": method.selection, "probe": {"run": method.probe},
                             "baselines": [], "baseline_cuts": {}})
     return from_dict(StudyConfig, values)
 
 
 def replay(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Sequence[CutCandidate], method: Method,
-           repeat: int, probe: dict[str, Any] | None = None) -> Replay:
+           repeat: int, probe: dict[str, Any] | None = None, models: ProbeModels | None = None) -> Replay:
     """Replay ``method`` on seed ``repeat`` of an exhaustive study's ``trials``; ``probe``: the
-    study's stored probe table, which a guided method needs (its seconds count as compute)."""
+    study's stored probe table, which a study that runs the probe needs (its seconds count as
+    compute), and ``models``: the probe's models (candidates for the answer)."""
     if cfg.selection.folds > 1:
         raise StudyError("replays use the validation split; this study cross-validates (selection.folds > 1)")
     source = seed_trials(trials, repeat)
     mcfg = method_config(cfg, method, seed=repeat)
     guided = needs_probe(mcfg)
     if guided and probe is None:
-        raise StudyError(f"method {method.label!r} is guided by the probe, and the study has no stored probe table; "
-                         "run `ttl-search probe` on it first")
+        if mcfg.probe.run is None and not SEARCH_METHODS[mcfg.search.method].needs_probe:
+            guided = False  # a default study would have probed: this one has nothing stored to replay
+        else:
+            raise StudyError(f"method {method.label!r} runs the frozen probe, and the study has no stored probe "
+                             "table; run `ttl-search probe` on it first")
     sampler = make_sampler(mcfg, candidates, probe if guided else None)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=mcfg.resolved_direction, sampler=sampler, study_name="replay")
@@ -130,29 +149,48 @@ def replay(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Sequence
         if PREDICTIONS_ATTR in stored.system_attrs:
             set_trial_system_attr(trial, PREDICTIONS_ATTR, stored.system_attrs[PREDICTIONS_ATTR])
         study.tell(trial, stored.value)
-    answer = study_answer(study.get_trials(deepcopy=False), mcfg, candidates)
-    out = Replay(method.label, answer.rule, repeat, trained, round(compute, 2), answer.pick)
+    answer = study_answer(study.get_trials(deepcopy=False), mcfg, candidates, models if guided else None)
+    out = Replay(method.label, answer.rule, repeat, trained, round(compute, 2), answer.pick, answer.strategy)
     if answer.pick is not None:
-        record = TrialRecord.from_trial(source[(SEARCH_STRATEGY, answer.pick)])
-        score = answer.scores.get((SEARCH_STRATEGY, answer.pick))
-        out.val = record.val.get(cfg.metric)
+        val, test = (seed_evidence(trials, repeat, models, split).get(answer.key) for split in ("val", "test"))
+        args = (cfg.metric, cfg.resolved_direction, cfg.selection)
+        score = answer.scores.get(answer.key)
+        out.val = score.value if score else score_candidates({answer.key: val}, *args)[answer.key].value
         out.val_ci = score.ci if score else None
-        out.test = record.test.get(cfg.metric)
-        out.params = record.params
+        tested = score_candidates({answer.key: test}, *args)[answer.key]
+        out.test, out.test_ci = tested.value, tested.ci
+        labels, probs = test.folds[0]
+        out.test_accuracy = float(np.mean(probs[0].argmax(axis=1) == labels))
+        out.params = answer_params(source, models, answer.key)
     return out
 
 
-def indistinguishable(trials: Sequence[FrozenTrial], cfg: StudyConfig, repeat: int, cut: int,
-                      reference: int) -> bool:
-    """Whether ``cut``'s validation metric is indistinguishable from ``reference``'s on seed
-    ``repeat`` (paired bootstrap at the study's confidence)."""
-    if cut == reference:
+def answer_params(source: dict[Key, FrozenTrial], models: ProbeModels | None, key: Key) -> int | None:
+    """Parameters of a replay's pick: its trial's, or the probe table's."""
+    if key in source:
+        return TrialRecord.from_trial(source[key]).params
+    return (models.params if models else {}).get(key[1])
+
+
+def seed_evidence(trials: Sequence[FrozenTrial], repeat: int, models: ProbeModels | None,
+                  split: str = "val") -> dict[Key, Any]:
+    """The ``split`` predictions of seed ``repeat``'s trials and of the probe's models, by key."""
+    evidence, _ = trial_evidence(list(seed_trials(trials, repeat).values()), split)
+    for key, ev in (models.evidence(split) if models else {}).items():
+        evidence.setdefault(key, ev)
+    return evidence
+
+
+def indistinguishable(trials: Sequence[FrozenTrial], cfg: StudyConfig, repeat: int, key: Key, reference: Key,
+                      models: ProbeModels | None = None) -> bool:
+    """Whether model ``key``'s validation metric is indistinguishable from ``reference``'s on seed
+    ``repeat`` (paired bootstrap at the study's confidence); keys are (strategy, cut)."""
+    if key == reference:
         return True
-    source = seed_trials(trials, repeat)
-    evidence, _ = trial_evidence([source[(SEARCH_STRATEGY, c)] for c in (reference, cut)])
-    scores = score_candidates(evidence, cfg.metric, cfg.resolved_direction, cfg.selection,
-                              reference=(SEARCH_STRATEGY, reference))
-    return scores[(SEARCH_STRATEGY, cut)].indistinguishable
+    evidence = seed_evidence(trials, repeat, models)
+    scores = score_candidates({k: evidence[k] for k in (reference, key)}, cfg.metric, cfg.resolved_direction,
+                              cfg.selection, reference=reference)
+    return scores[key].indistinguishable
 
 
 def oracle_cut(trials: Sequence[FrozenTrial], cfg: StudyConfig, repeat: int) -> tuple[int, float]:

@@ -48,6 +48,7 @@ from ..storage import storage_url, study_trials, trial_ref
 from ..search.study import StudyConfig
 from ..train.trial import PreparedTrial, TrialConfig, prepare_trial, seed_everything
 from ..models.truncation import input_shape
+from ..models.strategies import PROBE_STRATEGY
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,11 @@ def select_trial(name: str, study: optuna.Study, cfg: StudyConfig,
                              f"(completed trials: {_completed_numbers(trials)})")
         number = summary["trial"]
     by_number = {trial_ref(t): t for t in trials}
+    if isinstance(number, str) and number.startswith(f"{PROBE_STRATEGY}:") and number not in by_number:
+        raise StudyError(f"the frozen probe at cut {number.split(':', 1)[1]} of study {name!r} is in its probe table "
+                         "but not stored as a model (the driver stores the answer's probe when the study finishes; "
+                         "this study was created without probe.run, or probed by an earlier version); export a "
+                         f"stored model with --trial N (completed trials: {_completed_numbers(trials)})")
     if number not in by_number:
         raise StudyError(f"study {name!r} has no trial {number}; completed trials: {_completed_numbers(trials)}")
     trial = by_number[number]

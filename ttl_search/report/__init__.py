@@ -119,15 +119,34 @@ def _latency_note(latency: dict | None) -> str:
             "`ttl-search report NAME --measure-latency` measures every model one at a time.")
 
 
+def _bold_model(chosen: dict) -> str:
+    """``Cut **6**`` for a fine-tuned cut, ``**frozen probe at cut 4**`` for another model."""
+    return f"Cut **{chosen['cut']}**" if chosen["strategy"] == "ttl" else f"**{chosen['model']}**"
+
+
+def answer_row(best: dict) -> dict:
+    """The answer (``chosen_cut``'s dict: a fine-tuned cut, a frozen probe or a baseline) as a row of
+    the results table."""
+    row = {"strategy": best["strategy"], "cut": best["cut"], "cut_name": best["cut_name"], "n": best["repeats"],
+           "seeds": best["seeds"], "params": best["params"], "trainable_params": best["trainable_params"],
+           "macs": best["macs"], "latency_batch1_ms": best["latency_batch1_ms"],
+           "latency_batch1_q1": (best.get("latency_batch1_iqr") or [None, None])[0],
+           "latency_batch1_q3": (best.get("latency_batch1_iqr") or [None, None])[1]}
+    for m in TABLE_METRICS:
+        row[f"test_{m}"], row[f"test_{m}_sd"] = best["test"].get(m), best["test_sd"].get(m)
+    return row
+
+
 def results_table(cm_all: pd.DataFrame, chosen: dict | None) -> pd.DataFrame:
-    """TTL at the chosen cut, then every baseline: test metrics (mean, sd), size (parameters,
+    """The answer (a fine-tuned cut, a frozen probe or a baseline), then every baseline: test metrics (mean, sd), size (parameters,
     trainable parameters, MACs) and latency."""
     rows = []
     if chosen:
-        sel = cm_all[(cm_all["strategy"] == "ttl") & (cm_all["cut"] == chosen["cut"])]
-        rows += [dict(r, method="TruncatedTL (chosen cut)") for r in sel.to_dict("records")]
+        method = "TruncatedTL (chosen cut)" if chosen["strategy"] == "ttl" else f"the answer: {chosen['model']}"
+        rows.append(dict(chosen["answer_row"], method=method))
     for r in cm_all[cm_all["strategy"] != "ttl"].to_dict("records"):
-        rows.append(dict(r, method=STRATEGY_LABELS.get(r["strategy"], r["strategy"])))
+        if not chosen or (r["strategy"], r["cut"]) != (chosen["strategy"], chosen["cut"]):
+            rows.append(dict(r, method=STRATEGY_LABELS.get(r["strategy"], r["strategy"])))
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -196,7 +215,7 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
         lines += [
             "## Chosen cut",
             "",
-            f"Cut **{chosen['cut']}** (`{chosen['cut_name']}`, stage {chosen['stage']}): validation {metric} "
+            f"{_bold_model(chosen)} (`{chosen['cut_name']}`, stage {chosen['stage']}): validation {metric} "
             f"{_pm(chosen['val'], chosen.get('val_sd'), chosen['n'])}, test {metric} "
             f"{_pm(chosen['test'], chosen.get('test_sd'), chosen['n'])} over seed(s) {chosen['seeds']}; "
             f"{fmt_count(chosen.get('params'))} parameters{share}"
@@ -205,15 +224,18 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
             "",
         ]
         if chosen.get("val_ci"):
-            rule = ("the smallest model among the cuts statistically indistinguishable from the best"
+            rule = ("the smallest model among the candidates statistically indistinguishable from the best"
                     if chosen["rule"] == "smallest_within_ci" else "the best mean validation metric")
             lines += [
                 f"Selection rule `{chosen['rule']}` ({rule}). Validation {metric} "
-                f"{chosen['confidence']:.0%} bootstrap interval (stratified, paired across cuts): "
-                f"{fmt_interval(chosen['val_ci'])}. Cuts indistinguishable from the best "
-                f"cut {chosen['reference_cut']}: {', '.join(map(str, chosen['indistinguishable']))}.",
+                f"{chosen['confidence']:.0%} bootstrap interval (stratified, paired across candidates): "
+                f"{fmt_interval(chosen['val_ci'])}. Indistinguishable from the best, "
+                f"{chosen['reference']}: {', '.join(chosen['close'])}.",
                 "",
             ]
+            if chosen["excluded"]:
+                lines += ["Not eligible (a guard metric significantly worse than the best's, or a model that "
+                          "learned nothing):", ""] + [f"- {e['model']}: {e['why']}" for e in chosen["excluded"]] + [""]
         elif chosen.get("note"):
             lines += [chosen["note"], ""]
         if line := ensemble_line(chosen, metric):
@@ -242,7 +264,7 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
     lines += ["", "## Every trained cut (TTL)", "", _row(header), "|" + "---|" * len(header)]
     for r in ttl.to_dict("records"):
         n = int(r["n"])
-        mark = " **(chosen)**" if chosen and r["cut"] == chosen["cut"] else ""
+        mark = " **(chosen)**" if chosen and chosen["strategy"] == "ttl" and r["cut"] == chosen["cut"] else ""
         same = " (same)" if r.get("indistinguishable") is True and not mark else ""
         lines.append(_row([f"{r['cut']}{mark}", str(r["cut_name"]), str(r["stage"]), str(n),
                            _pm(r["val_mean"], r["val_sd"], n), fmt_interval([r.get("val_ci_low"), r.get("val_ci_high")]),
@@ -314,14 +336,17 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
     chosen = None
     best = chosen_cut(study, cfg, trials)
     if best is not None:
-        row = ttl[ttl["cut"] == best["cut"]].iloc[0].to_dict()
-        chosen = {"cut": best["cut"], "cut_name": best["cut_name"], "stage": best["stage"], "val": row["val_mean"],
-                  "val_sd": row["val_sd"], "test": row["test_mean"], "test_sd": row["test_sd"], "n": int(row["n"]),
-                  "seeds": row["seeds"], "trials": row["trials"], "params": row["params"], "macs": row["macs"],
-                  "trainable_params": row["trainable_params"], "latency_batch1_ms": row["latency_batch1_ms"],
+        chosen = {"strategy": best["strategy"], "model": best["model"], "cut": best["cut"],
+                  "cut_name": best["cut_name"], "stage": best["stage"], "val": best["val"].get(metric),
+                  "val_sd": best["val_sd"].get(metric), "test": best["test"].get(metric),
+                  "test_sd": best["test_sd"].get(metric), "n": best["repeats"], "seeds": best["seeds"],
+                  "trials": best["trials"], "params": best["params"], "macs": best["macs"],
+                  "trainable_params": best["trainable_params"], "latency_batch1_ms": best["latency_batch1_ms"],
                   "full_params": best["full"]["params"], "val_ci": best["val_ci"], "rule": best["rule"],
                   "indistinguishable": best["indistinguishable"], "reference_cut": best["reference_cut"],
-                  "confidence": best["confidence"], "note": best["note"], "ensemble": best["ensemble"]}
+                  "reference": best["reference"], "close": best["close"], "excluded": best["excluded"],
+                  "confidence": best["confidence"], "note": best["note"], "ensemble": best["ensemble"],
+                  "answer_row": answer_row(best)}
         add_intervals(cm_all, best["ranking"])
         ttl = cm_all[cm_all["strategy"] == "ttl"].reset_index(drop=True)
     out = Path(output) if output else artifacts_dir(cfg, url) / name / "report"

@@ -17,12 +17,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import from_dict, to_dict
 from ..errors import StudyError
-from ..search.record import (SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, fmt_count, fmt_interval,
-                             fmt_value, records, summarize_cut)
+from ..search.record import (CutSummary, TrialRecord, completed_by_cut, fmt_count, fmt_interval,
+                             fmt_value, model_name, records, summarize_cut)
 from ..search.samplers import CutCandidate, search_trials
 from ..storage import BASELINES_OF_ATTR, load_study, open_storage, sqlite_path, study_trials
 from ..search.study import StudyConfig, cut_candidates, make_sampler, upgrade_stored_config
-from ..search.answer import Answer, Ensemble, study_answer
+from ..search.answer import Answer, Ensemble, ProbeModels, study_answer
+from ..models.strategies import PROBE_STRATEGY
+from ..train.metrics import compute_metrics, metric_value
+from ..train.predictions import decode_predictions
 from ..train.trial import TrialConfig
 
 CONFIG_ATTR = "config"
@@ -40,6 +43,9 @@ model (strategy, cut) the median and interquartile range at batch 1 and 64, and 
 PROBE_PREDICTIONS_ATTR = "ttl_probe_predictions"
 """Study system attribute with every probed cut's ``val`` and ``test`` predictions (encoded), so
 that the probe's metrics and intervals can be recomputed."""
+PROBE_HEADS_ATTR = "ttl_probe_heads"
+"""Study system attribute with every probed cut's linear head (weight and bias, encoded), so that
+the probe's model at any cut can be stored later (when it becomes the answer) without probing again."""
 
 
 def default_artifacts_dir(url: str) -> Path:
@@ -81,6 +87,51 @@ def stored_probe(study: optuna.Study) -> dict[str, Any] | None:
     """The study's frozen-probe table (None when the probe has not run)."""
     table = study.user_attrs.get(PROBE_ATTR)
     return table if isinstance(table, dict) and table.get("rows") else None
+
+
+def study_system_attr(study: optuna.Study, key: str) -> Any:
+    """A study system attribute (None when absent; Optuna 5's ``Study`` no longer reads them)."""
+    return study._storage.get_study_system_attrs(study._study_id).get(key)
+
+
+def stored_probe_models(study: optuna.Study) -> ProbeModels | None:
+    """The frozen probe's model at every probed cut (its table's rows and stored predictions); None
+    when the probe has not run."""
+    table = stored_probe(study)
+    if table is None:
+        return None
+    predictions = study_system_attr(study, PROBE_PREDICTIONS_ATTR)
+    if not isinstance(predictions, dict):
+        return None
+    return ProbeModels(table["rows"], {int(cut): value for cut, value in predictions.items()})
+
+
+def probe_records(models: ProbeModels | None, cfg: StudyConfig, stored: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """A record of the frozen probe at every probed cut that no stored ``probe`` trial holds (part
+    ``probe``, numbered by its cut, so that it reads ``probe:CUT``): metrics from its stored
+    predictions, size from the probe table."""
+    if models is None:
+        return []
+    have = {int(r.cut) for r in stored if r.strategy == PROBE_STRATEGY and r.complete and r.cut is not None}
+    out = []
+    for row in models.rows:
+        cut = int(row["cut"])
+        if cut in have or cut not in models.predictions:
+            continue
+        metrics = {}
+        for split in ("val", "test"):
+            labels, probs = decode_predictions(models.predictions[cut][split])
+            metrics[split] = {k: float(v) for k, v in compute_metrics(
+                labels, probs, metric_value("loss", labels, probs)).items()}
+        k = int(probs.shape[1])
+        out.append(TrialRecord(
+            number=cut, part=PROBE_STRATEGY, state=TrialState.COMPLETE.name, value=metrics["val"].get(cfg.metric),
+            strategy=PROBE_STRATEGY, cut=cut, repeat=0, cut_name=row.get("name"), stage=row.get("stage"),
+            phase="probe", seed=cfg.search.seed, val=metrics["val"], test=metrics["test"], params=row.get("params"),
+            trainable_params=(k * (int(row["channels"]) + 1) if row.get("channels") else None), epochs=0,
+            train_time_s=row.get("seconds"),
+        ))
+    return out
 
 
 def stored_latency(study: optuna.Study) -> dict[str, Any] | None:
@@ -170,37 +221,46 @@ def required_cut(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
 
 def chosen_cut(study: optuna.Study, cfg: StudyConfig,
                trials: Sequence[FrozenTrial] | None = None) -> dict[str, Any] | None:
-    """The chosen cut of an open study (``trials``: its trials, when already read) under the
-    study's selection rule, with its summary over seeds, its validation interval, the cuts
-    indistinguishable from the best, and every cut's interval; None while no search trial has
-    completed."""
+    """The chosen model of an open study (``trials``: its trials, when already read) under the
+    study's selection rule, with its summary over seeds, its validation interval, the candidates
+    indistinguishable from the best, the ones the rule may not choose (and why), and every
+    candidate's interval; None while no search trial has completed."""
     name = study.study_name
     trials = study_trials(study) if trials is None else trials
     candidates = stored_candidates(study, cfg)
-    answer = study_answer(trials, cfg, candidates)
+    models = stored_probe_models(study)
+    answer = study_answer(trials, cfg, candidates, models)
     if answer.pick is None:
         return None
-    cut = answer.pick
-    groups = completed_by_cut(records(search_trials(trials, cfg.search.repeats)))
-    chosen = groups[(SEARCH_STRATEGY, cut)]
+    key = answer.key
+    stored = records(search_trials(trials, cfg.search.repeats))
+    groups = completed_by_cut(stored + probe_records(models, cfg, stored))
+    chosen = groups[key]
     latency = stored_latency(study)
     summary = summarize_cut(chosen, latency)
     best_trial = max(chosen, key=lambda r: r.value if cfg.resolved_direction == "maximize" else -r.value)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     plan = study_sampler(study, cfg).plan(trials)
-    score = answer.scores.get((SEARCH_STRATEGY, cut))
+    score = answer.scores.get(key)
     return {
-        "study": name, "cut": cut, "cut_name": summary.cut_name, "stage": summary.stage,
+        "study": name, "strategy": answer.strategy, "cut": answer.pick, "model": model_name(*key),
+        "cut_name": summary.cut_name, "stage": summary.stage,
         "backbone": cfg.trial.backbone, "metric": cfg.metric, "direction": cfg.resolved_direction,
         "rule": answer.rule, "confidence": cfg.selection.confidence, "folds": cfg.selection.folds,
-        **_summary_dict(summary), "trial": best_trial.number,
+        "candidates": cfg.selection.candidates, "guards": list(cfg.selection.guards),
+        **_summary_dict(summary), "trial": best_trial.ref,
         "val_ci": list(score.ci) if score else None,
-        "reference_cut": answer.reference, "indistinguishable": answer.indistinguishable,
+        "reference_cut": answer.reference, "reference_strategy": answer.reference_strategy,
+        "reference": model_name(*answer.reference_key) if answer.reference_key else None,
+        "indistinguishable": answer.indistinguishable, "close": [model_name(*k) for k in answer.close],
+        "excluded": [{"strategy": s, "cut": c, "model": model_name(s, c), "why": why}
+                     for (s, c), why in answer.excluded.items()],
         "finished": plan.action == "finished" and running == 0,
         "full": {"params": summary.full_params, "macs": summary.full_macs},
         "ranking": _ranking_rows(answer, groups, cfg, latency),
-        "note": answer.note, "chance": answer.chance,
-        "at_chance": (SEARCH_STRATEGY, cut) in answer.at_chance, "warnings": answer.warnings(cfg.metric),
+        "note": answer.note, "chance": answer.chance, "majority": answer.majority,
+        "at_chance": key in answer.at_chance, "below_majority": key in answer.below_majority,
+        "warnings": answer.warnings(cfg.metric),
         "ensemble": _ensemble_dict(answer.ensemble),
     }
 
@@ -237,7 +297,8 @@ def _ranking_rows(answer: Answer, groups: dict[tuple[str, int], list[TrialRecord
             "diff": score.diff if score else None, "diff_ci": list(score.diff_ci) if score else None,
             "indistinguishable": score.indistinguishable if score else None,
             "at_chance": (strategy, cut) in answer.at_chance if score else None,
-            "chosen": strategy == SEARCH_STRATEGY and cut == answer.pick,
+            "excluded": answer.excluded.get((strategy, cut)),
+            "chosen": (strategy, cut) == answer.key,
             "trials": [r.ref for r in group],
         })
     rows.sort(key=lambda r: -sign * r["mean_val"] if r["mean_val"] is not None else float("inf"))
@@ -254,13 +315,15 @@ def compare_studies(names: Sequence[str], storage: str | None = None) -> pd.Data
     for name in names:
         study, cfg = open_study(name, storage)
         trials = study_trials(study)
-        answer = study_answer(trials, cfg, stored_candidates(study, cfg))
+        models = stored_probe_models(study)
+        answer = study_answer(trials, cfg, stored_candidates(study, cfg), models)
         latency = stored_latency(study)
-        for (strategy, cut), group in completed_by_cut(records(search_trials(trials, cfg.search.repeats))).items():
+        stored = records(search_trials(trials, cfg.search.repeats))
+        for (strategy, cut), group in completed_by_cut(stored + probe_records(models, cfg, stored)).items():
             summary = summarize_cut(group, latency)
             score = answer.scores.get((strategy, cut))
             row = {"study": name, "strategy": strategy, "cut": cut, "cut_name": summary.cut_name,
-                   "chosen": strategy == SEARCH_STRATEGY and cut == answer.pick, "repeats": summary.repeats,
+                   "chosen": (strategy, cut) == answer.key, "repeats": summary.repeats,
                    "metric": cfg.metric,
                    "val_ci_low": score.ci[0] if score else None, "val_ci_high": score.ci[1] if score else None,
                    "diff_to_best": score.diff if score else None,

@@ -36,7 +36,8 @@ page of optuna-dashboard's attribute table shows it): cut, name, interval, size,
 ANSWER_PENDING = "not chosen yet: the search is running (or has no completed trial)"
 ANSWER_PREFIX = "chosen_"
 """Study attributes of the answer: ``chosen_trial``, ``chosen_cut``, ``chosen_cut_name``,
-``chosen_val``, ``chosen_val_ci``, ``chosen_rule``, ``chosen_params``, ``chosen_indistinguishable``."""
+``chosen_val``, ``chosen_val_ci``, ``chosen_rule``, ``chosen_params``, ``chosen_indistinguishable``,
+``chosen_model`` and ``chosen_strategy`` (the answer may be a frozen probe or a baseline)."""
 STRATEGY_NAMES = {"ttl": "TTL", "full": "full fine-tuning", "linear_probe": "linear probe", "lwft": "LWFT",
                   "transfusion": "TransFusion", "scratch": "from scratch", "probe": "frozen probe"}
 """How a trial's note names its strategy."""
@@ -61,13 +62,14 @@ def publish_answer(study: optuna.Study, cfg, best: dict[str, Any] | None = None)
     if best is None:
         return None
     attrs = {
-        "chosen_trial": best["trial"], "chosen_cut": best["cut"], "chosen_cut_name": best["cut_name"],
+        "chosen_trial": best["trial"], "chosen_model": best["model"], "chosen_strategy": best["strategy"],
+        "chosen_cut": best["cut"], "chosen_cut_name": best["cut_name"],
         "chosen_val": best["val"].get(cfg.metric), "chosen_val_ci": best["val_ci"], "chosen_rule": best["rule"],
         "chosen_params": best["params"], "chosen_indistinguishable": best["indistinguishable"],
         "chosen_finished": best["finished"],
     }
     metric_label = cfg.metric.upper() if cfg.metric in ("auroc", "auprc") else cfg.metric
-    attrs[ANSWER_ATTR] = (f"cut {best['cut']} ({best['cut_name']}): val {metric_label} "
+    attrs[ANSWER_ATTR] = (f"{best['model']} ({best['cut_name']}): val {metric_label} "
                           f"{fmt_value(best['val'].get(cfg.metric))} {fmt_interval(best['val_ci'])}, "
                           f"{fmt_count(best['params'])} params (full {fmt_count(best['full']['params'])}), "
                           f"trial {best['trial']}, rule {best['rule']}"
@@ -91,7 +93,7 @@ def publish_answer(study: optuna.Study, cfg, best: dict[str, Any] | None = None)
             if trial.state == TrialState.COMPLETE and isinstance(trial_ref(trial), str) == (part is baselines):
                 _save_note(part, trial, trial_note(trial, intervals, cfg.metric, best["trial"], study.study_name),
                            system_attrs)
-    log.debug("published the answer of %s: cut %d (trial %d)", study.study_name, best["cut"], best["trial"])
+    log.debug("published the answer of %s: %s (trial %s)", study.study_name, best["model"], best["trial"])
     return best
 
 
@@ -135,14 +137,18 @@ def study_note(best: dict[str, Any], trials: Sequence[FrozenTrial], cfg, baselin
     metric = cfg.metric
     level = f"{best['confidence']:.0%}"
     lines = [
-        f"## Chosen: cut {best['cut']} ({best['cut_name']}), trial {best['trial']}",
+        f"## Chosen: {best['model']} ({best['cut_name']}), trial {best['trial']}",
         "",
         f"Validation {metric} {fmt_value(best['val'].get(metric))}, {level} interval "
         f"{fmt_interval(best['val_ci'])}; test {metric} {fmt_value(best['test'].get(metric))}; "
         f"{fmt_count(best['params'])} parameters (full model {fmt_count(best['full']['params'])}). "
-        f"Rule `{best['rule']}`: " + ("the smallest model among the cuts indistinguishable from the best "
+        f"Rule `{best['rule']}`: " + ("the smallest model among the candidates indistinguishable from the best "
                                       "(paired bootstrap)." if best["rule"] == "smallest_within_ci"
-                                      else "the best mean validation metric."),
+                                      else "the best mean validation metric.")
+        + (" Candidates: the fine-tuned cuts, the frozen probe at every cut and the baselines."
+           if best.get("candidates") == "all" else " Candidates: the fine-tuned cuts.")
+        + (f" Guards: not significantly worse than the best on {', '.join(best['guards'])}, and an accuracy above "
+           "the majority class's." if best.get("guards") else ""),
         "",
     ]
     if line := ensemble_line(best, metric):
@@ -156,13 +162,13 @@ def study_note(best: dict[str, Any], trials: Sequence[FrozenTrial], cfg, baselin
         r = TrialRecord.from_trial(plain)
         lines += [f"**Optuna's \"Best Trial\" is trial {plain.number}** ({STRATEGY_NAMES.get(r.strategy, r.strategy)} "
                   f"cut {r.cut}, the plain maximum of val_{metric}, {fmt_value(plain.value)}): it is not the "
-                  f"answer. ttl-search chooses trial {best['trial']} (cut {best['cut']}) under rule "
-                  f"`{best['rule']}`; cuts indistinguishable from the best: "
-                  f"{', '.join(map(str, best['indistinguishable']))}.", ""]
+                  f"answer. ttl-search chooses trial {best['trial']} ({best['model']}) under rule "
+                  f"`{best['rule']}`; indistinguishable from the best: {', '.join(best['close'])}.", ""]
     lines += ["| model | cut | name | params | seeds | val mean | interval | vs best (paired) | | trials |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in best["ranking"]:
-        mark = "**chosen**" if r["chosen"] else ("same" if r["indistinguishable"] else "")
+        mark = "**chosen**" if r["chosen"] else ("excluded" if r.get("excluded") else
+                                                 "same" if r["indistinguishable"] else "")
         lines.append(f"| {STRATEGY_NAMES.get(r['strategy'], r['strategy'])} | {r['cut']} | {r['cut_name']} | "
                      f"{fmt_count(r['params'])} | {r['repeats']} | {fmt_value(r['mean_val'])} | "
                      f"{fmt_interval(r['val_ci'])} | {fmt_diff(r['diff'], r['diff_ci'])} | {mark} | "

@@ -7,6 +7,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import optuna
@@ -20,7 +21,7 @@ from ..results.dashboard import ANSWER_ATTR, ANSWER_PENDING, name_metric, publis
 from ..results import CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, stored_candidates, stored_config, stored_probe
 from .cluster import ProgressCallback, ray_cluster, run_search
 from .latency import latency_phase
-from .probe import probe_phase
+from .probe import probe_phase, store_answer_probe
 from ..search.record import SEARCH_STRATEGY
 from ..search.samplers import CutCandidate
 from ..storage import (BASELINES_ATTR, BASELINES_OF_ATTR, baselines_name, baselines_study, driver_storage,
@@ -57,7 +58,7 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
         _latency(study, cfg, lease, remote=not local)
-        _publish(study, cfg, lease)
+        _publish(study, cfg, lease, artifacts_dir(cfg, url))
     return study
 
 
@@ -74,12 +75,14 @@ def _latency(study: optuna.Study, cfg: StudyConfig, lease: DriverLease, remote: 
                     "again", cfg.name, exc, cfg.name)
 
 
-def _publish(study: optuna.Study, cfg: StudyConfig, lease: DriverLease) -> None:
-    """Store the answer where optuna-dashboard shows it; a failure there costs the dashboard its
-    copy of the answer, never the finished study (``ttl-search best`` publishes it again). A
-    driver taken over meanwhile stops without writing it."""
+def _publish(study: optuna.Study, cfg: StudyConfig, lease: DriverLease, artifacts: Path | None = None) -> None:
+    """Store the answer's model when it is a frozen probe that no trial holds yet (so that
+    ``export`` writes it), and the answer where optuna-dashboard shows it; a failure there costs
+    the dashboard its copy of the answer, never the finished study (``ttl-search best`` publishes
+    it again). A driver taken over meanwhile stops without writing it."""
     lease.ensure_held()
     try:
+        store_answer_probe(study, cfg, artifacts)
         publish_answer(study, cfg)
     except Exception as exc:  # noqa: BLE001 - the study is finished and stored; this is a view of it
         log.warning("the answer of study %s is not stored for the dashboard: %s", cfg.name, exc)
@@ -245,7 +248,7 @@ def resume_study(name: str, storage: str | None = None, execution: dict[str, Any
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
         _latency(study, cfg, lease, remote=not local)
-        _publish(study, cfg, lease)
+        _publish(study, cfg, lease, artifacts_dir(cfg, url))
     return study
 
 

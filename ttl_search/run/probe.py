@@ -15,6 +15,7 @@ process for ``ttl-search probe``. The table is computed once: a resumed study re
 
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,8 @@ from ..config import from_dict, to_dict
 from ..errors import StudyError
 from ..models.backbones import load_backbone
 from ..models.strategies import PROBE_STRATEGY, build_strategy_model
-from ..results import PROBE_ATTR, PROBE_PREDICTIONS_ATTR, stored_candidates, stored_probe
+from ..results import (PROBE_ATTR, PROBE_HEADS_ATTR, PROBE_PREDICTIONS_ATTR, chosen_cut, stored_candidates,
+                       stored_probe, study_system_attr)
 from ..search.record import PREDICTIONS_ATTR, TrialRecord
 from ..search.samplers import job_distributions, probe_ranking
 from ..search.selection import Evidence, score_candidates
@@ -95,7 +97,8 @@ def probe_scores(cfg: StudyConfig, result: ProbeResult) -> list[dict[str, Any]]:
 
 
 def store_probe(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, artifacts: Path | None) -> dict[str, Any]:
-    """Store ``result`` in the study (table, predictions, the best probe's trial); the table."""
+    """Store ``result`` in the study (table, predictions and linear heads of every cut, the best
+    probe's trial); the table."""
     rows = probe_scores(cfg, result)
     best = next(row for row in rows if row["best"])
     table = {
@@ -105,10 +108,14 @@ def store_probe(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, arti
         "peak_feature_mb": round(result.peak_feature_mb, 2), "best_cut": best["cut"], "data": result.data,
         "rows": rows,
     }
-    study._storage.set_study_system_attr(study._study_id, PROBE_PREDICTIONS_ATTR,
-                                         {str(cut): preds for cut, preds in result.predictions.items()})
+    storage = study._storage
+    storage.set_study_system_attr(study._study_id, PROBE_PREDICTIONS_ATTR,
+                                  {str(cut): preds for cut, preds in result.predictions.items()})
+    storage.set_study_system_attr(study._study_id, PROBE_HEADS_ATTR,
+                                  {str(cut): encode_head(*head) for cut, head in result.heads.items()})
     if PROBE_STRATEGY in trial_strategies(cfg):
-        _store_probe_trial(study, cfg, result, best, artifacts)
+        _store_probe_trial(study, cfg, table, best, result.predictions[best["cut"]], result.heads[best["cut"]],
+                           artifacts)
     else:  # its trials' strategy parameter has no "probe" choice, and Optuna cannot widen it
         log.info("study %s was created without the probe (probe.run false): its table is stored, its best probe "
                  "is not stored as a candidate model", cfg.name)
@@ -118,23 +125,63 @@ def store_probe(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, arti
     return table
 
 
-def _store_probe_trial(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, row: dict[str, Any],
+def encode_head(weight: np.ndarray, bias: np.ndarray) -> dict[str, Any]:
+    """A probe's linear head ``(W (K, C), b (K,))`` in a JSON-ready form (base64 float32)."""
+    weight, bias = np.asarray(weight, dtype="<f4"), np.asarray(bias, dtype="<f4")
+    return {"shape": list(weight.shape), "weight": base64.b64encode(weight.tobytes()).decode("ascii"),
+            "bias": base64.b64encode(bias.tobytes()).decode("ascii")}
+
+
+def decode_head(value: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(W, b)`` from :func:`encode_head`'s form."""
+    k, c = value["shape"]
+    weight = np.frombuffer(base64.b64decode(value["weight"]), dtype="<f4").reshape(k, c)
+    return weight, np.frombuffer(base64.b64decode(value["bias"]), dtype="<f4").reshape(k)
+
+
+def store_answer_probe(study: optuna.Study, cfg: StudyConfig, artifacts: Path | None) -> int | None:
+    """When the study's answer is the frozen probe at a cut that no trial holds yet, store that
+    probe as a completed ``probe`` trial with its checkpoint (from the heads the probe stored), so
+    that ``export`` writes the answer like any model; its cut, or None when nothing was stored."""
+    best = chosen_cut(study, cfg)
+    if not best or best["strategy"] != PROBE_STRATEGY or not str(best["trial"]).startswith(f"{PROBE_STRATEGY}:"):
+        return None
+    cut = best["cut"]
+    if PROBE_STRATEGY not in trial_strategies(cfg):
+        log.warning("the answer of study %s is the frozen probe at cut %d, which this study (created without "
+                    "probe.run) cannot store as a model; export a trained model with --trial N", cfg.name, cut)
+        return None
+    heads = study_system_attr(study, PROBE_HEADS_ATTR) or {}
+    if str(cut) not in heads:
+        log.warning("the answer of study %s is the frozen probe at cut %d, whose head was not stored (a probe run "
+                    "by an earlier version): it cannot be exported", cfg.name, cut)
+        return None
+    table = stored_probe(study)
+    row = next(r for r in table["rows"] if int(r["cut"]) == cut)
+    predictions = study_system_attr(study, PROBE_PREDICTIONS_ATTR)[str(cut)]
+    _store_probe_trial(study, cfg, table, row, predictions, decode_head(heads[str(cut)]), artifacts)
+    log.info("the answer of study %s, the frozen probe at cut %d, is stored as a model", cfg.name, cut)
+    return cut
+
+
+def _store_probe_trial(study: optuna.Study, cfg: StudyConfig, table: dict[str, Any], row: dict[str, Any],
+                       predictions: dict[str, Any], head: tuple[np.ndarray, np.ndarray],
                        artifacts: Path | None) -> None:
-    """The best probe as a completed ``probe`` trial with its checkpoint (the truncated pretrained
-    units and the probe's linear head), in the study's baselines study when it has one."""
+    """The probe of ``row``'s cut as a completed ``probe`` trial with its checkpoint (the truncated
+    pretrained units and the probe's linear ``head``), in the study's baselines study when it has
+    one; ``table``: the probe table (device, sizes, data)."""
     cut = row["cut"]
-    predictions = result.predictions[cut]
     metrics = {split: _metrics(predictions[split]) for split in ("val", "test")}
     record = TrialRecord(
         strategy=PROBE_STRATEGY, cut=cut, repeat=0, cut_name=row["name"], stage=row["stage"], phase="probe",
         seed=cfg.search.seed, val=metrics["val"], test=metrics["test"], params=row["params"],
-        trainable_params=int(result.heads[cut][0].size + result.heads[cut][1].size), epochs=0,
-        train_time_s=round(row["seconds"], 3), duration_s=round(result.seconds, 3), device=result.device,
-        input_size=result.input_size, dataset_md5=(result.data or {}).get("md5"),
+        trainable_params=int(head[0].size + head[1].size), epochs=0,
+        train_time_s=round(row["seconds"], 3), duration_s=round(table["seconds"], 3), device=table["device"],
+        input_size=table["input_size"], dataset_md5=(table.get("data") or {}).get("md5"),
     )
     if artifacts is not None:
         path = artifacts / cfg.name / f"probe-cut-{cut}.pt"
-        saved = save_checkpoint(_probe_state(cfg, result, cut), path)
+        saved = save_checkpoint(_probe_state(cfg, table, cut, head), path)
         if "infrastructure" in saved:
             raise StudyError(f"{saved['infrastructure']}; the probe's table is not stored. Free space or set another "
                              f"folder (--set artifacts=...), then `ttl-search resume {cfg.name}`")
@@ -170,12 +217,14 @@ def _metrics(encoded: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in compute_metrics(labels, probs, metric_value("loss", labels, probs)).items()}
 
 
-def _probe_state(cfg: StudyConfig, result: ProbeResult, cut: int) -> dict[str, torch.Tensor]:
-    """The state dict of the ``probe`` strategy's model at ``cut``: pretrained units, probe head."""
+def _probe_state(cfg: StudyConfig, table: dict[str, Any], cut: int,
+                 head: tuple[np.ndarray, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The state dict of the ``probe`` strategy's model at ``cut``: pretrained units, probe ``head``."""
     seed_everything(cfg.search.seed)  # as the probe (and a restore) did before loading: random weights agree
-    loaded = load_backbone(cfg.trial.backbone, resolve_weights(cfg.trial), result.in_channels)
-    model = build_strategy_model(loaded, PROBE_STRATEGY, cut, result.num_classes, "pool", result.input_size).model
-    weight, bias = result.heads[cut]
+    loaded = load_backbone(cfg.trial.backbone, resolve_weights(cfg.trial), table["in_channels"])
+    model = build_strategy_model(loaded, PROBE_STRATEGY, cut, table["num_classes"], "pool",
+                                 table["input_size"]).model
+    weight, bias = head
     model.head.fc.weight.data.copy_(torch.tensor(np.array(weight)))  # a copy: arrays from Ray are read-only
     model.head.fc.bias.data.copy_(torch.tensor(np.array(bias)))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}

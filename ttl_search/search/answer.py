@@ -10,15 +10,20 @@ The test split never takes part in a decision.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
-from .record import SEARCH_STRATEGY, completed_by_cut, records, trial_predictions
+from ..models.strategies import PROBE_STRATEGY
+from ..train.metrics import metric_direction
+from ..train.predictions import decode_predictions
+from .record import SEARCH_STRATEGY, completed_by_cut, fmt_diff, model_name, records, trial_predictions
 from .samplers import CutCandidate, rank_cuts, search_trials, trial_key
-from .selection import BEST, Evidence, Score, choose, metric_value, score_candidates
+from .selection import (BEST, TTL_CANDIDATES, Evidence, Score, SelectionConfig, choose, metric_value, point_value,
+                        score_candidates)
 
 if TYPE_CHECKING:
     from .study import StudyConfig
@@ -34,12 +39,13 @@ LOSS_EXPLODED = 50.0
 
 @dataclass
 class Answer:
-    """The chosen cut of a study and the evidence behind it."""
+    """The chosen model of a study and the evidence behind it."""
 
     pick: int | None
-    """The chosen TTL cut (None while no search trial has completed)."""
+    """The chosen model's cut (None while no search trial has completed)."""
     reference: int | None
-    """The TTL cut with the best point estimate: the paired differences are taken against it."""
+    """The cut of the eligible candidate with the best point estimate: the paired differences are
+    taken against it."""
     rule: str
     """The rule that chose ``pick`` (``best`` when the trials stored no predictions)."""
     scores: dict[Key, Score] = field(default_factory=dict)
@@ -60,6 +66,33 @@ class Answer:
     ensemble: "Ensemble | None" = None
     """The answer as an ensemble (``selection.ensemble``: of the chosen cut's seeds, or of the
     indistinguishable cuts), else None."""
+    strategy: str = SEARCH_STRATEGY
+    """The chosen model's strategy: ``ttl`` (a fine-tuned cut), ``probe`` (the frozen probe at the
+    cut) or a baseline."""
+    reference_strategy: str = SEARCH_STRATEGY
+    """The reference's strategy."""
+    close: list[Key] = field(default_factory=list)
+    """Every eligible candidate indistinguishable from the reference (the reference too)."""
+    excluded: dict[Key, str] = field(default_factory=dict)
+    """Candidates the rule may not choose, with why: a guard metric significantly worse than the
+    best's, an accuracy that does not beat the majority class, an interval that reaches chance."""
+    majority: float | None = None
+    """Validation accuracy of always answering the majority class (its share)."""
+    below_majority: list[Key] = field(default_factory=list)
+    """Candidates whose validation accuracy does not beat :attr:`majority`: they learned nothing
+    usable at the decision threshold."""
+    pool: list[Key] = field(default_factory=list)
+    """Every candidate the answer was chosen from (``selection.candidates``)."""
+
+    @property
+    def key(self) -> Key | None:
+        """(strategy, cut) of the chosen model."""
+        return None if self.pick is None else (self.strategy, self.pick)
+
+    @property
+    def reference_key(self) -> Key | None:
+        """(strategy, cut) of the reference."""
+        return None if self.reference is None else (self.reference_strategy, self.reference)
 
     def warnings(self, metric: str) -> list[str]:
         """What makes the answer doubtful, for people: the pick (or every cut) at chance, losses
@@ -69,16 +102,20 @@ class Answer:
         if ttl and set(ttl) <= set(self.at_chance):
             out.append(f"no trained cut is better than chance (validation {metric} {self.chance:.4f} lies in every "
                        "interval): the models learned nothing; check the learning rate, the data and the labels")
-        elif (SEARCH_STRATEGY, self.pick) in self.at_chance:
-            out.append(f"the chosen cut's validation {metric} interval reaches chance ({self.chance:.4f}): it is not "
+        elif self.key in self.at_chance:
+            out.append(f"the chosen model's validation {metric} interval reaches chance ({self.chance:.4f}): it is not "
                        "shown to have learned anything")
+        elif self.key in self.below_majority:
+            out.append(f"the chosen model's validation accuracy does not beat always answering the majority class "
+                       f"({self.majority:.4f}): it learned nothing usable at its decision threshold; check the "
+                       "balanced accuracy, the class weights and the learning rate")
         e = self.ensemble
         if e is not None and e.complete and e.worse:
             what, why = ((f"the ensemble of cuts {e.cuts}", "averaging the indistinguishable cuts does not help; "
                           "consider selection.ensemble: 1") if e.of_cuts else
                          (f"the ensemble of cut {self.pick}", "the seeds it added do not confirm the pick; consider "
                           "selection.rule best, or more seeds per cut (search.repeats)"))
-            out.append(f"{what} is significantly worse on validation than the best cut {self.reference} (paired "
+            out.append(f"{what} is significantly worse on validation than {model_name(*self.reference_key)} (paired "
                        f"difference {e.val.diff:+.4f}, interval [{e.val.diff_ci[0]:.4f}, {e.val.diff_ci[1]:.4f}]): "
                        f"{why}")
         exploded = sorted(c for s, c in self.exploded if s == SEARCH_STRATEGY)
@@ -197,13 +234,110 @@ def trial_evidence(trials: Sequence[FrozenTrial], split: str = "val") -> tuple[d
     return evidence, missing
 
 
-def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Sequence[CutCandidate]) -> Answer:
-    """The study's answer under ``cfg.selection``: rule ``best`` is the best mean validation metric
-    (a smaller model within ``search.tolerance`` wins); ``smallest_within_ci`` the smallest model
-    among the TTL cuts indistinguishable from the best by a paired bootstrap.
+@dataclass
+class ProbeModels:
+    """The frozen probe's model at every probed cut: the study's probe table and the predictions it
+    stored (the probe's models are candidates for the answer like any trained model)."""
+
+    rows: list[dict[str, Any]]
+    """The probe table's rows (``cut``, ``name``, ``stage``, ``params``, ``channels``...)."""
+    predictions: dict[int, dict[str, Any]]
+    """Cut -> ``{"val": ..., "test": ...}`` encoded predictions of that cut's probe."""
+
+    def evidence(self, split: str = "val") -> dict[Key, Evidence]:
+        """The ``split`` predictions of every probed cut, by (``probe``, cut)."""
+        out = {}
+        for cut, stored in sorted(self.predictions.items()):
+            if split in stored:
+                labels, probs = decode_predictions(stored[split])
+                out[(PROBE_STRATEGY, int(cut))] = Evidence({0: (labels, [probs])})
+        return out
+
+    @property
+    def params(self) -> dict[int, int]:
+        """Cut -> parameters of the probe's model (the truncated backbone and its linear head)."""
+        return {int(r["cut"]): int(r["params"]) for r in self.rows if r.get("params") is not None}
+
+
+def candidate_pool(evidence: Mapping[Key, Evidence], probe: ProbeModels | None, pool: str) -> list[Key]:
+    """The (strategy, cut)s the answer may be: every key of ``evidence`` (the fine-tuned cuts, the
+    baselines, a stored probe model) and every probed cut, or the fine-tuned cuts alone (``ttl``)."""
+    if pool == TTL_CANDIDATES:
+        return [k for k in evidence if k[0] == SEARCH_STRATEGY]
+    keys = list(evidence)
+    if probe is not None:
+        keys += [k for k in probe.evidence() if k not in evidence]
+    return keys
+
+
+def candidate_costs(trials: Sequence[FrozenTrial], candidates: Sequence[CutCandidate], probe: ProbeModels | None,
+                    keys: Sequence[Key]) -> dict[Key, tuple[float, float]]:
+    """(parameters, MACs) of the deployed model of each key: the smaller is preferred. A TTL cut, a
+    frozen probe and a linear probe at the same cut deploy the same architecture (the same cost);
+    unknown counts sort last."""
+    params: dict[Key, float] = {(SEARCH_STRATEGY, c.index): c.params for c in candidates}
+    params.update({(PROBE_STRATEGY, c): p for c, p in (probe.params if probe else {}).items()})
+    macs: dict[Key, float] = {}
+    macs_at: dict[int, float] = {}
+    for r in records(t for t in trials if t.state == TrialState.COMPLETE):
+        if r.cut is None:
+            continue
+        key = (r.strategy, int(r.cut))
+        if r.params is not None:
+            params.setdefault(key, r.params)
+        if r.macs is not None:
+            macs.setdefault(key, r.macs)
+            if r.strategy in SAME_ARCHITECTURE:
+                macs_at.setdefault(int(r.cut), r.macs)
+    inf = float("inf")
+    return {k: (float(params.get(k, inf)),
+                float(macs.get(k, macs_at.get(k[1], inf) if k[0] in SAME_ARCHITECTURE else inf))) for k in keys}
+
+
+SAME_ARCHITECTURE = (SEARCH_STRATEGY, PROBE_STRATEGY, "linear_probe")
+"""Strategies whose model at a cut is the truncated backbone with a pool head: the same cost."""
+
+
+def guard_exclusions(evidence: Mapping[Key, Evidence], keys: Sequence[Key], guards: Sequence[str],
+                     selection: SelectionConfig) -> dict[Key, str]:
+    """The ``keys`` that a guard excludes, with why: on a guard metric, significantly worse (paired
+    bootstrap) than the best of ``keys`` on that metric."""
+    out: dict[Key, str] = {}
+    pool = {k: evidence[k] for k in keys}
+    if len(pool) < 2:
+        return out
+    for guard in guards:
+        direction = metric_direction(guard)
+        scores = score_candidates(pool, guard, direction, selection)
+        best = next(k for k, s in scores.items() if s.diff_ci == (0.0, 0.0) and s.diff == 0.0)
+        sign = 1.0 if direction == "maximize" else -1.0
+        for key, sc in scores.items():
+            if key == best or key in out or sc.indistinguishable or math.isnan(sc.diff_ci[0]) or sign * sc.diff >= 0:
+                continue
+            out[key] = (f"validation {guard} {sc.value:.4f} is significantly worse than {model_name(*best)}'s "
+                        f"{scores[best].value:.4f} (paired {fmt_diff(sc.diff, sc.diff_ci)})")
+    return out
+
+
+def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Sequence[CutCandidate],
+                 probe: ProbeModels | None = None) -> Answer:
+    """The study's answer under ``cfg.selection``, chosen on validation among every candidate the
+    study holds (``selection.candidates``: the fine-tuned cuts, the baselines, and the frozen probe
+    at every cut of ``probe``; or the fine-tuned cuts alone).
+
+    1. Eligible: the candidates that no guard excludes (``selection.guards``: not significantly
+       worse than the best on a guard metric) and that learned something (their interval of the
+       main metric is above chance, and their validation accuracy above the majority class's share);
+       every candidate the guards leave when none of them learned anything.
+    2. The reference: the eligible candidate with the best point estimate; every candidate's
+       paired difference is taken against it.
+    3. Rule ``best``: the reference (a smaller model within ``search.tolerance`` of it wins);
+       ``smallest_within_ci``: the cheapest eligible model (parameters, then MACs) whose paired
+       difference to the reference is not significant.
 
     Only the search's trials decide (:func:`~ttl_search.search.samplers.search_trials`); with
-    ``selection.ensemble`` > 1 the answer also scores the chosen cut's ensemble, from all its seeds."""
+    ``selection.ensemble`` the answer also scores its ensemble: of the fine-tuned cuts among the
+    eligible candidates indistinguishable from the reference, or of the chosen cut's seeds."""
     selection, direction = cfg.selection, cfg.resolved_direction
     every = trials
     trials = search_trials(trials, cfg.search.repeats)
@@ -216,32 +350,72 @@ def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Se
         note = (f"cuts {ttl_missing} stored no validation predictions (trained by an earlier version): "
                 "no intervals; the best mean is chosen")
         return Answer(ranking[0][0], ranking[0][0], BEST, note=note, exploded=exploded_losses(trials))
+    if probe is not None:
+        for key, ev in probe.evidence().items():
+            evidence.setdefault(key, ev)
+    pool = candidate_pool(evidence, probe, selection.candidates)
+    costs = candidate_costs(trials, candidates, probe, list(evidence))
+    values = {k: point_value(ev, cfg.metric) for k, ev in evidence.items()}
     sign = 1.0 if direction == "maximize" else -1.0
-    reference = (SEARCH_STRATEGY, max(ranking, key=lambda cut_mean: sign * cut_mean[1])[0])  # best mean
-    scores = score_candidates(evidence, cfg.metric, direction, selection, reference=reference)
-    ttl_scores = {k: s for k, s in scores.items() if k[0] == SEARCH_STRATEGY}
-    sizes = {c.index: c.params for c in candidates}
-    params = {(SEARCH_STRATEGY, c): p for c, p in sizes.items()}
+    first = next(iter(evidence.values()))
+    chance = chance_level(first, cfg.metric)
+    majority = chance_level(first, "accuracy")
+    accuracy = {k: point_value(evidence[k], "accuracy") for k in pool}
+    below_majority = [k for k in pool if not accuracy[k] > majority + 1e-9]
+    excluded = guard_exclusions(evidence, pool, selection.guards, selection)
+    survivors = [k for k in pool if k not in excluded]  # never empty: a guard's best survives it
+
+    def learned(key: Key, interval: tuple[float, float]) -> bool:
+        return key not in below_majority and _beats_interval(interval, chance, direction)
+
+    # The main metric's intervals do not depend on the reference: a first pass against the best
+    # survivor finds the ones that learned nothing; the reference is then the best eligible one.
+    ref = _best(survivors, values, costs, sign)
+    scores = score_candidates(evidence, cfg.metric, direction, selection, reference=ref)
+    eligible = [k for k in survivors if learned(k, scores[k].ci)] or survivors
+    if ref not in eligible:
+        ref = _best(eligible, values, costs, sign)
+        scores = score_candidates(evidence, cfg.metric, direction, selection, reference=ref)
+    for key in pool:
+        if key not in eligible and key not in excluded:
+            excluded[key] = (f"validation accuracy {accuracy[key]:.4f} does not beat the majority class "
+                             f"({majority:.4f})" if key in below_majority else
+                             f"its validation {cfg.metric} interval reaches chance ({chance:.4f})")
     if selection.rule == BEST:
-        pick = ranking[0][0]
+        within = [k for k in eligible if sign * (values[k] - values[ref]) >= -cfg.search.tolerance]
+        pick = min(within, key=lambda k: (costs[k], -sign * values[k]))
     else:
-        pick = choose(ttl_scores, params, selection.rule, direction)[1]
-    close = sorted(k[1] for k, s in ttl_scores.items() if s.indistinguishable)
-    chance = chance_level(evidence[reference], cfg.metric)
+        pick = choose({k: scores[k] for k in eligible}, costs, selection.rule, direction)
+    close = [k for k in eligible if scores[k].indistinguishable]
+    ttl_close = sorted(c for s, c in close if s == SEARCH_STRATEGY)
     at_chance = [k for k, sc in scores.items() if not _beats(sc, chance, direction)]
-    if selection.cut_ensemble:
-        ensemble = score_ensemble(trials, cfg, close, cfg.search.repeats, reference, evidence[reference], sizes)
-    elif selection.seed_ensemble > 1:
-        ensemble = score_ensemble(every, cfg, [pick], selection.seed_ensemble, reference, evidence[reference], sizes)
+    ttl_sizes = {c.index: c.params for c in candidates}
+    if selection.cut_ensemble and ttl_close:
+        ensemble = score_ensemble(trials, cfg, ttl_close, cfg.search.repeats, ref, evidence[ref], ttl_sizes)
+    elif selection.seed_ensemble > 1 and pick[0] == SEARCH_STRATEGY:
+        ensemble = score_ensemble(every, cfg, [pick[1]], selection.seed_ensemble, ref, evidence[ref], ttl_sizes)
     else:
         ensemble = None
-    return Answer(pick, reference[1], selection.rule, scores, close, chance=chance, at_chance=at_chance,
-                  exploded=exploded_losses(trials), ensemble=ensemble)
+    return Answer(pick[1], ref[1], selection.rule, scores, ttl_close, chance=chance, at_chance=at_chance,
+                  exploded=exploded_losses(trials), ensemble=ensemble, strategy=pick[0], reference_strategy=ref[0],
+                  close=close, excluded=excluded, majority=majority,
+                  below_majority=[k for k in below_majority if k in pool], pool=pool)
+
+
+def _best(keys: Sequence[Key], values: Mapping[Key, float], costs: Mapping[Key, tuple[float, float]],
+          sign: float) -> Key:
+    """The key with the best value (nan last; ties: the cheaper, then the first)."""
+    order = {k: i for i, k in enumerate(keys)}
+    return min(keys, key=lambda k: (math.inf if math.isnan(values[k]) else -sign * values[k], costs[k], order[k]))
 
 
 def _beats(score: Score, chance: float, direction: str) -> bool:
     """Whether the whole interval of ``score`` is better than ``chance`` (NaN bounds never are)."""
-    return score.ci[0] > chance if direction == "maximize" else score.ci[1] < chance
+    return _beats_interval(score.ci, chance, direction)
+
+
+def _beats_interval(ci: tuple[float, float], chance: float, direction: str) -> bool:
+    return ci[0] > chance if direction == "maximize" else ci[1] < chance
 
 
 def chance_level(evidence: Evidence, metric: str) -> float:

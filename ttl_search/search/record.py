@@ -391,6 +391,16 @@ def fmt_interval(ci: Sequence[Any] | None) -> str:
     return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
 
 
+MODEL_NAMES = {SEARCH_STRATEGY: "cut {cut}", "probe": "frozen probe at cut {cut}",
+               "full": "full fine-tuning (cut {cut})", "linear_probe": "linear probe (cut {cut})"}
+
+
+def model_name(strategy: str, cut: int | None) -> str:
+    """A candidate model for people: ``cut 6`` (fine-tuned), ``frozen probe at cut 4``,
+    ``full fine-tuning (cut 18)``, ``lwft at cut 18``."""
+    return MODEL_NAMES.get(strategy, strategy + " at cut {cut}").format(cut=cut)
+
+
 def fmt_diff(diff: Any, ci: Sequence[Any] | None) -> str:
     """A paired difference with its interval, ``-0.0123 [-0.0456, 0.0210]``; ``-`` when unknown."""
     if _unknown(diff):

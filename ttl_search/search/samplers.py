@@ -581,6 +581,9 @@ class SearchMethod:
     """Whether it can train the chosen cut's other seeds after the search (``selection.ensemble``)."""
     needs_probe: bool = False
     """Whether it is guided by the frozen probe (run before the search, stored in the study)."""
+    probes_by_default: bool = False
+    """Whether the frozen probe runs before it unless ``probe.run`` says otherwise (its models are
+    candidates for the answer)."""
 
 
 def _planned(cls: type[PlannedSampler], **extra: Callable[[Any], Any]) -> SamplerBuilder:
@@ -609,8 +612,8 @@ DEFAULT_BUDGETS = {"tpe": 10, "guided": 5}
 
 SEARCH_METHODS: dict[str, SearchMethod] = {m.name: m for m in (
     SearchMethod("two_stage", "the paper's: stage-end cuts first, then the cuts inside the best stage(s)",
-                 _planned(TwoStageSampler, top_k=lambda s: s.top_k)),
-    SearchMethod("exhaustive", "every valid cut", _planned(ExhaustiveSampler)),
+                 _planned(TwoStageSampler, top_k=lambda s: s.top_k), probes_by_default=True),
+    SearchMethod("exhaustive", "every valid cut", _planned(ExhaustiveSampler), probes_by_default=True),
     SearchMethod("tpe", "Optuna's TPE over the cuts (and optionally lr, weight decay) with a trial budget", _tpe,
                  takes_baselines=False, takes_folds=False, takes_ensemble=False),
     SearchMethod("guided", "the frozen probe ranks every cut; its best cuts are trained, then the best one's "

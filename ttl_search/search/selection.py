@@ -38,7 +38,7 @@ from typing import Hashable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from ..errors import ConfigError, choices
-from ..train.metrics import LOSS_CLIP, MAXIMIZE, MINIMIZE, metric_direction, metric_value
+from ..train.metrics import LOSS_CLIP, MAXIMIZE, METRICS, MINIMIZE, metric_direction, metric_value
 
 K = TypeVar("K", bound=Hashable)
 
@@ -48,6 +48,13 @@ RULES = (BEST, SMALLEST_WITHIN_CI)
 """The selection rules :func:`choose` knows."""
 ENSEMBLE_CUTS = "indistinguishable"
 """``selection.ensemble`` value: the answer averages every cut indistinguishable from the best."""
+ALL_CANDIDATES = "all"
+TTL_CANDIDATES = "ttl"
+CANDIDATE_POOLS = (ALL_CANDIDATES, TTL_CANDIDATES)
+"""``selection.candidates``: every model the study holds, or the fine-tuned TTL cuts alone."""
+GUARD_METRICS = tuple(METRICS)
+"""Metrics a guard may name (``selection.guards``): every metric a trial reports."""
+DEFAULT_GUARDS = ("balanced_accuracy",)
 
 DIRECTIONS = (MAXIMIZE, MINIMIZE)
 MIN_RESAMPLES = 100
@@ -72,6 +79,14 @@ class SelectionConfig:
     folds: int = 1
     """k-fold cross-validation over train + validation when > 1 (decisions on the mean over
     folds); 1 uses the dataset's own validation split."""
+    candidates: str = ALL_CANDIDATES
+    """Which models the answer is chosen from: ``all`` (the fine-tuned TTL cuts, the frozen probe at
+    every probed cut, and the baselines the study trained, scored with the same intervals and
+    paired tests), or ``ttl`` (the fine-tuned cuts alone)."""
+    guards: list[str] = field(default_factory=lambda: list(DEFAULT_GUARDS))
+    """Guard metrics: a candidate whose validation value on a guard is significantly worse (paired
+    bootstrap) than the best candidate's on that guard is not chosen, however good its main metric
+    (a small model can match the best AUROC and still answer one class). ``[]``: no guard."""
     ensemble: int | str = 1
     """The answer as an average of class probabilities. An integer n: the models of the chosen cut
     (seeds 0..n-1); above ``search.repeats``, the seeds the search did not train are trained at the
@@ -119,6 +134,17 @@ def validate_selection_config(cfg: SelectionConfig) -> None:
             f"selection.folds must be 1 (the validation split) or an integer >= 2 "
             f"(k-fold cross-validation), got {cfg.folds!r}"
         )
+    if not isinstance(cfg.candidates, str) or cfg.candidates not in CANDIDATE_POOLS:
+        raise ConfigError(f"selection.candidates {cfg.candidates!r} is unknown; valid values: {choices(CANDIDATE_POOLS)} "
+                          "(all: fine-tuned cuts, frozen probes and baselines; ttl: the fine-tuned cuts alone)")
+    if isinstance(cfg.guards, str) or not isinstance(cfg.guards, (list, tuple)):
+        raise ConfigError(f"selection.guards must be a list of metrics (or []), got {cfg.guards!r}; "
+                          f"valid metrics: {choices(GUARD_METRICS)}")
+    for guard in cfg.guards:
+        if guard not in GUARD_METRICS:
+            raise ConfigError(f"selection.guards: {guard!r} is not a guard metric; valid metrics: "
+                              f"{choices(GUARD_METRICS)}")
+    cfg.guards = list(dict.fromkeys(cfg.guards))
     if cfg.ensemble != ENSEMBLE_CUTS and (not _is_int(cfg.ensemble) or cfg.ensemble < 1):
         raise ConfigError(
             f"selection.ensemble must be an integer >= 1 (1: one model; n: the average of n seeds of the "
@@ -325,6 +351,13 @@ def _checked_folds(key: Hashable, evidence: Evidence) -> dict[int, tuple[np.ndar
     return out
 
 
+def point_value(evidence: Evidence, metric: str) -> float:
+    """A candidate's point estimate of ``metric``: mean over folds of the mean over its seeds."""
+    per_fold = [_nanmean(np.array([metric_value(metric, y, p) for p in probs_list]))
+                for y, probs_list in evidence.folds.values()]
+    return float(_nanmean(np.array(per_fold)))
+
+
 def score_candidates(
     evidence: Mapping[K, Evidence],
     metric: str,
@@ -347,13 +380,7 @@ def score_candidates(
         raise ValueError(f"reference {reference!r} is not among the candidates")
 
     folds = {key: _checked_folds(key, ev) for key, ev in evidence.items()}
-    values: dict[K, float] = {}
-    for key, by_fold in folds.items():
-        per_fold = [
-            _nanmean(np.array([metric_value(metric, y, p) for p in probs_list]))
-            for y, probs_list in by_fold.values()
-        ]
-        values[key] = float(_nanmean(np.array(per_fold)))
+    values = {key: point_value(Evidence(by_fold), metric) for key, by_fold in folds.items()}
     ref = _best_key(values, direction) if reference is None else reference
 
     cache: dict[int, list[_Draws]] = {}

@@ -296,8 +296,15 @@ def baseline_cut(cfg: StudyConfig, baseline: str, candidates: Sequence[CutCandid
 
 
 def needs_probe(cfg: StudyConfig) -> bool:
-    """Whether the study runs the frozen probe before its search (and stores its model)."""
-    return cfg.probe.run or SEARCH_METHODS[cfg.search.method].needs_probe
+    """Whether the study runs the frozen probe before its search (and stores its model): a guided
+    search always, else as ``probe.run`` says (by default before a two-stage or exhaustive search
+    with a pool head)."""
+    method = SEARCH_METHODS[cfg.search.method]
+    if method.needs_probe:
+        return True
+    if cfg.probe.run is None:
+        return method.probes_by_default and cfg.trial.head == "pool"
+    return cfg.probe.run
 
 
 def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = None,
@@ -314,7 +321,12 @@ def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = N
     ranking = probe_ranking(probe["rows"], cfg.search.guide, cfg.resolved_direction) if probe else None
     return method.build(candidates, cfg.resolved_direction, cfg.search, baselines, cfg.selection.folds,
                         ranking=ranking, ensemble=cfg.selection.seed_ensemble,
-                        chooser=lambda trials: study_answer(trials, cfg, candidates).pick)
+                        chooser=lambda trials: _chosen_ttl_cut(study_answer(trials, cfg, candidates)))
+
+
+def _chosen_ttl_cut(answer) -> int | None:
+    """The cut whose seeds an ensemble phase trains: the answer's, when it is a fine-tuned cut."""
+    return answer.pick if answer.strategy == SEARCH_STRATEGY else None
 
 
 def trial_strategies(cfg: StudyConfig) -> list[str]:

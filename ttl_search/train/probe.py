@@ -7,7 +7,7 @@ an ``N x C_cut`` matrix per split. Per cut, on those pooled features:
 * a logistic-regression probe: features standardised with the training split's mean and
   standard deviation, ``C`` chosen from :attr:`ProbeConfig.c_grid` by stratified 3-fold
   cross-validation on the training split (scored with the study metric), refitted on the whole
-  training split; its validation metric is ``probe_val`` and its test metric ``probe_test``
+  training split; with the trial's ``class_weighted``, every class weighs the same in its loss; its validation metric is ``probe_val`` and its test metric ``probe_test``
   (computed once, never used to decide anything);
 * a kNN score ``knn_val``: the validation metric of a k-nearest-neighbour classifier (cosine
   distance on the standardised features) fitted on the training split;
@@ -65,11 +65,17 @@ class ProbeConfig:
     """Images per batch of the forward pass."""
     max_iter: int = 1000
     """Iterations of the logistic-regression solver."""
-    run: bool = False
-    """Run the probe before any search (a guided search always does): its table is shown next to
-    the fine-tuned cuts, and its best probe is stored as a candidate model (strategy ``probe``)."""
+    run: bool | None = None
+    """Run the probe before the search: its table is shown next to the fine-tuned cuts, its model
+    at every cut is a candidate for the answer (``selection.candidates: all``), and its best probe
+    is stored as a model (strategy ``probe``). None (default): before a two-stage or exhaustive
+    search with a pool head; true: before any search but TPE; false: never (a guided search always
+    runs it)."""
 
     def __post_init__(self) -> None:
+        if self.run is not None and not isinstance(self.run, bool):
+            raise ConfigError(f"probe.run must be true, false or null (the default: before a two-stage or exhaustive "
+                              f"search), got {self.run!r}")
         grid = tuple(self.c_grid) if isinstance(self.c_grid, (list, tuple)) else ()
         if not grid:
             raise ConfigError(f"probe.c_grid must be a non-empty list of positive numbers, got {self.c_grid!r}")
@@ -330,10 +336,10 @@ def _standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
-def _logistic(c: float, max_iter: int):
+def _logistic(c: float, max_iter: int, class_weighted: bool = False):
     from sklearn.linear_model import LogisticRegression
 
-    return LogisticRegression(C=c, max_iter=max_iter)
+    return LogisticRegression(C=c, max_iter=max_iter, class_weight="balanced" if class_weighted else None)
 
 
 def _fit_quietly(model, x: np.ndarray, y: np.ndarray):
@@ -345,7 +351,8 @@ def _fit_quietly(model, x: np.ndarray, y: np.ndarray):
     return model
 
 
-def _choose_c(x: np.ndarray, y: np.ndarray, num_classes: int, metric: str, cfg: ProbeConfig, seed: int) -> float:
+def _choose_c(x: np.ndarray, y: np.ndarray, num_classes: int, metric: str, cfg: ProbeConfig, seed: int,
+              class_weighted: bool = False) -> float:
     """The ``C`` of ``cfg.c_grid`` with the best mean cross-validated ``metric`` (ties: the smaller)."""
     grid = sorted(cfg.c_grid)
     folds = min(CV_FOLDS, int(np.bincount(y)[np.unique(y)].min()))
@@ -361,7 +368,7 @@ def _choose_c(x: np.ndarray, y: np.ndarray, num_classes: int, metric: str, cfg: 
     scores = {c: [] for c in grid}
     for fit_idx, held_idx in splitter.split(x, y):
         for c in grid:
-            model = _fit_quietly(_logistic(c, cfg.max_iter), x[fit_idx], y[fit_idx])
+            model = _fit_quietly(_logistic(c, cfg.max_iter, class_weighted), x[fit_idx], y[fit_idx])
             probs = _all_classes(model.predict_proba(x[held_idx]), model.classes_, num_classes)
             scores[c].append(metric_value(metric, y[held_idx], probs))
     maximize = metric_direction(metric) == "maximize"
@@ -391,8 +398,10 @@ def _folded_head(model, mean: np.ndarray, scale: np.ndarray, num_classes: int) -
 
 def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
               test_x: np.ndarray, test_y: np.ndarray, num_classes: int, metric: str,
-              probe_cfg: ProbeConfig | None = None, seed: int = 0) -> ProbeFit:
-    """Logistic-regression probe, kNN score and LogME of one cut's pooled features (see the module)."""
+              probe_cfg: ProbeConfig | None = None, seed: int = 0, class_weighted: bool = False) -> ProbeFit:
+    """Logistic-regression probe, kNN score and LogME of one cut's pooled features (see the module);
+    ``class_weighted``: every class weighs the same in the probe's loss, as in a class-weighted
+    trial (its decision threshold then balances the classes as the fine-tuned models' do)."""
     from sklearn.neighbors import KNeighborsClassifier
 
     start = time.perf_counter()
@@ -405,8 +414,8 @@ def fit_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y
     mean, scale = _standardiser(train_x)
     std_train, std_val, std_test = ((np.asarray(x, dtype=np.float64) - mean) / scale for x in (train_x, val_x, test_x))
 
-    c = _choose_c(std_train, train_y, num_classes, metric, cfg, seed)
-    model = _fit_quietly(_logistic(c, cfg.max_iter), std_train, train_y)
+    c = _choose_c(std_train, train_y, num_classes, metric, cfg, seed, class_weighted)
+    model = _fit_quietly(_logistic(c, cfg.max_iter, class_weighted), std_train, train_y)
     if np.max(model.n_iter_) >= cfg.max_iter:
         log.debug("the logistic regression (C=%g) stopped at max_iter=%d before converging", c, cfg.max_iter)
     val_probs = _all_classes(model.predict_proba(std_val), model.classes_, num_classes)
@@ -464,7 +473,8 @@ def run_probe(cfg: TrialConfig, probe: ProbeConfig | None = None, data: DatasetS
                          peak_feature_mb=round(feature_mb, 3), data=data_summary(data))
     for done, info in enumerate(rows_info, start=1):
         fit = fit_probe(features["train"][info.index], labels["train"], features["val"][info.index], labels["val"],
-                        features["test"][info.index], labels["test"], data.num_classes, cfg.metric, probe, cfg.seed)
+                        features["test"][info.index], labels["test"], data.num_classes, cfg.metric, probe, cfg.seed,
+                        cfg.class_weighted)
         result.rows.append(ProbeRow(info.index, info.name, info.stage, int(info.params), int(info.channels),
                                     fit.probe_val, fit.knn_val, fit.logme, fit.probe_test, fit.c,
                                     round(fit.seconds, 3)))
