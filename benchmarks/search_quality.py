@@ -256,6 +256,12 @@ def study_answer_rows(task: str, name: str, storage: str) -> list[dict[str, Any]
     return rows
 
 
+def _labels(trials, split: str) -> np.ndarray:
+    """The ``split`` labels, as the study's first trial with stored predictions has them."""
+    evidence, _ = trial_evidence(trials, split)
+    return next(iter(evidence.values())).folds[0][0]
+
+
 def _fmt_ci(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
@@ -278,10 +284,8 @@ def goal_row(task: str, name: str, storage: str, rows: list[dict[str, Any]]) -> 
     if probe is not None and models is not None:
         labels, probs = models.evidence("test")[("probe", int(probe["cut"]))].folds[0]
         probe_acc = float((probs[0].argmax(axis=1) == labels).mean())
-    val_labels = models.evidence("val")[next(iter(models.evidence("val")))].folds[0][0] if models else None
-    test_labels = labels if probe is not None and models is not None else None
-    majority = (float((test_labels == np.bincount(val_labels).argmax()).mean())
-                if val_labels is not None and test_labels is not None else None)
+    val_labels, test_labels = (_labels(trials, split) for split in ("val", "test"))
+    majority = float((test_labels == np.bincount(val_labels).argmax()).mean())  # the validation's majority class
     ref_auc, ref_acc = REFERENCE.get(cfg.trial.data.dataset, (None, None))
     full = base.get("full")
     linear = base.get("linear_probe")
@@ -300,7 +304,7 @@ def goal_row(task: str, name: str, storage: str, rows: list[dict[str, Any]]) -> 
         "probe_acc": probe_acc, "majority_acc": majority, "resnet18": ref_auc, "resnet18_acc": ref_acc,
         ">=full": at_least(full.test.get(cfg.metric) if full else None),
         ">=probe": at_least(probe["probe_test"] if probe else None),
-        ">majority": "-" if majority is None else ("yes" if _mean(answer["test_accuracy"]) > majority else "NO"),
+        ">majority": "yes" if _mean(answer["test_accuracy"]) > majority else "NO",
         ">=resnet18": at_least(ref_auc),
     }
 

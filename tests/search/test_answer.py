@@ -297,3 +297,19 @@ def test_selection_candidates_and_guards_are_checked():
     with pytest.raises(ConfigError, match=r"selection.guards must be a list of metrics"):
         config("selection.guards=loss")
     assert config("selection.guards=[loss, loss]").selection.guards == ["loss"]
+
+
+def test_guards_apply_in_turn_so_that_a_candidate_always_survives():
+    """Two guards whose best candidates differ: the second is applied to the first's survivors, so
+    the best on the second guard among them survives (the guards' bests could exclude each other)."""
+    from ttl_search.search.answer import guard_exclusions, trial_evidence
+
+    cfg = config("selection.guards=[balanced_accuracy, loss]")
+    study, candidates = synthetic_study(cfg, ALIKE, seeds=1, bias={5: 1.5, 6: -1.5})
+    answer = study_answer(study.trials, cfg, candidates)
+    assert answer.key not in answer.excluded and set(answer.pool) - set(answer.excluded)
+    evidence, _ = trial_evidence(study.trials)
+    keys = list(evidence)
+    first = guard_exclusions(evidence, keys, ["balanced_accuracy"], cfg.selection)
+    both = guard_exclusions(evidence, keys, ["balanced_accuracy", "loss"], cfg.selection)
+    assert set(first) <= set(both) and set(keys) - set(both)

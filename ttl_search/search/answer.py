@@ -301,18 +301,19 @@ SAME_ARCHITECTURE = (SEARCH_STRATEGY, PROBE_STRATEGY, "linear_probe")
 def guard_exclusions(evidence: Mapping[Key, Evidence], keys: Sequence[Key], guards: Sequence[str],
                      selection: SelectionConfig) -> dict[Key, str]:
     """The ``keys`` that a guard excludes, with why: on a guard metric, significantly worse (paired
-    bootstrap) than the best of ``keys`` on that metric."""
+    bootstrap) than the best on that metric of the candidates the guards before it left (so that
+    one always survives)."""
     out: dict[Key, str] = {}
-    pool = {k: evidence[k] for k in keys}
-    if len(pool) < 2:
-        return out
     for guard in guards:
+        pool = {k: evidence[k] for k in keys if k not in out}
+        if len(pool) < 2:
+            break
         direction = metric_direction(guard)
         scores = score_candidates(pool, guard, direction, selection)
         best = next(k for k, s in scores.items() if s.diff_ci == (0.0, 0.0) and s.diff == 0.0)
         sign = 1.0 if direction == "maximize" else -1.0
         for key, sc in scores.items():
-            if key == best or key in out or sc.indistinguishable or math.isnan(sc.diff_ci[0]) or sign * sc.diff >= 0:
+            if key == best or sc.indistinguishable or math.isnan(sc.diff_ci[0]) or sign * sc.diff >= 0:
                 continue
             out[key] = (f"validation {guard} {sc.value:.4f} is significantly worse than {model_name(*best)}'s "
                         f"{scores[best].value:.4f} (paired {fmt_diff(sc.diff, sc.diff_ci)})")
