@@ -18,7 +18,8 @@ from ..data import ensure_data, load_data
 from ..errors import ConfigError, StudyError, TTLSearchError
 from ..lease import DriverLease, Lease
 from ..results.dashboard import ANSWER_ATTR, ANSWER_PENDING, name_metric, publish_answer
-from ..results import CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, stored_candidates, stored_config, stored_probe
+from ..results import (CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, chosen_cut, stored_candidates, stored_config,
+                       stored_probe)
 from .cluster import ProgressCallback, ray_cluster, run_search
 from .latency import latency_phase
 from .probe import probe_phase, store_answer_probe
@@ -82,8 +83,10 @@ def _publish(study: optuna.Study, cfg: StudyConfig, lease: DriverLease, artifact
     it again). A driver taken over meanwhile stops without writing it."""
     lease.ensure_held()
     try:
-        store_answer_probe(study, cfg, artifacts)
-        publish_answer(study, cfg)
+        best = chosen_cut(study, cfg)
+        if store_answer_probe(study, cfg, artifacts, best) is not None:
+            best = None  # its trial is new: read the answer again
+        publish_answer(study, cfg, best)
     except Exception as exc:  # noqa: BLE001 - the study is finished and stored; this is a view of it
         log.warning("the answer of study %s is not stored for the dashboard: %s", cfg.name, exc)
 

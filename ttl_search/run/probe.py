@@ -139,11 +139,13 @@ def decode_head(value: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return weight, np.frombuffer(base64.b64decode(value["bias"]), dtype="<f4").reshape(k)
 
 
-def store_answer_probe(study: optuna.Study, cfg: StudyConfig, artifacts: Path | None) -> int | None:
-    """When the study's answer is the frozen probe at a cut that no trial holds yet, store that
-    probe as a completed ``probe`` trial with its checkpoint (from the heads the probe stored), so
-    that ``export`` writes the answer like any model; its cut, or None when nothing was stored."""
-    best = chosen_cut(study, cfg)
+def store_answer_probe(study: optuna.Study, cfg: StudyConfig, artifacts: Path | None,
+                       best: dict[str, Any] | None = None) -> int | None:
+    """When the study's answer (``best``: its ``chosen_cut``, when already computed) is the frozen
+    probe at a cut that no trial holds yet, store that probe as a completed ``probe`` trial with its
+    checkpoint (from the heads the probe stored), so that ``export`` writes the answer like any
+    model; its cut, or None when nothing was stored."""
+    best = chosen_cut(study, cfg) if best is None else best
     if not best or best["strategy"] != PROBE_STRATEGY or not str(best["trial"]).startswith(f"{PROBE_STRATEGY}:"):
         return None
     cut = best["cut"]

@@ -270,6 +270,10 @@ def candidate_pool(evidence: Mapping[Key, Evidence], probe: ProbeModels | None, 
     return keys
 
 
+SAME_ARCHITECTURE = (SEARCH_STRATEGY, PROBE_STRATEGY, "linear_probe")
+"""Strategies whose model at a cut is the truncated backbone with a pool head: the same cost."""
+
+
 def candidate_costs(trials: Sequence[FrozenTrial], candidates: Sequence[CutCandidate], probe: ProbeModels | None,
                     keys: Sequence[Key]) -> dict[Key, tuple[float, float]]:
     """(parameters, MACs) of the deployed model of each key: the smaller is preferred. A TTL cut, a
@@ -292,10 +296,6 @@ def candidate_costs(trials: Sequence[FrozenTrial], candidates: Sequence[CutCandi
     inf = float("inf")
     return {k: (float(params.get(k, inf)),
                 float(macs.get(k, macs_at.get(k[1], inf) if k[0] in SAME_ARCHITECTURE else inf))) for k in keys}
-
-
-SAME_ARCHITECTURE = (SEARCH_STRATEGY, PROBE_STRATEGY, "linear_probe")
-"""Strategies whose model at a cut is the truncated backbone with a pool head: the same cost."""
 
 
 def guard_exclusions(evidence: Mapping[Key, Evidence], keys: Sequence[Key], guards: Sequence[str],
