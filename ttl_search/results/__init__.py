@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import from_dict, to_dict
 from ..errors import StudyError
-from ..search.record import (CutSummary, TrialRecord, completed_by_cut, fmt_count, fmt_interval,
+from ..search.record import (SEARCH_STRATEGY, CutSummary, TrialRecord, completed_by_cut, fmt_count, fmt_interval,
                              fmt_value, model_name, records, summarize_cut)
 from ..search.samplers import CutCandidate, search_trials
 from ..storage import BASELINES_OF_ATTR, load_study, open_storage, sqlite_path, study_trials
@@ -109,10 +109,11 @@ def stored_probe_models(study: optuna.Study) -> ProbeModels | None:
 def probe_records(models: ProbeModels | None, cfg: StudyConfig, stored: Sequence[TrialRecord]) -> list[TrialRecord]:
     """A record of the frozen probe at every probed cut that no stored ``probe`` trial holds (part
     ``probe``, numbered by its cut, so that it reads ``probe:CUT``): metrics from its stored
-    predictions, size from the probe table."""
+    predictions, size from the probe table, MACs from a fine-tuned trial at the same cut."""
     if models is None:
         return []
     have = {int(r.cut) for r in stored if r.strategy == PROBE_STRATEGY and r.complete and r.cut is not None}
+    same = {int(r.cut): r for r in stored if r.strategy == SEARCH_STRATEGY and r.complete}  # same architecture
     out = []
     for row in models.rows:
         cut = int(row["cut"])
@@ -129,7 +130,8 @@ def probe_records(models: ProbeModels | None, cfg: StudyConfig, stored: Sequence
             strategy=PROBE_STRATEGY, cut=cut, repeat=0, cut_name=row.get("name"), stage=row.get("stage"),
             phase="probe", seed=cfg.search.seed, val=metrics["val"], test=metrics["test"], params=row.get("params"),
             trainable_params=(k * (int(row["channels"]) + 1) if row.get("channels") else None), epochs=0,
-            train_time_s=row.get("seconds"),
+            train_time_s=row.get("seconds"), macs=getattr(same.get(cut), "macs", None),
+            full_params=getattr(same.get(cut), "full_params", None), full_macs=getattr(same.get(cut), "full_macs", None),
         ))
     return out
 
