@@ -31,7 +31,7 @@ from dataclasses import replace
 from ttl_search.config import from_dict, merge, parse_overrides, to_dict
 from ttl_search.results import chosen_cut, open_study, stored_candidates, stored_probe_models
 from ttl_search.search.answer import study_answer, trial_evidence
-from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, model_name, records, summarize_cut
+from ttl_search.search.record import SEARCH_STRATEGY, completed_by_cut, fmt_count, fmt_diff, model_name, records, summarize_cut
 from ttl_search.search.samplers import search_trials
 from ttl_search.search.selection import SelectionConfig, score_candidates
 from ttl_search.search.study import load_study_config
@@ -101,6 +101,10 @@ def seed_row(seed: int, name: str, storage: str, reselect: list[str] = ()) -> di
         "ens val": ens["val"] if ens else None,
         "ens test": ens["test"] if ens else None,
         "ens_test_ci": f"[{ens['test_ci'][0]:.3f}, {ens['test_ci'][1]:.3f}]" if ens and ens["test_ci"] else "-",
+        "ens params": ens["params"] if ens else None,
+        "ens vs best (val, paired)": fmt_diff(ens["diff"], ens["diff_ci"]) if ens else "-",
+        "ens better": bool(ens and ens["diff_ci"] and ens["diff_ci"][0] > 0),
+        "full params": best["full"]["params"],
     }
 
 
@@ -136,8 +140,13 @@ def main(argv: list[str] | None = None) -> int:
           f"mean test {frame['test'].mean():.4f} (sd {frame['test'].std(ddof=0):.4f})")
     if frame["ens test"].notna().any():
         print(f"the answer as an ensemble ({best_ensemble(frame)}): mean validation {frame['ens val'].mean():.4f}, "
-              f"mean test {frame['ens test'].mean():.4f} (sd {frame['ens test'].std(ddof=0):.4f}); "
-              f"full fine-tuning's mean test {frame[full_test].mean():.4f}")
+              f"mean test {frame['ens test'].mean():.4f} (sd {frame['ens test'].std(ddof=0):.4f}), "
+              f"{fmt_count(frame['ens params'].mean())} parameters on average (the full model "
+              f"{fmt_count(frame['full params'].iloc[0])}); full fine-tuning's mean test {frame[full_test].mean():.4f}")
+        better = int(frame["ens better"].sum())
+        verdict = "the ensemble" if better > len(frame) / 2 else "the single model"
+        print(f"validation decides: the ensemble is significantly better than the best single model (paired) on "
+              f"{better}/{len(frame)} seeds: {verdict} (the ensemble only when it wins on most seeds)")
     other = next(c for c in frame.columns if c.startswith("pick if rule"))
     print(f"{other}: {dict(collections.Counter(frame[other]))}; mean test {frame['its test'].mean():.4f} "
           f"(sd {frame['its test'].std(ddof=0):.4f})")

@@ -39,6 +39,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,89 @@ def replay_task(task: str, name: str, storage: str) -> list[dict[str, Any]]:
                     "trained": " ".join(map(str, r.trained)),
                 })
     return rows
+
+
+BUDGETS = {
+    "params 10%": lambda full: {"params": round(0.10 * full.params)},
+    "params 30%": lambda full: {"params": round(0.30 * full.params)},
+    "latency 50%": lambda full: {"latency_ms": round(0.50 * full.latency_ms, 4)},
+}
+"""Deployment budgets replayed, as shares of the full model's parameters or batch-1 latency."""
+BUDGET_METHODS = ("exhaustive", DEFAULT_METHOD, "tpe budget 5", "guided budget 5")
+"""The methods replayed under each budget (against exhaustive under the same budget)."""
+
+
+def ensure_cut_latency(task: str, name: str, storage: str) -> dict[str, Any]:
+    """The batch-1 latency of every cut of the task's study, timed once here as a latency budget's
+    pre-training pass times them (one cut at a time, a trial's threads) and stored with the study."""
+    from ttl_search.run.latency import measure_study_cuts
+    from ttl_search.search.budget import LATENCY_TABLE_ATTR
+
+    study, cfg = open_study(name, storage)
+    table = study.user_attrs.get(LATENCY_TABLE_ATTR)
+    if not table:
+        cuts = [c.index for c in stored_candidates(study, cfg)]
+        print(f"{task}: timing {len(cuts)} cuts of {cfg.trial.backbone} for the latency budget", flush=True)
+        table = measure_study_cuts(cfg, cuts)
+        study.set_user_attr(LATENCY_TABLE_ATTR, table)
+    return table
+
+
+def budget_rows(task: str, name: str, storage: str) -> list[dict[str, Any]]:
+    """One row per (budget, method, seed): what the method trained (and how many of those cuts were
+    over budget: the goal is none), its compute against exhaustive under the same budget, its pick,
+    the regret against exhaustive-under-budget's pick on test, and whether the two picks are
+    indistinguishable on validation (paired)."""
+    from ttl_search.results import budget_view
+    from ttl_search.search.budget import BudgetConfig, feasible
+
+    table = ensure_cut_latency(task, name, storage)
+    study, cfg = open_study(name, storage)
+    trials = study_trials(study)
+    probe, models = stored_probe(study), stored_probe_models(study)
+    every = stored_candidates(study, cfg)
+    full = max(every, key=lambda c: c.index)
+    full_ms = next(r["batch1_ms"] for r in table["rows"] if r["cut"] == full.index)
+    sign = 1.0 if cfg.resolved_direction == "maximize" else -1.0
+    methods = [m for m in METHODS if m.label in BUDGET_METHODS]
+    rows = []
+    for label, limits in BUDGETS.items():
+        budget = BudgetConfig(**limits(replace(full, latency_ms=full_ms)))
+        bcfg, candidates = budget_view(study, cfg, budget)
+        fits = {c.index for c in feasible(candidates)}
+        for seed in seeds_of(trials):
+            results = {m.label: replay(trials, bcfg, candidates, m, seed, probe, models) for m in methods}
+            exh = results["exhaustive"]
+            for method, r in results.items():
+                rows.append({
+                    "task": task, "budget": label, "limits": budget.describe(), "feasible_cuts": len(fits),
+                    "of": len(every), "method": method, "seed": seed, "trainings": r.trainings,
+                    "over_budget_trained": sum(1 for c in r.trained if c not in fits),
+                    "compute_share": r.compute_s / exh.compute_s if exh.compute_s else None,
+                    "pick": _pick_label(r.strategy, r.pick), "params": r.params, "val": r.val, "test": r.test,
+                    "test_accuracy": r.test_accuracy, "exhaustive_pick": _pick_label(exh.strategy, exh.pick),
+                    "regret_vs_exhaustive": sign * (exh.test - r.test) if None not in (exh.test, r.test) else None,
+                    "indistinguishable_from_exhaustive": (indistinguishable(trials, bcfg, seed, r.key, exh.key, models)
+                                                          if None not in (r.pick, exh.pick) else False),
+                })
+    return rows
+
+
+def budget_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Per (task, budget, method): means over seeds, infeasible trainings, picks, and the share of
+    picks indistinguishable from exhaustive-under-budget's."""
+    frame = pd.DataFrame(rows)
+    out = []
+    for (task, budget, method), g in frame.groupby(["task", "budget", "method"], sort=False):
+        out.append({
+            "task": task, "budget": g["limits"].iloc[0], "fits": f"{g['feasible_cuts'].iloc[0]}/{g['of'].iloc[0]}",
+            "method": method, "trainings": _mean(g["trainings"]), "over_budget": int(g["over_budget_trained"].sum()),
+            "compute": _mean(g["compute_share"]), "picks": ",".join(str(p) for p in g["pick"]),
+            "test": _mean(g["test"]), "test_acc": _mean(g["test_accuracy"]),
+            "regret_exh": _mean(g["regret_vs_exhaustive"]),
+            "same_as_exh": f"{int(g['indistinguishable_from_exhaustive'].sum())}/{len(g)}",
+        })
+    return pd.DataFrame(out)
 
 
 def _pick_label(strategy: str, cut: int | None) -> str:
@@ -360,11 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     answers: list[dict[str, Any]] = []
     goals: list[dict[str, Any]] = []
+    budgets: list[dict[str, Any]] = []
     try:
         for task in args.tasks:
             name = ensure_study(task, storage, args.quick, args.replay_only)
             ensure_probe(task, name, storage, args.reprobe)
             task_rows = replay_task(task, name, storage)
+            budgets += budget_rows(task, name, storage)
             rows += task_rows
             answers += study_answer_rows(task, name, storage)
             goals.append(goal_row(task, name, storage, task_rows))
@@ -378,13 +464,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"## each exhaustive study's own answer (all seeds) and its baselines\n\n{_fmt(pd.DataFrame(answers))}\n")
     print(f"## the default answer ({DEFAULT_METHOD}, default selection; mean over seeds) against the goals\n\n"
           f"{_fmt(pd.DataFrame(goals))}\n")
+    print(f"## deployment budgets (selection.budget): each method against exhaustive under the same budget\n\n"
+          f"{_fmt(budget_table(budgets))}\n")
+    pd.DataFrame(budgets).to_csv(out / f"search_quality_budgets{suffix}.csv", index=False)
     pd.DataFrame(rows).to_csv(out / f"search_quality{suffix}.csv", index=False)
     summary.to_csv(out / f"search_quality_summary{suffix}.csv", index=False)
     pd.DataFrame(answers).to_csv(out / f"search_quality_answers{suffix}.csv", index=False)
     pd.DataFrame(goals).to_csv(out / f"search_quality_goals{suffix}.csv", index=False)
     plot(rows, out / f"search_quality{suffix}.png")
     print(f"wrote {out}/search_quality{suffix}.csv, search_quality_summary{suffix}.csv, "
-          f"search_quality_answers{suffix}.csv, search_quality_goals{suffix}.csv and search_quality{suffix}.png")
+          f"search_quality_answers{suffix}.csv, search_quality_goals{suffix}.csv, "
+          f"search_quality_budgets{suffix}.csv and search_quality{suffix}.png")
     return 0
 
 

@@ -50,6 +50,7 @@ from tabulate import tabulate
 from torch import nn
 
 from ttl_search.data import DataConfig, load_data, make_loader
+from ttl_search.train.device import configure_backends
 from ttl_search.train.trial import (TrialConfig, amp_dtype, make_optimizer, prepare_trial, resolve_device,
                                     seed_everything, train_epoch)
 
@@ -109,6 +110,7 @@ def measure(case: str, args) -> dict:
     """Median images/s of both loops over interleaved rounds (after one warm-up epoch each)."""
     cfg, model, built, loader, tensors = build(case, args.data, args.batch, args.batches, args.device)
     device = resolve_device(args.device)
+    configure_backends(device, cfg.deterministic)  # as a trial sets them (cuDNN's autotuner on CUDA)
     amp = amp_dtype(device, cfg.amp)
     channels_last = device.type == "cuda"
     if channels_last:

@@ -271,6 +271,14 @@ def test_dockerfiles_are_multi_stage_with_an_unprivileged_user():
         assert users and users[-1].split(":")[0] not in ("0", "root"), users
 
 
+def test_the_runtime_image_has_the_compilers_torch_compile_needs():
+    """``trial.compile: true`` builds Triton's launcher with a C compiler on CUDA and Inductor's
+    kernels with a C++ compiler on the CPU, at run time, in the image the Ray workers run."""
+    installed = " ".join(args for ins, args in final_stage(DOCKERFILE) if ins == "RUN" and "apt-get install" in args)
+    packages = set(installed.split())
+    assert {"gcc", "g++", "libc6-dev"} <= packages, installed
+
+
 def test_image_entrypoint_exists_in_the_package():
     from importlib.metadata import entry_points
 

@@ -113,17 +113,26 @@ def cmd_cutoffs(args: argparse.Namespace) -> int:
     spec = get_backbone(args.backbone)
     size = args.input_size or spec.default_input_size
     rows = [r.as_dict() for r in analyze_cuts(spec.name, size, args.classes, args.in_channels, args.head)]
+    if args.measure_latency:
+        _measure_cutoffs(args, spec.name, size, rows)
     if args.format == "table":
         title = (f"{spec.name}: {len(rows)} cuts at {size} px, {args.in_channels} channel(s), "
                  f"{args.classes} classes, {args.head} head")
         print_table(
             title,
-            ["cut", "name", "stage", "channels", "spatial", "params", "MACs", "valid"],
+            ["cut", "name", "stage", "channels", "spatial", "params", "MACs",
+             *(["latency b1 (ms)", "latency b64 (ms)"] if args.measure_latency else []), "valid"],
             [[r["index"], r["name"] + (" *" if r["stage_end"] else ""), r["stage"], r["channels"],
               "x".join(map(str, r["spatial"])) if r["spatial"] else "-", fmt_count(r["params"]),
-              fmt_count(r["macs"]), "yes" if r["valid"] else f"no: {r['reason']}"] for r in rows],
+              fmt_count(r["macs"]),
+              *([_ms_cell(r, 1), _ms_cell(r, 64)] if args.measure_latency else []),
+              "yes" if r["valid"] else f"no: {r['reason']}"] for r in rows],
         )
         print("* ends a stage (trained in stage 1 of the two-stage search)")
+        if args.measure_latency and rows:
+            print(f"latency: median [interquartile range] of {rows[0]['latency_repeats']} timed passes at batch 1 "
+                  f"on {rows[0]['latency_device']}; `--format json > FILE` writes the table a study names in "
+                  "selection.budget.latency_table")
     else:
         if args.format != "json":
             for r in rows:
@@ -193,6 +202,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         Path(args.output).write_text(json.dumps(result, indent=2))
         print(f"result written to {args.output}", file=sys.stderr if args.format != "table" else sys.stdout)
     return 0 if result["status"] == "complete" else 1
+
+
+def _measure_cutoffs(args: argparse.Namespace, backbone: str, size: int, rows: list[dict]) -> None:
+    """Time every valid cut of ``rows`` here (random weights, one cut at a time, at batch 1 and 64)
+    and add the latency columns, with what a study needs to check the table is its own."""
+    from .train.cut_latency import measure_cut_latency
+
+    cuts = [r["index"] for r in rows if r["valid"]]
+    with count_bar("timing cuts", "cut", disable=args.format != "table") as progress:
+        table = measure_cut_latency(backbone, size, cuts, args.in_channels, args.head, batches=(1, 64),
+                                    repeats=args.latency_repeats, device=args.device, threads=args.threads,
+                                    num_classes=args.classes, amp=args.amp, progress=progress)
+    timed = {r["cut"]: r for r in table["rows"]}
+    for r in rows:
+        t = timed.get(r["index"], {})
+        r.update(backbone=backbone, input_size=size, in_channels=args.in_channels,
+                 latency_batch1_ms=t.get("batch1_ms"), latency_batch1_iqr=t.get("batch1_iqr"),
+                 latency_batch64_ms=t.get("batch64_ms"), latency_batch64_iqr=t.get("batch64_iqr"),
+                 latency_device=table["device_name"], latency_threads=table["threads"], latency_repeats=table["repeats"])
+
+
+def _ms_cell(row: dict, batch: int) -> str:
+    ms, iqr = row.get(f"latency_batch{batch}_ms"), row.get(f"latency_batch{batch}_iqr")
+    if ms is None:
+        return "-"
+    return f"{ms:.3f}" + (f" [{iqr[0]:.3f}, {iqr[1]:.3f}]" if iqr else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +301,8 @@ def print_ranking(best: dict) -> None:
                 f"indistinguishable from the best eligible model, {best['reference']})",
                 ["strategy", "cut", "name", "params", "seeds", "mean", "interval", "vs best (paired)", ""], rows)
     same = {(r["strategy"], r["cut"]) for r in best["ranking"] if r["indistinguishable"]}
-    excluded = [e for e in best.get("excluded") or [] if (e["strategy"], e["cut"]) in same]
+    excluded = [e for e in best.get("excluded") or [] if (e["strategy"], e["cut"]) in same
+                and not e["why"].startswith("over budget")]  # those: in the budget's lines
     if excluded:  # those the guards kept out though their main metric matched the best's
         guards = ", ".join(best.get("guards") or []) or "none"
         others = len(best["excluded"]) - len(excluded)
@@ -274,6 +310,47 @@ def print_ranking(best: dict) -> None:
               f"that learned nothing are not eligible either){f'; {others} more in --format json' if others else ''}:")
         for e in excluded:
             print(f"  {e['model']}: {e['why']}")
+
+
+def print_budget(best: dict) -> None:
+    """The budget the answer was chosen within: each cut's cost (the latency measured before
+    training included) and whether it fits, and for a budget asked about afterwards the study's own
+    answer with the paired difference to it."""
+    budget = best.get("budget")
+    if not budget:
+        return
+    latency = any(c["latency_ms"] is not None for c in budget["cuts"])
+    rows = [[c["cut"], c["name"], fmt_count(c["params"]), f"{c['model_mb']:.2f}", fmt_count(c["macs"]),
+             *([("-" if c["latency_ms"] is None else f"{c['latency_ms']:.3f}")] if latency else []),
+             c["over_budget"] or "fits"] for c in budget["cuts"]]
+    batch = [f"latency b{budget['latency_batch']} (ms)"] if latency else []
+    print_table(f"budget {budget['limits']}: the cuts a search may train", ["cut", "name", "params", "MB", "MACs",
+                                                                          *batch, "budget"], rows)
+    others = [o for o in budget["over_budget"] if o["strategy"] != "ttl"]
+    if others:
+        print("candidates over budget: " + "; ".join(f"{o['model']} ({o['why'].removeprefix('over budget: ')})"
+                                                     for o in others))
+    free = budget.get("unconstrained")
+    if free:
+        same = "" if free["indistinguishable"] is None else (
+            ", indistinguishable" if free["indistinguishable"] else ", significantly different")
+        val = "-" if free["val"] is None else f"{free['val']:.4f}"
+        print(f"within budget {budget['limits']}: {best['model']}; without it the study's answer is {free['model']} "
+              f"(validation {best['metric']} {val}): paired difference {fmt_diff(free['diff'], free['diff_ci'])}"
+              f"{same}")
+
+
+def _budget_cells(best: dict) -> dict[str, Any]:
+    """The budget's columns of ``best --format csv/markdown``; none without a budget."""
+    budget = best.get("budget")
+    if not budget:
+        return {}
+    free = budget.get("unconstrained") or {}
+    return {"budget": budget["limits"], "over_budget_cuts": " ".join(str(o["cut"]) for o in budget["over_budget"]
+                                                                    if o["strategy"] == "ttl"),
+            "unconstrained": free.get("model"), "diff_to_unconstrained": free.get("diff"),
+            "diff_to_unconstrained_ci_low": (free.get("diff_ci") or [None, None])[0],
+            "diff_to_unconstrained_ci_high": (free.get("diff_ci") or [None, None])[1]}
 
 
 def _ensemble_cells(best: dict, metric: str) -> dict[str, Any]:
@@ -305,7 +382,7 @@ def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict |
                      "test": best["test"].get(metric), "test_sd": best["test_sd"].get(metric),
                      "repeats": best["repeats"], "params": best["params"],
                      "trainable_params": best.get("trainable_params"),
-                     **_ensemble_cells(best, metric)} for metric in best["val"]], fmt)
+                     **_ensemble_cells(best, metric), **_budget_cells(best)} for metric in best["val"]], fmt)
         return
     state = "finished" if best["finished"] else "not finished yet"
     print(f"study {name} ({state}): chosen {best['model']} ({best['cut_name']}, stage {best['stage']}) of "
@@ -335,6 +412,7 @@ def _print_best(name: str, storage: str | None, fmt: str = "table", best: dict |
         rows.append([m, *cells])
     print_table(f"{best['model']}: mean over {best['repeats']} seed(s)", ["metric", "validation", "test"], rows)
     print_ranking(best)
+    print_budget(best)
     for r in best["ranking"]:
         if r["strategy"] != "probe" or (str(r["trials"][0]).startswith("probe:") and not r["chosen"]):
             continue
@@ -491,6 +569,7 @@ def _print_status(name: str, storage: str | None, fmt: str = "table") -> tuple[i
         print_probe(probe, metric, tuned, cfg.selection.confidence)
     if best is not None:
         print_ranking(best)
+        print_budget(best)
         if line := ensemble_line(best, metric):
             print(line)
     return done, finished
@@ -525,8 +604,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_best(args: argparse.Namespace) -> int:
     from .results import open_study, required_cut
     from .results.dashboard import publish_answer
+    from .search.budget import parse_budget
 
     study, cfg = open_study(args.name, args.storage)
+    if args.budget:  # a question about the finished study, not its answer: nothing is published
+        best = required_cut(study, cfg, parse_budget(args.budget))
+        _print_best(args.name, args.storage, args.format, best)
+        return 0
     best = required_cut(study, cfg)
     _print_best(args.name, args.storage, args.format, best)
     try:  # a database that refuses writes (a read-only user) only loses the dashboard's copy
@@ -658,6 +742,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=2, help="classes of the new head (default 2)")
     p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
     p.add_argument("--head", choices=("pool", "flatten"), default="pool", help="new head (default pool)")
+    p.add_argument("--measure-latency", action="store_true",
+                   help="time every valid cut here (batch 1 and 64, random weights): run it on the machine the model "
+                        "will be deployed on, `--format json > FILE`, and name FILE in selection.budget.latency_table")
+    p.add_argument("--latency-repeats", type=int, default=20, help="timed passes at batch 1 (default 20)")
+    p.add_argument("--device", default="cpu", help="device to time on: cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--amp", action="store_true",
+                   help="time in mixed precision on CUDA, as trials with trial.amp (the default) evaluate")
     _format_arg(p)
     p.set_defaults(handler=cmd_cutoffs)
 
@@ -703,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("best", help="the chosen cut with its metrics and size")
     p.add_argument("name")
     _storage_arg(p)
+    p.add_argument("--budget", action="append", default=[], metavar="KEY=VALUE",
+                   help="the best model within this deployment budget, from the stored trials (nothing is "
+                        "trained); keys: params, macs, latency_ms, latency_batch, model_mb (repeatable)")
     _format_arg(p)
     p.set_defaults(handler=cmd_best)
 

@@ -70,6 +70,22 @@ def test_a_lost_worker_fails_the_trial(result):
     assert out.state == TrialState.FAIL and out.reason == WORKER_LOST
 
 
+OOM = dict(status="failed", retry=False, epochs=0, device="cuda:0", device_name="NVIDIA H100 80GB HBM3 (cuda:0)",
+           reason="out of memory on NVIDIA H100 80GB HBM3 (cuda:0) at batch_size 512 (eval_batch_size 256): ...",
+           memory={"peak_allocated_gib": 70.1, "total_gib": 79.2},
+           device_assignment={"device": "cuda:0", "gpu_ids": ["1"], "visible": "1"})
+
+
+def test_a_device_failure_fails_the_trial_with_its_reason_figures_and_no_retry():
+    out = trial_outcome(_final(**OOM), False, "auroc")
+    assert out.state == TrialState.FAIL and out.retry is False and out.reason == OOM["reason"]
+    assert out.attrs["retry"] is False and out.attrs["device_memory"] == OOM["memory"]
+    assert out.attrs["device_assignment"]["gpu_ids"] == ["1"] and out.attrs["device"] == "cuda:0"
+    assert out.where == "cuda:0 (NVIDIA H100 80GB HBM3 (cuda:0); Ray GPU 1)"
+    diverged = trial_outcome(_final(status="failed", reason="diverged", epochs=3), False, "auroc")
+    assert diverged.retry is True and "retry" not in diverged.attrs
+
+
 # ---------------------------------------------------------------------------------------------
 # StudySearcher
 
@@ -109,6 +125,47 @@ def test_the_searcher_stores_each_outcome_and_waits_at_the_stage_barrier():
     assert (c.state, c.user_attrs["stopped_by"]) == (TrialState.PRUNED, "scheduler")
     assert searcher.counts == {"complete": 1, "failed": 1, "pruned": 1}
     assert searcher.suggest("e")["trial"]["cut"] == 5  # the failed stage-end cut is retried
+
+
+def test_a_trial_out_of_memory_is_stored_failed_and_not_retried_and_the_log_names_each_device(caplog):
+    """A lost worker's trial is retried (above); one whose device ran out of memory is not: the
+    plan counts it as every retry spent. The driver's log says which device each trial got."""
+    searcher, study = _searcher([])
+    assert [searcher.suggest(t)["trial"]["cut"] for t in "abc"] == [7, 5, 3]
+    cpu = {"device_assignment": {"device": "cpu", "gpu_ids": [], "visible": ""}, "device": "cpu",
+           "device_name": "CPU x86_64, 1 thread(s) of 2"}
+    with caplog.at_level(logging.INFO, logger="ttl_search.run.searcher"):
+        searcher.on_trial_result("a", _final(**OOM))
+        searcher.on_trial_result("b", _final(**COMPLETE, **cpu))
+        searcher.on_trial_result("c", _final(**{**COMPLETE, "val": {"auroc": 0.7, "loss": 0.5}}, **cpu))
+    a = study.get_trials()[0]
+    assert a.state == TrialState.FAIL and a.user_attrs["fail_reason"] == OOM["reason"]
+    assert a.user_attrs["retry"] is False and a.user_attrs["device_assignment"]["gpu_ids"] == ["1"]
+    assert study.get_trials()[1].user_attrs["device_assignment"] == cpu["device_assignment"]
+    stage2 = searcher.suggest("d")
+    assert stage2 is not None and stage2["trial"]["cut"] == 4  # stage 2 of cut 5's stage; cut 7 is not retried
+    assert all(t.params["cut"] != 7 or t.number == 0 for t in study.get_trials())
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("trial 0 failed on cuda:0 (NVIDIA H100 80GB HBM3 (cuda:0); Ray GPU 1): out of memory")
+               for m in logged), logged
+    assert any(m.startswith("trial 1 complete on cpu (CPU x86_64, 1 thread(s) of 2; Ray assigned no GPU)")
+               for m in logged), logged
+
+
+def test_the_plan_reads_a_failure_that_cannot_be_retried_as_every_retry_spent():
+    from ttl_search.run.searcher import memory_settings, planning_trials
+
+    searcher, study = _searcher([])
+    searcher.suggest("a"), searcher.suggest("b")
+    searcher.on_trial_result("a", _final(**OOM))
+    searcher.on_trial_complete("b", {"epoch": 1}, error=True)  # a lost worker: retried as usual
+    oom, lost = study.get_trials()
+    settings = memory_settings(searcher.cfg)
+    assert oom.user_attrs["failed_with"] == settings and settings["resources.gpus"] == 0
+    assert planning_trials([oom, lost], 2, settings) == [oom, oom, oom, lost]
+    assert planning_trials([oom, lost], 0, settings) == [oom, lost]
+    # resumed with a larger share of the GPU (or a smaller eval batch): tried again
+    assert planning_trials([oom, lost], 2, {**settings, "resources.gpus": 1.0}) == [oom, lost]
 
 
 def test_a_final_result_is_stored_at_once_and_waiting_asks_do_not_read_the_study():

@@ -287,7 +287,8 @@ def test_asha_stopped_trials_are_pruned(tmp_path, shared_datasets_dir_module):
     assert len(ts) == 7 and not [t for t in ts if t.state == TrialState.FAIL]
 
 
-def test_gpus_on_a_cluster_without_any_fail_fast(tmp_path, shared_datasets_dir_module):
+def test_gpus_on_a_cluster_without_any_fail_fast(tmp_path, shared_datasets_dir_module, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the driver's local Ray sees no GPU, also on a GPU host
     log = tmp_path / "driver.log"
     start = time.time()
     rc = run_cli(_study_args("gpu", f"sqlite:///{tmp_path / 'g.db'}", shared_datasets_dir_module,
@@ -479,13 +480,16 @@ def test_a_cut_ensemble_study_answers_with_every_indistinguishable_cut(tmp_path,
 
     url = f"sqlite:///{tmp_path / 'cuts.db'}"
     args = _study_args("cuts", url, shared_datasets_dir_module, "--set", "selection.ensemble=indistinguishable",
-                       "--set", "trial.max_epochs=1")
+                       "--set", "trial.max_epochs=1", "--set", "selection.budget.params=1e9")
     assert run_cli(args, tmp_path / "driver.log") == 0, (tmp_path / "driver.log").read_text()[-3000:]
     ts = trials("cuts", url)
     assert "ensemble" not in {t.user_attrs["phase"] for t in ts}
     best = _best("cuts", url, tmp_path / "driver.log")
     ens = best["ensemble"]
+    # a budget far above every cut: no member is left out (the default cap, the full model's size, is
+    # tested in tests/search/test_budget.py)
     assert ens["kind"] == "cuts" and ens["cuts"] == best["indistinguishable"] and len(ens["cuts"]) >= 2
+    assert ens["left_out"] == [] and ens["cap"] == "params <= 1G"
     members = [t for t in ts if t.params["cut"] in ens["cuts"]]
     assert sorted(ens["trials"]) == sorted(t.number for t in members) and ens["complete"]
     for split in ("val", "test"):

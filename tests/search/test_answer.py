@@ -181,7 +181,8 @@ def test_the_cut_ensemble_averages_every_indistinguishable_cut_without_moving_th
     from ttl_search.search.record import trial_predictions
     from ttl_search.search.samplers import search_trials
 
-    plain, cfg = config(), config("selection.ensemble=indistinguishable")
+    # a budget far above every cut: no member is left out (the default cap is tested in test_budget.py)
+    plain, cfg = config(), config("selection.ensemble=indistinguishable", "selection.budget.params=1e9")
     assert cfg.seed_count == cfg.search.repeats and cfg.selection.seed_ensemble == 1 and cfg.selection.cut_ensemble
     study, candidates = synthetic_study(cfg, ALIKE)
     single, answer = study_answer(study.trials, plain, candidates), study_answer(study.trials, cfg, candidates)
@@ -197,7 +198,7 @@ def test_the_cut_ensemble_averages_every_indistinguishable_cut_without_moving_th
         assert score.value == pytest.approx(roc_auc_score(labels, mean[:, 1]), abs=1e-9)
     assert ens.val.diff == pytest.approx(ens.val.value - answer.scores[("ttl", answer.reference)].value)
     # two seeds per cut: both are members; an ensemble phase's extra seeds never are
-    two = config("selection.ensemble=indistinguishable", "search.repeats=2")
+    two = config("selection.ensemble=indistinguishable", "search.repeats=2", "selection.budget.params=1e9")
     study2, _ = synthetic_study(two, ALIKE, seeds=2, extra_seeds={4: (1, 0.1)})
     ens2 = study_answer(study2.trials, two, candidates).ensemble
     assert ens2.repeats == [0, 1] and ens2.size == 2 and ens2.complete

@@ -16,7 +16,7 @@ def test_median_and_interquartile_range():
 
 
 def test_every_model_is_timed_with_its_spread(breastmnist):
-    cfg = TrialConfig(backbone="test_cnn", weights=None, input_size=28, threads=1,
+    cfg = TrialConfig(backbone="test_cnn", weights=None, input_size=28, threads=1, device="cpu",  # also on a GPU host
                       data=DataConfig("breastmnist", path=str(breastmnist)))
     done = []
     table = measure_models(cfg, [("ttl", 3), ("ttl", 7), ("linear_probe", 7)], repeats=12,

@@ -15,8 +15,10 @@ from ttl_search.train.trial import TrialConfig, run_trial
 
 
 def _cfg(path, **kw) -> TrialConfig:
+    # On the CPU wherever the tests run: they compare results exactly across runs and re-evaluate
+    # on the CPU, which a GPU (non-deterministic kernels, bfloat16 autocast) would not reproduce.
     base = dict(backbone="test_cnn", weights="none", cut=5, max_epochs=4, input_size=28, latency_repeats=2,
-                data=DataConfig("breastmnist", path=str(path)))
+                data=DataConfig("breastmnist", path=str(path)), device="cpu")
     base.update(kw)
     return TrialConfig(**base)
 
@@ -144,6 +146,7 @@ def test_3d_trial_on_adrenalmnist3d(adrenalmnist3d):
     ("backbone", "vgg", "resnet50"),
     ("cut", 99, "1..7"),
     ("device", "tpu", "cpu"),
+    ("device", "cuda:x", "cuda:N"),
     ("ema", 1.0, r"ema must be a decay in \[0, 1\)"),
 ])
 def test_bad_trial_config(key, value, message, breastmnist):
@@ -175,3 +178,68 @@ def test_train_cli_writes_json(breastmnist, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ttl_search", "train", "--set", "max_epoch=2"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "max_epochs" in bad.stderr
+
+
+def test_a_cuda_device_that_is_not_here_is_refused_with_the_valid_ones(breastmnist):
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: none on a machine without CUDA
+    with pytest.raises(ConfigError, match=r"valid devices: auto, cpu"):
+        run_trial(_cfg(breastmnist, device=missing))
+
+
+def test_out_of_memory_fails_the_trial_with_its_reason_and_is_not_to_be_retried(breastmnist):
+    """A device failure (here torch's out-of-memory error, injected: no GPU here) is a failed
+    result with what happened, the batch sizes and what to change, marked not to be retried; the
+    process (a reused Ray worker) trains the next trial normally."""
+    from faults import OOM_BACKBONE, register_oom_backbone
+
+    register_oom_backbone()
+    failed = run_trial(_cfg(breastmnist, backbone=OOM_BACKBONE, cut=7, batch_size=32, max_epochs=2))
+    assert failed.status == "failed" and failed.retry is False and failed.cut == 7
+    for part in ("out of memory on CPU", "batch_size 32 (eval_batch_size 256)", "lower trial.batch_size",
+                 "resources.gpus", "Not retried", "Tried to allocate 20.00 GiB"):
+        assert part in failed.reason, (part, failed.reason)
+    assert failed.to_dict()["retry"] is False and failed.device == "cpu"
+    fine = run_trial(_cfg(breastmnist, backbone=OOM_BACKBONE, cut=5, max_epochs=1, latency_repeats=0))
+    assert fine.status == "complete" and fine.retry is True
+
+
+def test_the_test_split_is_made_only_when_it_is_scored(breastmnist):
+    """During training only the train and validation splits are loaded (on a GPU they take the
+    trial's memory); the test split's images are made after training, when those are gone."""
+    import gc
+
+    from ttl_search.data import BatchLoader
+
+    seen = []
+
+    def loaders(epoch, metrics):
+        gc.collect()  # only the loaders alive now
+        seen.append(sorted(len(o.images) for o in gc.get_objects() if type(o) is BatchLoader))
+
+    result = run_trial(_cfg(breastmnist, max_epochs=2, latency_repeats=0), on_epoch=loaders)
+    assert result.status == "complete" and result.data["test"] == 156
+    assert seen == [[78, 546], [78, 546]]  # validation and train; never the test split's 156
+
+
+def test_deterministic_trials_run_with_deterministic_algorithms_and_the_next_trial_without(breastmnist):
+    import torch
+
+    during = []
+
+    def flags(epoch, metrics):
+        during.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic))
+
+    a = run_trial(_cfg(breastmnist, max_epochs=1, latency_repeats=0, deterministic=True), on_epoch=flags)
+    b = run_trial(_cfg(breastmnist, max_epochs=1, latency_repeats=0), on_epoch=flags)
+    assert a.status == b.status == "complete"
+    assert during == [(True, True), (False, False)]
+    assert a.val == b.val  # the CPU is deterministic either way
+
+
+def test_compile_without_a_compiler_is_refused_before_training(breastmnist, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"compile: true needs a C\+\+ compiler for Inductor .*set compile: false"):
+        run_trial(_cfg(breastmnist, compile=True, max_epochs=1))

@@ -136,7 +136,7 @@ def replay(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Sequence
         if plan.action != "run":
             break
         trial = study.ask()
-        params = suggest_params(trial, candidates, [SEARCH_STRATEGY], 1)
+        params = suggest_params(trial, sampler.candidates, [SEARCH_STRATEGY], 1)  # the cuts within the budget
         stored = source.get((SEARCH_STRATEGY, params["cut"]))
         trained.append(params["cut"])
         if stored is None:  # the exhaustive study has no completed trial here: the training failed

@@ -16,6 +16,9 @@ from .config import CROP_RATIO, Split, _is_int
 
 log = logging.getLogger(__name__)
 
+STORES = ("device", "host")
+"""Where a :class:`BatchLoader` keeps a split's images."""
+
 # --------------------------------------------------------------------------- transforms
 
 
@@ -147,17 +150,22 @@ def augment_batch(x: torch.Tensor, tcfg: TransformConfig, dims: int, generator: 
 class BatchLoader:
     """Batches of one split, made whole batches at a time on the trial's device.
 
-    The split's images are resized once to the input size and kept as ``uint8`` on ``device``
-    (a GPU holds them once per trial instead of copying every batch); each batch is gathered,
+    The split's images are resized once to the input size and kept as ``uint8``: on ``device``
+    (``store="device"``: a GPU holds them once per trial instead of copying every batch), or on the
+    host (``store="host"``: pinned memory when ``device`` is a GPU, for splits too large for the
+    trial's share of the card; each batch is gathered there and copied over). Each batch is then
     converted to float in [0, 1], augmented (training, :func:`augment_batch`), mapped to
-    ``in_channels`` and normalised there. Training batches follow a seeded shuffle, and their
+    ``in_channels`` and normalised on ``device``. Training batches follow a seeded shuffle, and their
     augmentation draws from a generator seeded by ``(seed, epoch, batch)``: the same seed gives
     the same batches, epoch by epoch, on any device. Evaluation: no shuffle, no augmentation.
     Every pass advances the epoch (:meth:`set_epoch` sets it).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, tcfg: TransformConfig, *, train: bool,
-                 batch_size: int, dims: int, seed: int = 0, device: torch.device | str = "cpu") -> None:
+                 batch_size: int, dims: int, seed: int = 0, device: torch.device | str = "cpu",
+                 store: str = "device") -> None:
+        if store not in STORES:
+            raise ConfigError(f"store must be one of {', '.join(STORES)}, got {store!r}")
         if dims not in (2, 3):
             raise ConfigError(f"dims must be 2 or 3, got {dims!r}")
         if not _is_int(batch_size) or batch_size < 1:
@@ -176,10 +184,15 @@ class BatchLoader:
                 f"cannot map {channels}-channel images to transform.in_channels={tcfg.in_channels}"
             )
         self.device = torch.device(device)
-        self.images = resize_images(images, tcfg.input_size, dims).to(self.device)
-        """uint8 images at the input size, on the device."""
-        self.labels = labels.to(self.device)
-        """int64 labels, on the device."""
+        self.store = store
+        """Where the images are kept: ``device`` or ``host``."""
+        home = self.device if store == "device" else torch.device("cpu")
+        self._pinned = home.type == "cpu" and self.device.type == "cuda"
+        resized = resize_images(images, tcfg.input_size, dims)
+        self.images = resized.pin_memory() if self._pinned else resized.to(home)
+        """uint8 images at the input size, where ``store`` says."""
+        self.labels = labels.to(home)
+        """int64 labels, beside the images."""
         self.tcfg = tcfg
         self.dims = dims
         self.train = bool(train)
@@ -206,14 +219,23 @@ class BatchLoader:
         n = int(self.images.shape[0])
         if self.train:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, epoch, 0x5EED)))
-            order = order.to(self.device)
+            order = order.to(self.images.device)
         for batch, start in enumerate(range(0, n, self.batch_size)):
             if self.train:
                 index = order[start:start + self.batch_size]
-                x, y = self.images.index_select(0, index), self.labels.index_select(0, index)
+                x, y = self._gather(index), self.labels.index_select(0, index)
             else:
                 x, y = self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield self.transform(x, torch.Generator().manual_seed(_mix_seed(self.seed, epoch, batch))), y
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The images at ``index``; gathered into pinned memory when they are copied to a GPU per
+        batch (an asynchronous copy needs a pinned source)."""
+        if not self._pinned:
+            return self.images.index_select(0, index)
+        out = torch.empty((len(index), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+        return torch.index_select(self.images, 0, index, out=out)
 
     def transform(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A ``uint8`` batch as model input: float, augmented (training, from ``generator``),
@@ -229,13 +251,14 @@ class BatchLoader:
 
 def make_loader(
     split: Split, tcfg: TransformConfig, *, train: bool, batch_size: int, seed: int, dims: int,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", store: str = "device",
 ) -> BatchLoader:
     """The batches of ``split`` on ``device`` (see :class:`BatchLoader`).
 
     Training: seeded shuffle and (``tcfg.augment``) seeded augmentation, both reproducible
     from ``seed`` (same seed -> same batches, epoch by epoch). Evaluation: no augmentation, no
-    shuffle. The last batch may be smaller.
+    shuffle. The last batch may be smaller. ``store``: where the images are kept (``device``, or
+    ``host`` with a copy per batch).
     """
     return BatchLoader(split.images, split.labels, tcfg, train=train, batch_size=batch_size, dims=dims, seed=seed,
-                       device=device)
+                       device=device, store=store)

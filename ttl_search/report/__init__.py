@@ -156,6 +156,28 @@ def results_table(cm_all: pd.DataFrame, chosen: dict | None) -> pd.DataFrame:
     return frame[keep]
 
 
+def budget_section(budget: dict | None) -> list[str]:
+    """The deployment budget for the summary: every cut's cost (the latency measured before
+    training included) and whether it fits; the candidates over it. Empty without a budget."""
+    if not budget:
+        return []
+    latency = any(c["latency_ms"] is not None for c in budget["cuts"])
+    header = ["cut", "name", "parameters", "MB", "MACs"] + ([f"latency b{budget['latency_batch']} (ms)"] if latency
+                                                           else []) + ["budget"]
+    lines = [f"## Budget: {budget['limits']}", "",
+             "Cuts over budget are never trained by the search and never chosen (the baselines still train for "
+             "comparison; the plot of the metric against cost marks the limits).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in budget["cuts"]:
+        cells = [c["cut"], c["name"], fmt_count(c["params"]), f"{c['model_mb']:.2f}", fmt_count(c["macs"])]
+        cells += [_ms(c["latency_ms"])] if latency else []
+        lines.append("| " + " | ".join(map(str, cells + [c["over_budget"] or "fits"])) + " |")
+    others = [o for o in budget["over_budget"] if o["strategy"] != "ttl"]
+    if others:
+        lines += ["", "Other candidates over budget: " + "; ".join(f"{o['model']} ({o['why']})" for o in others) + "."]
+    return lines + [""]
+
+
 def add_intervals(frame: pd.DataFrame, ranking: list[dict]) -> None:
     """Columns ``val_ci_low``/``val_ci_high``, ``diff`` (to the best cut), ``diff_ci_low``/``diff_ci_high``
     and ``indistinguishable`` of ``frame`` (rows by strategy and cut) from ``chosen_cut``'s ranking."""
@@ -233,13 +255,15 @@ def _markdown(name: str, cfg, study: optuna.Study, chosen: dict | None, results:
                 f"{chosen['reference']}: {', '.join(chosen['close'])}.",
                 "",
             ]
-            if chosen["excluded"]:
+            excluded = [e for e in chosen["excluded"] if not e["why"].startswith("over budget")]
+            if excluded:
                 lines += ["Not eligible (a guard metric significantly worse than the best's, or a model that "
-                          "learned nothing):", ""] + [f"- {e['model']}: {e['why']}" for e in chosen["excluded"]] + [""]
+                          "learned nothing):", ""] + [f"- {e['model']}: {e['why']}" for e in excluded] + [""]
         elif chosen.get("note"):
             lines += [chosen["note"], ""]
         if line := ensemble_line(chosen, metric):
             lines += [line, ""]
+        lines += budget_section(chosen.get("budget"))
     lines += ["## Results (test split, mean ± sd over seeds)", ""]
     if results is not None and not results.empty:
         header = ["method", "cut", "seeds"] + [METRIC_HEADERS[m] for m in TABLE_METRICS] + [
@@ -346,7 +370,7 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
                   "indistinguishable": best["indistinguishable"], "reference_cut": best["reference_cut"],
                   "reference": best["reference"], "close": best["close"], "excluded": best["excluded"],
                   "confidence": best["confidence"], "note": best["note"], "ensemble": best["ensemble"],
-                  "answer_row": answer_row(best)}
+                  "answer_row": answer_row(best), "budget": best["budget"]}
         add_intervals(cm_all, best["ranking"])
         ttl = cm_all[cm_all["strategy"] == "ttl"].reset_index(drop=True)
     out = Path(output) if output else artifacts_dir(cfg, url) / name / "report"
@@ -359,9 +383,10 @@ def make_report(name: str, storage: str | None = None, output: str | Path | None
     files["metric_vs_cut_png"] = plot_metric_vs_cut(ttl, baselines, cuts, candidates, chosen, metric,
                                                     f"{head}: {label} of the model truncated at each cut",
                                                     out / "metric_vs_cut.png")
+    budget = (best or {}).get("budget")
     files["metric_vs_cost_png"] = plot_metric_vs_cost(cm_all, chosen, metric, cfg.resolved_direction,
                                                       f"{head}: validation {label} against model cost",
-                                                      out / "metric_vs_cost.png")
+                                                      out / "metric_vs_cost.png", budget)
     order = search_order_rows(trials, metric)
     files["search_order_png"] = plot_search_order(order, cuts, chosen, metric,
                                                   f"{head}: search order ({cfg.search.method})",

@@ -216,7 +216,10 @@ def plot_metric_vs_cut(ttl: pd.DataFrame, baselines: pd.DataFrame, cuts: list[di
 
 
 def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, direction: str, title: str,
-                        path: Path) -> Path:
+                        path: Path, budget: dict | None = None) -> Path:
+    """Validation metric (with its bootstrap interval where known) against parameters, MACs and
+    latency, the Pareto front, the chosen model, and ``budget``'s limits (``best``'s budget dict):
+    a dashed red line, the region over it shaded."""
     plt = _pyplot()
     costs = [("params", "parameters"), ("macs", "MACs per image"),
              ("latency_batch1_ms", "latency, batch 1 (ms; median, bars: interquartile range)")]
@@ -250,6 +253,20 @@ def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, di
                        "training)")
                 ax.text(0.02, 0.02, f"no Pareto front: latency {why}", transform=ax.transAxes, fontsize=8,
                         color="#555555")
+        if "val_ci_low" in data:
+            low = pd.to_numeric(data["val_ci_low"], errors="coerce").to_numpy(dtype=float)
+            high = pd.to_numeric(data["val_ci_high"], errors="coerce").to_numpy(dtype=float)
+            known = np.isfinite(low) & np.isfinite(high)
+            if known.any():
+                ax.errorbar(x[known], y[known], yerr=[y[known] - low[known], high[known] - y[known]], fmt="none",
+                            ecolor="#bbbbbb", elinewidth=1, capsize=2, zorder=1)
+        limit = _budget_limit(budget, key)
+        if limit is not None:
+            ax.axvline(limit, color="#cc0000", ls="--", lw=1.2, zorder=2)
+            ax.axvspan(limit, max(limit, float(x.max())) * 10, color="#cc0000", alpha=0.06, zorder=0)
+            ax.annotate(f"budget {fmt_count(limit) if key != 'latency_batch1_ms' else f'{limit:g} ms'}", (limit, 0.02),
+                        xycoords=("data", "axes fraction"), xytext=(3, 0), textcoords="offset points", fontsize=8,
+                        color="#cc0000")
         if front.any():
             ax.step(fx, fy, where="post", color="black", ls="--", lw=1.2, label="Pareto front", zorder=2)
         for (r, xi, yi, on_front) in zip(data.itertuples(), x, y, front):
@@ -270,9 +287,11 @@ def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, di
                        linewidths=1.8, zorder=4)
         if x.min() > 0:
             _log_axis(ax, x)
+        if limit is not None:
+            ax.set_xlim(right=max(ax.get_xlim()[1], limit * 1.5))
         ax.set_xlabel(name + " (log scale)" if x.min() > 0 else name)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"validation {label} (mean over seeds)")
+    axes[0].set_ylabel(f"validation {label} (mean over seeds; bars: bootstrap interval)")
     from matplotlib.lines import Line2D
 
     stages = sorted({int(s) for s in rows.loc[rows["strategy"] == "ttl", "stage"].dropna()})
@@ -284,11 +303,29 @@ def plot_metric_vs_cost(rows: pd.DataFrame, chosen: dict | None, metric: str, di
     if chosen:
         handles.append(Line2D([], [], marker="*", ls="none", mfc="none", mec=CHOSEN_COLOR, ms=14,
                               label=f"chosen cut {chosen['cut']} ({chosen['cut_name']})"))
+    if budget:
+        handles.append(Line2D([], [], color="#cc0000", ls="--", label=f"budget: {budget['limits']} (shaded: over it)"))
     fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, bbox_to_anchor=(0.5, -0.08))
     fig.suptitle(f"{title}\nPareto front: models that no other model beats on both cost and "
                  f"{'higher' if maximize else 'lower'} validation {label}", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, path)
+
+
+def _budget_limit(budget: dict | None, key: str) -> float | None:
+    """The budget's limit on the cost plotted as ``key`` (None when it sets none): parameters (or
+    the size's equivalent in parameters, whichever is lower), MACs, batch-1 latency."""
+    if not budget:
+        return None
+    if key == "params":
+        limits = [v for v in (budget.get("params"),
+                              None if budget.get("model_mb") is None else budget["model_mb"] * 1e6 / 4) if v]
+        return min(limits) if limits else None
+    if key == "macs":
+        return budget.get("macs")
+    if key == "latency_batch1_ms" and budget.get("latency_batch") == 1:
+        return budget.get("latency_ms")
+    return None
 
 
 SEARCH_NOTES = {

@@ -7,7 +7,7 @@ commands work on a database from any machine.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +22,8 @@ from ..search.record import (SEARCH_STRATEGY, CutSummary, TrialRecord, completed
 from ..search.samplers import CutCandidate, search_trials
 from ..storage import BASELINES_OF_ATTR, load_study, open_storage, sqlite_path, study_trials
 from ..search.study import StudyConfig, cut_candidates, make_sampler, upgrade_stored_config
-from ..search.answer import Answer, Ensemble, ProbeModels, study_answer
+from ..search.answer import SAME_ARCHITECTURE, Answer, Ensemble, ProbeModels, paired_difference, study_answer
+from ..search.budget import LATENCY_TABLE_ATTR, BudgetConfig, apply_budget, model_mb
 from ..models.strategies import PROBE_STRATEGY
 from ..train.metrics import compute_metrics, metric_value
 from ..train.predictions import decode_predictions
@@ -80,7 +81,11 @@ def stored_candidates(study: optuna.Study, cfg: StudyConfig) -> list[CutCandidat
     rows = study.user_attrs.get(CANDIDATES_ATTR)
     if not rows:
         return cut_candidates(cfg)
-    return [CutCandidate(**row) for row in rows]
+    stored = [CutCandidate(**row) for row in rows]
+    if any(c.macs is None for c in stored):  # stored before candidates kept their MACs
+        macs = {c.index: c.macs for c in cut_candidates(cfg)}
+        stored = [replace(c, macs=macs.get(c.index)) for c in stored]
+    return stored
 
 
 def stored_probe(study: optuna.Study) -> dict[str, Any] | None:
@@ -213,23 +218,55 @@ def best_cut(name: str, storage: str | None = None) -> dict[str, Any]:
     return required_cut(*open_study(name, storage))
 
 
-def required_cut(study: optuna.Study, cfg: StudyConfig) -> dict[str, Any]:
-    """:func:`chosen_cut` of an open study; a :class:`StudyError` while it has none."""
-    best = chosen_cut(study, cfg)
+def required_cut(study: optuna.Study, cfg: StudyConfig, budget: BudgetConfig | None = None) -> dict[str, Any]:
+    """:func:`chosen_cut` of an open study (within ``budget``); a :class:`StudyError` while it has none."""
+    best = chosen_cut(study, cfg, budget=budget)
     if best is None:
         raise StudyError(f"study {study.study_name!r} has no completed search trial yet")
     return best
 
 
-def chosen_cut(study: optuna.Study, cfg: StudyConfig,
-               trials: Sequence[FrozenTrial] | None = None) -> dict[str, Any] | None:
+def cut_latency(study: optuna.Study, batch: int) -> dict[str, Any]:
+    """Every cut's latency at ``batch`` that the study measured: its pre-training table (a latency
+    budget's), and the quiet latency pass's after the search (the models of a cut's architecture);
+    a cut latency table (``rows`` of ``cut``, ``batch{B}_ms``) with the device(s) it came from."""
+    column = f"batch{batch}_ms"
+    rows: dict[int, dict[str, Any]] = {}
+    devices = []
+    for table, kind in ((study.user_attrs.get(LATENCY_TABLE_ATTR), "before training"),
+                        (stored_latency(study), "after the search")):
+        if not isinstance(table, dict):
+            continue
+        for row in table.get("rows", []):
+            if row.get(column) is not None and row.get("strategy", SEARCH_STRATEGY) in SAME_ARCHITECTURE:
+                rows.setdefault(int(row["cut"]), {"cut": int(row["cut"]), column: row[column]})
+        devices.append(f"{table.get('device_name')} ({kind})")
+    return {"rows": sorted(rows.values(), key=lambda r: r["cut"]), "device_name": "; ".join(devices) or None}
+
+
+def budget_view(study: optuna.Study, cfg: StudyConfig, budget: BudgetConfig) -> tuple[StudyConfig, list[CutCandidate]]:
+    """The study's config and candidates as if its selection had ``budget``: every cut marked with
+    it, latency from what the study measured (:func:`cut_latency`)."""
+    cfg = replace(cfg, selection=replace(cfg.selection, budget=budget))
+    latency = cut_latency(study, budget.latency_batch) if budget.latency_ms is not None else None
+    return cfg, apply_budget(stored_candidates(study, cfg), budget, latency)
+
+
+def chosen_cut(study: optuna.Study, cfg: StudyConfig, trials: Sequence[FrozenTrial] | None = None,
+               budget: BudgetConfig | None = None) -> dict[str, Any] | None:
     """The chosen model of an open study (``trials``: its trials, when already read) under the
     study's selection rule, with its summary over seeds, its validation interval, the candidates
     indistinguishable from the best, the ones the rule may not choose (and why), and every
-    candidate's interval; None while no search trial has completed."""
+    candidate's interval; None while no search trial has completed. ``budget``: the answer within
+    that deployment budget instead of the study's, from the stored trials (nothing is trained),
+    with its paired difference to the study's own answer."""
     name = study.study_name
     trials = study_trials(study) if trials is None else trials
-    candidates = stored_candidates(study, cfg)
+    own = cfg
+    if budget is not None:
+        cfg, candidates = budget_view(study, cfg, budget)
+    else:
+        candidates = stored_candidates(study, cfg)
     models = stored_probe_models(study)
     answer = study_answer(trials, cfg, candidates, models)
     if answer.pick is None:
@@ -264,7 +301,40 @@ def chosen_cut(study: optuna.Study, cfg: StudyConfig,
         "at_chance": key in answer.at_chance, "below_majority": key in answer.below_majority,
         "warnings": answer.warnings(cfg.metric),
         "ensemble": _ensemble_dict(answer.ensemble),
+        "budget": _budget_dict(cfg, candidates, answer, trials, models,
+                               None if budget is None else study_answer(trials, own, stored_candidates(study, own),
+                                                                        models)),
     }
+
+
+def _budget_dict(cfg: StudyConfig, candidates: Sequence[CutCandidate], answer: Answer,
+                 trials: Sequence[FrozenTrial], models: ProbeModels | None,
+                 free: Answer | None) -> dict[str, Any] | None:
+    """The budget the answer was chosen within (None without one): its limits, every cut and
+    candidate over it with why, each cut's cost, and (``free``: the study's own answer, for a
+    budget asked about afterwards) the study's own answer and the paired difference to it."""
+    budget = cfg.selection.budget
+    if not budget.active:
+        return None
+    over = {(SEARCH_STRATEGY, c.index): c.over_budget for c in candidates if c.over_budget}
+    over.update(answer.over_budget)
+    out: dict[str, Any] = {
+        "limits": budget.describe(), **{k: getattr(budget, k) for k in ("params", "macs", "latency_ms", "model_mb")},
+        "latency_batch": budget.latency_batch,
+        "over_budget": [{"strategy": s, "cut": c, "model": model_name(s, c), "why": why}
+                        for (s, c), why in sorted(over.items(), key=lambda kv: (kv[0][1], kv[0][0]))],
+        "cuts": [{"cut": c.index, "name": c.name, "params": c.params, "macs": c.macs, "model_mb": model_mb(c.params),
+                  "latency_ms": c.latency_ms, "over_budget": c.over_budget} for c in candidates],
+    }
+    if free is not None and free.key is not None:
+        paired = paired_difference(trials, cfg, models, answer.key, free.key)
+        score, reference = paired if paired else (None, None)
+        out["unconstrained"] = {"model": model_name(*free.key), "strategy": free.strategy, "cut": free.pick,
+                                "val": reference.value if reference else None,
+                                "diff": score.diff if score else None,
+                                "diff_ci": list(score.diff_ci) if score else None,
+                                "indistinguishable": score.indistinguishable if score else None}
+    return out
 
 
 def _ensemble_dict(ensemble: Ensemble | None) -> dict[str, Any] | None:
@@ -277,6 +347,7 @@ def _ensemble_dict(ensemble: Ensemble | None) -> dict[str, Any] | None:
     val, test = ensemble.val, ensemble.test
     return {"size": ensemble.size, "repeats": ensemble.repeats, "seeds": ensemble.seeds, "trials": ensemble.trials,
             "kind": ensemble.kind, "cuts": ensemble.cuts, "params": ensemble.params, "complete": ensemble.complete,
+            "left_out": ensemble.left_out, "cap": ensemble.cap,
             "val": val.value if val else None, "val_ci": list(val.ci) if val else None,
             "diff": val.diff if val else None, "diff_ci": list(val.diff_ci) if val else None,
             "test": test.value if test else None, "test_ci": list(test.ci) if test else None}

@@ -153,6 +153,10 @@ def study_note(best: dict[str, Any], trials: Sequence[FrozenTrial], cfg, baselin
     ]
     if line := ensemble_line(best, metric):
         lines += [line, ""]
+    if budget := best.get("budget"):
+        over = [str(o["cut"]) for o in budget["over_budget"] if o["strategy"] == "ttl"]
+        lines += [f"Budget `{budget['limits']}`: cuts over it, never trained nor chosen: {', '.join(over) or 'none'}"
+                  " (`ttl-search best` lists every cut's cost).", ""]
     if baselines:
         lines += [f"This study holds the search's trials only, so its plots, history and \"Best Trial\" show the "
                   f"search. The baselines (and the frozen probe's model) are in study `{baselines}`; the table "

@@ -62,19 +62,24 @@ def _cached_data(cfg):
 def trainable(config: dict[str, Any]) -> None:
     """A Ray Tune function trainable: one :func:`~ttl_search.training.run_trial`.
 
-    Reports ``epoch`` and ``val_metric`` after every epoch (for schedulers and the dashboard's
-    curves) and a final report with ``final=True`` and the whole result as JSON.
+    The trial runs on the device Ray assigned it (:func:`~ttl_search.run.devices.claim_ray_device`:
+    the CPU, with every GPU hidden, when it got none). Reports ``epoch`` and ``val_metric`` after
+    every epoch (for schedulers and the dashboard's curves) and a final report with ``final=True``
+    and the whole result as JSON, with the device assignment.
     """
     import ray
     from ray import tune
 
     from ..train.trial import TrialConfig, run_trial
+    from .devices import claim_ray_device
 
     node_id = ray.get_runtime_context().get_node_id()
     started = time.time()
     mode = config["mode"]
     cfg = from_dict(TrialConfig, config["trial"])
     cfg.threads = max(1, int(config["cpus"]))
+    gpus = float(config.get("gpus") or 0)
+    assignment = None
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         # The last epoch is reported once, with the final result: a scheduler that stops trials
@@ -85,13 +90,18 @@ def trainable(config: dict[str, Any]) -> None:
                      "val_loss": metrics["loss"], "node_id": node_id})
 
     try:
-        result = run_trial(cfg, on_epoch=on_epoch, data=_cached_data(cfg), keep_state=bool(config.get("checkpoint_path")))
+        assignment = claim_ray_device(cfg.device)
+        cfg.device = assignment.device
+        result = run_trial(cfg, on_epoch=on_epoch, data=_cached_data(cfg), keep_state=bool(config.get("checkpoint_path")),
+                           gpu_share=gpus if 0 < gpus < 1 else 1.0)
         payload = result.to_dict()
         if result.state_dict is not None and result.status == "complete":
             payload.update(save_checkpoint(result.state_dict, Path(config["checkpoint_path"])))
     except TTLSearchError as exc:
         payload = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "epochs": 0}
     payload["node_id"] = node_id
+    if assignment is not None:
+        payload["device_assignment"] = assignment.to_dict()
     payload["worker_duration_s"] = round(time.time() - started, 3)
     value = payload.get("val", {}).get(cfg.metric) if payload.get("status") == "complete" else None
     tune.report({"final": True, "epoch": max(1, payload.get("epochs", 0)), VAL_KEY: _finite(value, mode),
@@ -276,6 +286,9 @@ def ray_cluster(cfg: StudyConfig) -> Iterator[bool]:
     """Join (or start) Ray and check it can run the study's trials, before anything is stored;
     shut Ray down afterwards when it was started here. Yields whether Ray is local (started here
     for this study: the driver's machine is the trials' machine)."""
+    from .devices import check_device_settings
+
+    check_device_settings(cfg)  # before Ray starts: settings no trial can honour
     how = init_ray(cfg.ray_address)
     try:
         check_cluster_resources(cfg)

@@ -21,9 +21,10 @@ from ..results.dashboard import ANSWER_ATTR, ANSWER_PENDING, name_metric, publis
 from ..results import (CANDIDATES_ATTR, CONFIG_ATTR, artifacts_dir, chosen_cut, stored_candidates, stored_config,
                        stored_probe)
 from .cluster import ProgressCallback, ray_cluster, run_search
-from .latency import latency_phase
+from .latency import budget_candidates, cut_latency_table, latency_phase
 from .probe import probe_phase, store_answer_probe
 from ..search.record import SEARCH_STRATEGY
+from ..search.budget import LATENCY_TABLE_ATTR
 from ..search.samplers import CutCandidate
 from ..storage import (BASELINES_ATTR, BASELINES_OF_ATTR, baselines_name, baselines_study, driver_storage,
                        load_study, mask_url, open_storage, reconcile_running, storage_url, study_names)
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 EXECUTION_KEYS = ("concurrency", "resources.", "ray_address", "storage", "scheduler.", "artifacts",
                   "trial.data.root", "trial.data.path", "trial.data.download", "trial.device", "trial.amp",
-                  "trial.eval_batch_size", "trial.latency_repeats", "trial.compile", "driver.")
+                  "trial.eval_batch_size", "trial.latency_repeats", "trial.compile", "trial.deterministic", "driver.")
 """Keys (or key prefixes) ``resume`` may change: where and how trials run, not what they train."""
 
 
@@ -45,7 +46,7 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
     rdb = open_storage(url)
     _check_free(cfg, rdb, url)
     resolve_paths(cfg)
-    candidates = cut_candidates(cfg)
+    candidates = budget_candidates(cfg, cut_candidates(cfg))  # a budget no cut meets fails here
     sampler = make_sampler(cfg, candidates)  # validates cuts and baselines before anything is stored
     preflight(cfg, candidates)
 
@@ -55,12 +56,26 @@ def run_study(cfg: StudyConfig, progress: ProgressCallback | None = None) -> opt
 
     with _driver_lease(rdb, cfg, force=False, refuse=creating) as (lease, _), ray_cluster(cfg) as local:
         # a cluster that cannot run the trials fails before the study exists
-        study = _create_study(cfg, rdb, url, sampler, candidates)
+        candidates, latency = _latency_budget(cfg, candidates, remote=not local)
+        sampler = make_sampler(cfg, candidates) if latency is not None else sampler
+        study = _create_study(cfg, rdb, url, sampler, candidates, latency)
         sampler = _probe_first(study, cfg, sampler, candidates, artifacts_dir(cfg, url), lease)
         run_search(study, sampler, cfg, artifacts_dir(cfg, url), progress, lease)
         _latency(study, cfg, lease, remote=not local)
         _publish(study, cfg, lease, artifacts_dir(cfg, url))
     return study
+
+
+def _latency_budget(cfg: StudyConfig, candidates: Sequence[CutCandidate], remote: bool,
+                    progress: Callable[[int, int], None] | None = None
+                    ) -> tuple[list[CutCandidate], dict[str, Any] | None]:
+    """With a latency budget: every cut's latency before training (read from the study's table, or
+    measured here when Ray is local, else on a Ray worker) and the candidates marked with it; a
+    budget no cut meets fails here, before the study exists. Without one: as they are, None."""
+    latency = cut_latency_table(cfg, candidates, remote, progress)
+    if latency is None:
+        return list(candidates), None
+    return budget_candidates(cfg, candidates, latency), latency
 
 
 def _latency(study: optuna.Study, cfg: StudyConfig, lease: DriverLease, remote: bool) -> None:
@@ -91,8 +106,10 @@ def _publish(study: optuna.Study, cfg: StudyConfig, lease: DriverLease, artifact
         log.warning("the answer of study %s is not stored for the dashboard: %s", cfg.name, exc)
 
 
-def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence[CutCandidate]) -> optuna.Study:
-    """Create the study with its resolved config and cut candidates (the caller holds the lease)."""
+def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence[CutCandidate],
+                  latency: dict[str, Any] | None = None) -> optuna.Study:
+    """Create the study with its resolved config, cut candidates (with their budget marks) and the
+    cuts' pre-training latency table, when it has one (the caller holds the lease)."""
     split = _check_free(cfg, rdb, url)  # a driver that held the name a moment ago may have created it
     storage = driver_storage(url, cfg.driver.storage_patience_s, cfg.name)
     try:
@@ -108,6 +125,8 @@ def _create_study(cfg: StudyConfig, rdb, url: str, sampler, candidates: Sequence
     study.set_user_attr(ANSWER_ATTR, ANSWER_PENDING)  # first: the dashboard's attribute table shows it first
     study.set_user_attr(CONFIG_ATTR, resolved)
     study.set_user_attr(CANDIDATES_ATTR, [asdict(c) for c in candidates])
+    if latency is not None:
+        study.set_user_attr(LATENCY_TABLE_ATTR, latency)
     study.set_user_attr("ttl_search_version", __version__)
     study.set_user_attr("backbone", cfg.trial.backbone)
     study.set_user_attr("dataset", cfg.trial.data.dataset)
@@ -157,12 +176,13 @@ def probe_study(cfg: StudyConfig, progress: Callable[[int, int], None] | None = 
         candidates, create = stored_candidates(study, cfg), False
     else:  # a study created to be probed keeps the probe: its best probe is a candidate model
         cfg = replace(cfg, probe=replace(cfg.probe, run=True))
-        candidates, create = cut_candidates(cfg), True
-    sampler = make_sampler(cfg, candidates)
+        candidates, create = budget_candidates(cfg, cut_candidates(cfg)), True
+    make_sampler(cfg, candidates)  # validates cuts and baselines before anything is stored
     preflight(cfg, candidates)
     with _driver_lease(rdb, cfg, force=False) as (lease, _):
         if create:
-            study = _create_study(cfg, rdb, url, sampler, candidates)
+            candidates, latency = _latency_budget(cfg, candidates, remote=False)
+            study = _create_study(cfg, rdb, url, make_sampler(cfg, candidates), candidates, latency)
         else:
             study = load_study(cfg.name, driver_storage(url, cfg.driver.storage_patience_s, cfg.name))
         table = probe_phase(study, cfg, artifacts_dir(cfg, url), remote=False, progress=progress, lease=lease)

@@ -32,6 +32,7 @@ from ..models.backbones import load_backbone
 from ..models.strategies import PROBE_STRATEGY, build_strategy_model
 from ..results import (PROBE_ATTR, PROBE_HEADS_ATTR, PROBE_PREDICTIONS_ATTR, chosen_cut, stored_candidates,
                        stored_probe, study_system_attr)
+from ..search.budget import feasible
 from ..search.record import PREDICTIONS_ATTR, TrialRecord
 from ..search.samplers import job_distributions, probe_ranking
 from ..search.selection import Evidence, score_candidates
@@ -42,6 +43,7 @@ from ..train.predictions import decode_predictions
 from ..train.probe import ProbeConfig, ProbeResult, run_probe
 from ..train.trial import TrialConfig, resolve_weights, seed_everything
 from .cluster import os_reason, run_task, save_checkpoint
+from .devices import local_device, on_ray_device
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def probe_phase(study: optuna.Study, cfg: StudyConfig, artifacts: Path | None, r
     if table is not None:
         return table
     log.info("probing every valid cut of %s (one forward pass of the frozen backbone)", cfg.trial.backbone)
-    tcfg = probe_trial_config(cfg)
+    tcfg = replace(probe_trial_config(cfg), device=local_device(cfg))  # a worker claims what Ray assigns
     result = (run_task(cfg, _probe_task, to_dict(tcfg), to_dict(cfg.probe), cfg.resources.cpus, what="the probe")
               if remote else run_probe(tcfg, cfg.probe, progress=progress))
     if lease is not None:
@@ -66,8 +68,8 @@ def probe_phase(study: optuna.Study, cfg: StudyConfig, artifacts: Path | None, r
 
 
 def _probe_task(trial_values: dict[str, Any], probe_values: dict[str, Any], cpus: float) -> ProbeResult:
-    """The probe on a Ray worker (threads as a trial's)."""
-    tcfg = from_dict(TrialConfig, trial_values)
+    """The probe on a Ray worker (threads as a trial's, on the device Ray assigned it)."""
+    tcfg = from_dict(TrialConfig, on_ray_device(trial_values))
     tcfg.threads = max(1, int(cpus))
     return run_probe(tcfg, from_dict(ProbeConfig, probe_values))
 
@@ -114,7 +116,8 @@ def store_probe(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, arti
     storage.set_study_system_attr(study._study_id, PROBE_HEADS_ATTR,
                                   {str(cut): encode_head(*head) for cut, head in result.heads.items()})
     if PROBE_STRATEGY in trial_strategies(cfg):
-        _store_probe_trial(study, cfg, table, best, result.predictions[best["cut"]], result.heads[best["cut"]],
+        model = _best_within_budget(cfg, rows, {c.index for c in feasible(stored_candidates(study, cfg))})
+        _store_probe_trial(study, cfg, table, model, result.predictions[model["cut"]], result.heads[model["cut"]],
                            artifacts)
     else:  # its trials' strategy parameter has no "probe" choice, and Optuna cannot widen it
         log.info("study %s was created without the probe (probe.run false): its table is stored, its best probe "
@@ -123,6 +126,13 @@ def store_probe(study: optuna.Study, cfg: StudyConfig, result: ProbeResult, arti
     log.info("probe: %d cuts in %.1f s; best probe at cut %d (%s), val %s %.4f", len(rows), result.seconds,
              best["cut"], best["name"], cfg.metric, best["probe_val"])
     return table
+
+
+def _best_within_budget(cfg: StudyConfig, rows: list[dict[str, Any]], cuts: set[int]) -> dict[str, Any]:
+    """The best probe row among ``cuts`` (the cuts within the study's budget): the probe model the
+    study stores as a candidate."""
+    order = probe_ranking([r for r in rows if r["cut"] in cuts] or rows, "probe_val", cfg.resolved_direction)
+    return next(r for r in rows if r["cut"] == order[0])
 
 
 def encode_head(weight: np.ndarray, bias: np.ndarray) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune import Stopper
 from ray.tune.search import Searcher
 
@@ -37,6 +37,17 @@ from ..search.study import StudyConfig, part_space
 log = logging.getLogger(__name__)
 
 WORKER_LOST = "the worker failed: its process was killed or crashed, or its node died (see the Ray logs)"
+
+NO_RETRY_ATTR = "retry"
+"""User attribute set to False on a failed trial that running again cannot fix (its device ran out
+of memory, or failed): the plan counts it as every retry spent, as long as the settings it failed
+with (:data:`FAILED_WITH_ATTR`) are the study's."""
+FAILED_WITH_ATTR = "failed_with"
+"""User attribute of such a trial: the settings that decide its memory (see :func:`memory_settings`);
+a study resumed with others (a larger ``resources.gpus``) trains it again."""
+DEVICE_ATTR = "device_assignment"
+"""User attribute: the device a trial got on its Ray worker (``device``, Ray's ``gpu_ids`` and the
+``visible`` GPUs, see :class:`~ttl_search.run.devices.DeviceAssignment`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,11 +71,28 @@ class Outcome:
     infrastructure: str = ""
     """Why the trial failed when the fault is the infrastructure's, not the trial's (the artifact
     folder is full): the study stops rather than burn its retries on the same fault."""
+    retry: bool = True
+    """Whether the plan may retry the trial when it failed: not when its device failed (out of
+    memory, a CUDA error), since the same trial fails the same way."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """User attributes beyond the record's: the device assignment, the device's name and memory
+    figures, ``retry: False``."""
 
     @property
     def attrs(self) -> dict[str, Any]:
         """The user attributes to store before the state."""
-        return self.record.measured_attrs()
+        return {**self.record.measured_attrs(), **self.extra}
+
+    @property
+    def where(self) -> str:
+        """The device the trial ran on, in words (empty when the worker did not say)."""
+        assigned = self.extra.get(DEVICE_ATTR) or {}
+        device, name = assigned.get("device") or self.record.device, self.extra.get("device_name")
+        if not device:
+            return ""
+        ids = assigned.get("gpu_ids")
+        ray = (f"Ray GPU {','.join(ids)}" if ids else "Ray assigned no GPU") if assigned else ""
+        return f"{device} ({'; '.join(x for x in (name, ray) if x)})" if name or ray else device
 
     @property
     def reason(self) -> str:
@@ -88,6 +116,7 @@ def trial_outcome(result: dict[str, Any] | None, error: bool, metric: str) -> Ou
                                                              node_id=result.get("node_id"), stopped_by="scheduler"))
     payload = json.loads(result["payload"])
     record = TrialRecord.from_payload(payload)
+    extra = device_attrs(payload)
     history = tuple((int(e["epoch"]), float(e[metric])) for e in payload.get("history", [])
                     if e.get(metric) is not None and math.isfinite(e[metric]))
     status = payload.get("status")
@@ -95,13 +124,46 @@ def trial_outcome(result: dict[str, Any] | None, error: bool, metric: str) -> Ou
         value = record.val.get(metric)
         if value is None:
             record.fail_reason = f"validation {metric} is undefined (single-class validation split?)"
-            return Outcome(TrialState.FAIL, record=record, history=history)
-        return Outcome(TrialState.COMPLETE, float(value), record, history, payload.get("predictions") or {})
+            return Outcome(TrialState.FAIL, record=record, history=history, extra=extra)
+        return Outcome(TrialState.COMPLETE, float(value), record, history, payload.get("predictions") or {},
+                       extra=extra)
     if status == "pruned":
         record.stopped_by = payload.get("reason", "")
-        return Outcome(TrialState.PRUNED, record=record, history=history)
+        return Outcome(TrialState.PRUNED, record=record, history=history, extra=extra)
     record.fail_reason = payload.get("reason") or "failed"
-    return Outcome(TrialState.FAIL, record=record, history=history, infrastructure=payload.get("infrastructure", ""))
+    retry = payload.get("retry", True) is not False
+    if not retry:
+        extra[NO_RETRY_ATTR] = False
+    return Outcome(TrialState.FAIL, record=record, history=history, infrastructure=payload.get("infrastructure", ""),
+                   retry=retry, extra=extra)
+
+
+def device_attrs(payload: dict[str, Any]) -> dict[str, Any]:
+    """The attributes a worker's payload gives about its device: the assignment (``device``,
+    ``gpu_ids``, ``visible``), the device's name, and on CUDA the memory figures."""
+    keys = {DEVICE_ATTR: "device_assignment", "device_name": "device_name", "device_memory": "memory"}
+    return {attr: payload[key] for attr, key in keys.items() if payload.get(key)}
+
+
+def memory_settings(cfg: StudyConfig) -> dict[str, Any]:
+    """The settings of a study that decide how much memory its trials take on a GPU."""
+    return {"resources.gpus": cfg.resources.gpus, "trial.batch_size": cfg.trial.batch_size,
+            "trial.eval_batch_size": cfg.trial.eval_batch_size, "trial.amp": cfg.trial.amp}
+
+
+def planning_trials(trials: list[FrozenTrial], max_retries: int,
+                    settings: dict[str, Any] | None = None) -> list[FrozenTrial]:
+    """The stored trials as the sampler's plan reads them: a failure that running again cannot fix
+    (``retry`` False: out of memory, a CUDA error) counts as every retry spent, so the plan gives
+    that training up at once instead of failing it ``max_retries`` more times; unless it failed
+    with other memory ``settings`` than the study's now (a study resumed with a larger share of the
+    GPU or a smaller eval batch tries it again)."""
+    out: list[FrozenTrial] = []
+    for t in trials:
+        spent = (t.state == TrialState.FAIL and t.user_attrs.get(NO_RETRY_ATTR) is False
+                 and (settings is None or t.user_attrs.get(FAILED_WITH_ATTR, settings) == settings))
+        out.extend([t] * (max_retries + 1 if spent else 1))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +233,7 @@ class StudySearcher(Searcher):
         self.cfg = cfg
         self.artifacts = artifacts
         self.progress = progress
-        self.candidates = list(sampler.candidates)
+        self.candidates = list(getattr(sampler, "study_candidates", sampler.candidates))  # baselines' cuts too
         self.by_index = {c.index: c for c in self.candidates}
         split = self.baselines is not None
         self.spaces = {part: part_space(cfg, self.candidates, part, split) for part in (SEARCH_STRATEGY, "baseline")}
@@ -239,7 +301,8 @@ class StudySearcher(Searcher):
             return Searcher.FINISHED
 
     def _trials(self) -> list:
-        return study_trials(self.study, self.baselines or False)
+        return planning_trials(study_trials(self.study, self.baselines or False), self.cfg.search.max_retries,
+                               memory_settings(self.cfg))
 
     def _part(self, job: Job) -> tuple[optuna.Study, list[str], list[int]]:
         """The study that stores ``job``'s trial, and the (strategies, cuts) its trials have."""
@@ -294,8 +357,8 @@ class StudySearcher(Searcher):
         checkpoint = str(self.artifacts / cfg.name / file) if self.artifacts else None
         log.info("trial %s: %s cut %d (%s, stage %d, %s), seed %d", ref, params["strategy"], cut.index,
                  cut.name, cut.stage, phase, seed)
-        return {"trial": trial_dict, "cpus": cfg.resources.cpus, "mode": self.tune_mode, "number": ref,
-                "checkpoint_path": checkpoint}
+        return {"trial": trial_dict, "cpus": cfg.resources.cpus, "gpus": cfg.resources.gpus, "mode": self.tune_mode,
+                "number": ref, "checkpoint_path": checkpoint}
 
     # -- Tune reports ------------------------------------------------------------------------------
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -372,19 +435,21 @@ class StudySearcher(Searcher):
                 infrastructure = record.fail_reason = (
                     f"cannot store the checkpoint in the artifact folder {self.artifacts}: {os_reason(exc)}")
                 state, value = TrialState.FAIL, None
-        for key, attr in record.measured_attrs().items():
+        extra = outcome.extra if outcome.retry else {**outcome.extra, FAILED_WITH_ATTR: memory_settings(self.cfg)}
+        for key, attr in {**record.measured_attrs(), **extra}.items():
             trial.set_user_attr(key, attr)
         if outcome.predictions and state == TrialState.COMPLETE:
             set_trial_system_attr(trial, PREDICTIONS_ATTR, outcome.predictions)
         trial.study.tell(trial, value, state=state)
         key = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}[state]
         self.counts[key] += 1
+        on = f" on {outcome.where}" if outcome.where else ""
         if state == TrialState.COMPLETE:
-            log.info("trial %s complete: val %s %.4f", live.ref, self.cfg.metric, value)
+            log.info("trial %s complete%s: val %s %.4f", live.ref, on, self.cfg.metric, value)
         elif state == TrialState.PRUNED:
-            log.info("trial %s stopped early (%s)", live.ref, record.note)
+            log.info("trial %s stopped early%s (%s)", live.ref, on, record.note)
         else:
-            log.warning("trial %s failed: %s", live.ref, record.note)
+            log.warning("trial %s failed%s: %s", live.ref, on, record.note)
         if infrastructure:
             self.fail(StudyError(
                 f"{infrastructure}; the study stops (trial {live.ref} is stored as failed). Free space or set "

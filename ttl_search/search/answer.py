@@ -21,6 +21,8 @@ from ..models.strategies import PROBE_STRATEGY
 from ..train.metrics import metric_direction
 from ..train.predictions import decode_predictions
 from .record import SEARCH_STRATEGY, completed_by_cut, fmt_diff, model_name, records, trial_predictions
+from ..errors import ConfigError
+from .budget import BudgetConfig, apply_budget, cost_excess
 from .samplers import CutCandidate, rank_cuts, search_trials, trial_key
 from .selection import (BEST, TTL_CANDIDATES, Evidence, Score, SelectionConfig, choose, metric_value, point_value,
                         score_candidates)
@@ -82,7 +84,11 @@ class Answer:
     """Candidates whose validation accuracy does not beat :attr:`majority`: they learned nothing
     usable at the decision threshold."""
     pool: list[Key] = field(default_factory=list)
-    """Every candidate the answer was chosen from (``selection.candidates``)."""
+    """Every candidate the answer was chosen from (``selection.candidates``, within the budget)."""
+    over_budget: dict[Key, str] = field(default_factory=dict)
+    """Candidates over the study's budget (``selection.budget``), with why (in :attr:`excluded` too)."""
+    ensemble_note: str = ""
+    """Why the study's ensemble is not the answer (its models together are over the budget)."""
 
     @property
     def key(self) -> Key | None:
@@ -109,6 +115,8 @@ class Answer:
             out.append(f"the chosen model's validation accuracy does not beat always answering the majority class "
                        f"({self.majority:.4f}): it learned nothing usable at its decision threshold; check the "
                        "balanced accuracy, the class weights and the learning rate")
+        if self.ensemble_note:
+            out.append(self.ensemble_note)
         e = self.ensemble
         if e is not None and e.complete and e.worse:
             what, why = ((f"the ensemble of cuts {e.cuts}", "averaging the indistinguishable cuts does not help; "
@@ -159,6 +167,11 @@ class Ensemble:
     """Parameters of all its members together (None when a member's size is unknown)."""
     kind: str = "seeds"
     """``seeds`` (of the chosen cut) or ``cuts`` (the cuts indistinguishable from the best)."""
+    left_out: list[int] = field(default_factory=list)
+    """Indistinguishable cuts left out because the members together would cost more than
+    :attr:`cap` (the members are taken best first)."""
+    cap: str = ""
+    """What the members together may cost: the study's budget, or the full model's size."""
 
     @property
     def of_cuts(self) -> bool:
@@ -270,8 +283,30 @@ def candidate_pool(evidence: Mapping[Key, Evidence], probe: ProbeModels | None, 
     return keys
 
 
-SAME_ARCHITECTURE = (SEARCH_STRATEGY, PROBE_STRATEGY, "linear_probe")
-"""Strategies whose model at a cut is the truncated backbone with a pool head: the same cost."""
+SAME_ARCHITECTURE = (SEARCH_STRATEGY, PROBE_STRATEGY, "linear_probe", "full", "lwft", "scratch")
+"""Strategies whose model at a cut is the truncated backbone with the study's head: the same cost."""
+
+
+def budget_exclusions(keys: Sequence[Key], candidates: Sequence[CutCandidate], costs: Mapping[Key, tuple[float, float]],
+                      budget: BudgetConfig) -> dict[Key, str]:
+    """The ``keys`` over ``budget``, with why: a model of a cut's architecture as its cut is
+    (``candidates`` marked by :func:`~ttl_search.search.budget.apply_budget`), any other (a
+    TransFusion model) by its recorded parameters and MACs (its latency is not known before
+    training: over a latency budget)."""
+    if not budget.active:
+        return {}
+    marks = {c.index: c.over_budget for c in candidates}
+    out = {}
+    for key in keys:
+        strategy, cut = key
+        if strategy in SAME_ARCHITECTURE and cut in marks:
+            why = marks[cut]
+        else:
+            params, macs = (None if math.isinf(v) else v for v in costs.get(key, (math.inf, math.inf)))
+            why = cost_excess(budget, params, macs, None)
+        if why:
+            out[key] = why
+    return out
 
 
 def candidate_costs(trials: Sequence[FrozenTrial], candidates: Sequence[CutCandidate], probe: ProbeModels | None,
@@ -356,6 +391,13 @@ def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Se
             evidence.setdefault(key, ev)
     pool = candidate_pool(evidence, probe, selection.candidates)
     costs = candidate_costs(trials, candidates, probe, list(evidence))
+    if selection.budget.active:
+        candidates = apply_budget(candidates, selection.budget)
+    over_budget = budget_exclusions(pool, candidates, costs, selection.budget)
+    if over_budget and len(over_budget) == len(pool):
+        raise ConfigError(f"no model of the study meets selection.budget ({selection.budget.describe()}): "
+                          f"{_cheapest(over_budget, costs)}")
+    pool = [k for k in pool if k not in over_budget]
     values = {k: point_value(ev, cfg.metric) for k, ev in evidence.items()}
     sign = 1.0 if direction == "maximize" else -1.0
     first = next(iter(evidence.values()))
@@ -391,16 +433,80 @@ def study_answer(trials: Sequence[FrozenTrial], cfg: StudyConfig, candidates: Se
     ttl_close = sorted(c for s, c in close if s == SEARCH_STRATEGY)
     at_chance = [k for k, sc in scores.items() if not _beats(sc, chance, direction)]
     ttl_sizes = {c.index: c.params for c in candidates}
+    cap = ensemble_cap(candidates, selection.budget)
+    ensemble, ensemble_note = None, ""
     if selection.cut_ensemble and ttl_close:
-        ensemble = score_ensemble(trials, cfg, ttl_close, cfg.search.repeats, ref, evidence[ref], ttl_sizes)
+        # the chosen cut first (when it is a fine-tuned one), then the best: members while they fit the cap
+        order = sorted(ttl_close, key=lambda c: ((SEARCH_STRATEGY, c) != pick, -sign * values[(SEARCH_STRATEGY, c)], c))
+        members, left_out = fit_members(order, candidates, cap, cfg.search.repeats)
+        if members:  # none: even the best cut's seeds together cost more than the cap
+            ensemble = score_ensemble(trials, cfg, members, cfg.search.repeats, ref, evidence[ref], ttl_sizes)
+            ensemble.left_out, ensemble.cap = left_out, cap.describe()
     elif selection.seed_ensemble > 1 and pick[0] == SEARCH_STRATEGY:
-        ensemble = score_ensemble(every, cfg, [pick[1]], selection.seed_ensemble, ref, evidence[ref], ttl_sizes)
-    else:
-        ensemble = None
+        # the seeds the study asked for: capped by its budget only (not by the full model's size)
+        members, _ = fit_members([pick[1]], candidates, selection.budget, selection.seed_ensemble)
+        if members:
+            ensemble = score_ensemble(every, cfg, members, selection.seed_ensemble, ref, evidence[ref], ttl_sizes)
+        else:
+            ensemble_note = (f"the ensemble of {selection.seed_ensemble} seeds of cut {pick[1]} costs more than "
+                             f"selection.budget ({selection.budget.describe()}): the answer is one model")
+    excluded.update(over_budget)
     return Answer(pick[1], ref[1], selection.rule, scores, ttl_close, chance=chance, at_chance=at_chance,
                   exploded=exploded_losses(trials), ensemble=ensemble, strategy=pick[0], reference_strategy=ref[0],
                   close=close, excluded=excluded, majority=majority,
-                  below_majority=[k for k in below_majority if k in pool], pool=pool)
+                  below_majority=[k for k in below_majority if k in pool], pool=pool, over_budget=over_budget,
+                  ensemble_note=ensemble_note)
+
+
+def ensemble_cap(candidates: Sequence[CutCandidate], budget: BudgetConfig) -> BudgetConfig:
+    """What an ensemble's members together may cost: the study's budget, or without one the full
+    model's parameters and MACs (the deepest candidate cut)."""
+    if budget.active or not candidates:
+        return budget
+    full = max(candidates, key=lambda c: c.index)
+    return BudgetConfig(params=full.params, macs=full.macs)
+
+
+def fit_members(order: Sequence[int], candidates: Sequence[CutCandidate], cap: BudgetConfig,
+                size: int) -> tuple[list[int], list[int]]:
+    """The cuts of ``order`` (best first) an ensemble of ``size`` models per cut keeps while their
+    summed parameters, MACs and latency fit ``cap``, and the cuts left out."""
+    by_index = {c.index: c for c in candidates}
+    members: list[int] = []
+    left_out: list[int] = []
+    total = [0.0, 0.0, 0.0]
+    for cut in order:
+        c = by_index.get(cut)
+        cost = [size * v if v is not None else None for v in
+                ((c.params, c.macs, c.latency_ms) if c is not None else (None, None, None))]
+        trial = [None if t is None or v is None else t + v for t, v in zip(total, cost)]
+        if cost_excess(cap, *trial):
+            left_out.append(cut)
+            continue
+        members.append(cut)
+        total = [0.0 if t is None else t for t in trial]
+    return members, left_out
+
+
+def _cheapest(over: Mapping[Key, str], costs: Mapping[Key, tuple[float, float]]) -> str:
+    """The cheapest of ``over`` and why it is over budget."""
+    key = min(over, key=lambda k: costs.get(k, (math.inf, math.inf)))
+    return f"the smallest, {model_name(*key)}, is {over[key]}"
+
+
+def paired_difference(trials: Sequence[FrozenTrial], cfg: StudyConfig, probe: ProbeModels | None, key: Key,
+                      reference: Key) -> tuple[Score, Score] | None:
+    """(score of ``key`` with its paired difference to ``reference``, the reference's score) on
+    validation, from the search's trials and the probe's models; None when either has no evidence."""
+    evidence, _ = trial_evidence(search_trials(trials, cfg.search.repeats))
+    if probe is not None:
+        for k, ev in probe.evidence().items():
+            evidence.setdefault(k, ev)
+    if key not in evidence or reference not in evidence:
+        return None
+    scores = score_candidates({reference: evidence[reference], key: evidence[key]}, cfg.metric,
+                              cfg.resolved_direction, cfg.selection, reference=reference)
+    return scores[key], scores[reference]
 
 
 def _best(keys: Sequence[Key], values: Mapping[Key, float], costs: Mapping[Key, tuple[float, float]],

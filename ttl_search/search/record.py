@@ -418,12 +418,16 @@ def ensemble_line(answer: dict[str, Any], metric: str) -> str | None:
     val = "-" if _unknown(ensemble["val"]) else f"{ensemble['val']:.4f}"
     cuts = ensemble["cuts"]
     size = f", {fmt_count(ensemble['params'])} parameters in all" if ensemble["params"] else ""
+    left_out = ensemble.get("left_out") or []
+    capped = (f"; cut(s) {', '.join(map(str, left_out))} left out: the members together may cost at most "
+              f"{ensemble.get('cap')}" if left_out else "")
     if ensemble["kind"] == "cuts" and len(cuts) == 1:
-        what = (f"cut {cuts[0]} alone, the only cut indistinguishable from the best "
-                f"({len(ensemble['trials'])} model(s){size})")
+        only = "the best cut indistinguishable from the best that fits" if left_out else \
+            "the only cut indistinguishable from the best"
+        what = f"cut {cuts[0]} alone, {only} ({len(ensemble['trials'])} model(s){size}{capped})"
     elif ensemble["kind"] == "cuts":
         what = (f"the ensemble of the {len(cuts)} cuts indistinguishable from the best ({', '.join(map(str, cuts))}; "
-                f"{len(ensemble['trials'])} models, class probabilities averaged{size})")
+                f"{len(ensemble['trials'])} models, class probabilities averaged{size}{capped})")
     else:
         done = "" if ensemble["complete"] else f"; {len(ensemble['seeds'])} of {ensemble['size']} seeds trained so far"
         what = (f"the ensemble of {ensemble['size']} seeds of cut {cut} (class probabilities averaged; seeds "

@@ -50,6 +50,13 @@ class CutCandidate:
     """Stage of the cut."""
     params: int
     """Parameters of the truncated model (tie-breaking: smaller wins)."""
+    macs: int | None = None
+    """Multiply-accumulates of one forward pass of the truncated model (None: not recorded)."""
+    latency_ms: float | None = None
+    """Median forward time at the budget's batch, measured before training (None: not measured)."""
+    over_budget: str = ""
+    """Why the cut is over the study's deployment budget (``selection.budget``): it is never trained
+    nor chosen; empty when it fits."""
 
 
 @dataclass(frozen=True)

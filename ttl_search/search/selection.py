@@ -38,6 +38,7 @@ from typing import Hashable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from ..errors import ConfigError, choices
+from .budget import BudgetConfig
 from ..train.metrics import LOSS_CLIP, MAXIMIZE, METRICS, MINIMIZE, metric_direction, metric_value
 
 K = TypeVar("K", bound=Hashable)
@@ -93,7 +94,12 @@ class SelectionConfig:
     chosen cut once the search has decided (phase ``ensemble``); they never change the decision.
     ``indistinguishable``: every model the search trained at the TTL cuts whose validation metric
     is statistically indistinguishable from the best cut's (no extra training). 1: the answer is
-    the chosen cut's models one by one (their mean metric)."""
+    the chosen cut's models one by one (their mean metric). An ensemble's members together may
+    cost no more than the budget, or without one than the full model (parameters and MACs): the
+    members are taken best first while they fit."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """Deployment limits (parameters, MACs, latency, size): cuts over them are never trained nor
+    chosen."""
 
     def __post_init__(self) -> None:
         validate_selection_config(self)

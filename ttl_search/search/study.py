@@ -20,6 +20,7 @@ from .schedulers import SCHEDULERS
 from .record import SEARCH_STRATEGY
 from .answer import study_answer
 from .samplers import GUIDES, SEARCH_METHODS, CutCandidate, check_search, probe_ranking
+from .budget import feasible
 from .selection import ENSEMBLE_CUTS, SelectionConfig
 from ..models.strategies import BASELINES, PROBE_STRATEGY, STRATEGIES
 from ..train.probe import ProbeConfig
@@ -255,6 +256,9 @@ def resolve_paths(cfg: StudyConfig) -> None:
     data.root = str(Path(data.root or default_data_root()).expanduser().resolve())
     if cfg.artifacts:
         cfg.artifacts = str(Path(cfg.artifacts).expanduser().resolve())
+    budget = cfg.selection.budget
+    if budget.latency_table:
+        budget.latency_table = str(Path(budget.latency_table).expanduser().resolve())
 
 
 def model_input(cfg: TrialConfig) -> tuple[int, int]:
@@ -271,7 +275,7 @@ def cut_candidates(cfg: StudyConfig) -> list[CutCandidate]:
     """The cuts the search may train: every cut that works at the study's input size."""
     size, channels = model_input(cfg.trial)
     rows = analyze_cuts(cfg.trial.backbone, size, 2, channels, cfg.trial.head)
-    valid = [CutCandidate(r.index, r.name, r.stage, r.params) for r in rows if r.valid]
+    valid = [CutCandidate(r.index, r.name, r.stage, r.params, r.macs) for r in rows if r.valid]
     if not valid:
         raise ConfigError(f"no cut of {cfg.trial.backbone} works at {size} px input; raise trial.input_size")
     return valid
@@ -310,18 +314,22 @@ def needs_probe(cfg: StudyConfig) -> bool:
 def make_sampler(cfg: StudyConfig, candidates: Sequence[CutCandidate] | None = None,
                  probe: dict[str, Any] | None = None):
     """The sampler of the configured search, built from the config alone (no stored state), the
-    study's cut candidates (default: computed from the config, a forward pass per cut) and, for a
+    study's cut candidates (default: computed from the config, a forward pass per cut; the search
+    trains only those within the budget, see :mod:`~ttl_search.search.budget`) and, for a
     guided search, the study's stored probe table (``probe``; None while it is not stored)."""
     candidates = list(candidates) if candidates is not None else cut_candidates(cfg)
     method = SEARCH_METHODS[cfg.search.method]
     if cfg.baselines and not method.takes_baselines:
         raise ConfigError(f"the {method.name} search cannot schedule baselines; run them in a sibling study with "
                           "search.method none")
-    baselines = [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]
+    baselines = [(b, baseline_cut(cfg, b, candidates)) for b in cfg.baselines]  # a comparison, over budget or not
     ranking = probe_ranking(probe["rows"], cfg.search.guide, cfg.resolved_direction) if probe else None
-    return method.build(candidates, cfg.resolved_direction, cfg.search, baselines, cfg.selection.folds,
-                        ranking=ranking, ensemble=cfg.selection.seed_ensemble,
-                        chooser=lambda trials: _chosen_ttl_cut(study_answer(trials, cfg, candidates)))
+    sampler = method.build(feasible(candidates), cfg.resolved_direction, cfg.search, baselines, cfg.selection.folds,
+                           ranking=ranking, ensemble=cfg.selection.seed_ensemble,
+                           chooser=lambda trials: _chosen_ttl_cut(study_answer(trials, cfg, candidates)))
+    sampler.study_candidates = candidates
+    """Every valid cut of the study (the baselines train at theirs, over budget or not)."""
+    return sampler
 
 
 def _chosen_ttl_cut(answer) -> int | None:
@@ -348,10 +356,12 @@ def part_space(cfg: StudyConfig, candidates: Sequence[CutCandidate], strategy: s
     """(strategies, cuts) that the study holding trials of ``strategy`` stores: with ``split`` (the
     study has a baselines study), the search's in the study and the others' in the baselines
     study, else every strategy in the one study; every candidate cut where the search or the
-    probe trains, else the baselines' own cuts."""
+    probe trains (the candidates within the study's budget) and the baselines' own cuts, else the
+    baselines' own cuts (``candidates``: every valid cut, over budget or not)."""
     strategies = trial_strategies(cfg)
     if split:
         strategies = [s for s in strategies if (s == SEARCH_STRATEGY) == (strategy == SEARCH_STRATEGY)]
+    baselines = {baseline_cut(cfg, s, candidates) for s in strategies if s in cfg.baselines}
     if SEARCH_STRATEGY in strategies or PROBE_STRATEGY in strategies:
-        return strategies, [c.index for c in candidates]
-    return strategies, sorted({baseline_cut(cfg, s, candidates) for s in strategies})
+        return strategies, sorted({c.index for c in feasible(candidates)} | baselines)
+    return strategies, sorted(baselines)

@@ -12,7 +12,6 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +23,9 @@ from ..models.backbones import LoadedBackbone, get_backbone, load_backbone
 from ..models.cost import count_macs, count_params, measure_latency
 from ..data import DataConfig, DatasetSplits, TransformConfig, load_data, make_loader
 from ..errors import ConfigError, TrialError, choices
+from .device import (DEVICE, DEVICE_ERRORS, DEVICE_PATTERN, amp_dtype, as_trained, card_memory, check_compiler,
+                     configure_backends, data_budget, device_failure_reason, device_name, memory_figures,
+                     place_splits, release_memory, resolve_device, split_bytes, uses_channels_last)
 from .metrics import compute_metrics, metric_direction
 from .predictions import encode_predictions
 from ..models.strategies import StrategyModel, build_strategy_model, check_strategy, count_trainable
@@ -89,14 +91,25 @@ class TrialConfig:
     seed: int = 0
     """Seed of weights init of the head, shuffling and augmentation."""
     device: str = "auto"
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (a lone trial). A study's
+    trials run on the GPU Ray assigns them, and on the CPU when it assigns none
+    (``resources.gpus: 0``): there only ``auto``, ``cpu`` (with no GPUs) and ``cuda`` (with GPUs)
+    are valid."""
     amp: bool = True
-    """Mixed precision on CUDA (channels-last 2D models too): bfloat16 autocast where the GPU supports it, else
-    float16 with gradient scaling."""
+    """Mixed precision on CUDA (channels-last 2D models too): bfloat16 autocast where the GPU runs it
+    natively, else float16 with gradient scaling (a GPU that only emulates bfloat16 is slower in it)."""
     compile: bool = False
     """Train and evaluate through ``torch.compile`` (the first epoch pays the compilation;
     ``benchmarks/throughput.py --compile`` measures whether it pays off). Checkpoints and cost
-    figures come from the uncompiled model, so they are the same either way."""
+    figures come from the uncompiled model, so they are the same either way. Needs a C compiler
+    for Triton on CUDA (a C++ compiler on the CPU); a trial refuses to start without one."""
+    deterministic: bool = False
+    """Deterministic algorithms (``torch.use_deterministic_algorithms``, cuDNN deterministic and
+    its autotuner off, a fixed cuBLAS workspace), so that a trial retried on a GPU reproduces its
+    numbers. The cost is speed on CUDA: cuDNN's fastest convolutions for the batch shape are not
+    chosen, and some operations run slower deterministic kernels (``benchmarks/gpu_check.py``
+    measures it on a GPU; it was not measured on one yet). No effect on the CPU, whose trials are
+    reproducible anyway."""
     threads: int | None = None
     """torch CPU threads; None uses every core (a Ray trial passes the CPUs it was given)."""
     latency_repeats: int = 10
@@ -135,7 +148,7 @@ def validate_trial_config(cfg: TrialConfig) -> None:
         raise ConfigError(f"ema must be a decay in [0, 1) (0 disables the weight average), got {cfg.ema!r}")
     if cfg.cut is not None and not (isinstance(cfg.cut, int) and 1 <= cfg.cut <= len(spec.cuts)):
         raise ConfigError(f"cut {cfg.cut!r} does not exist for {spec.name}; valid cuts: 1..{len(spec.cuts)} or null")
-    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
+    if not DEVICE_PATTERN.match(str(cfg.device)):
         raise ConfigError(f"device {cfg.device!r} is unknown; valid devices: auto, cpu, cuda, cuda:N")
 
 
@@ -187,6 +200,14 @@ class TrialResult:
     """Model input channels."""
     device: str = ""
     """Device trained on."""
+    device_name: str = ""
+    """The device in words: the GPU's name, or the CPU's with its threads."""
+    memory: dict[str, float] = field(default_factory=dict)
+    """On CUDA: the trial's peak memory and the card's, in GiB (see
+    :func:`~ttl_search.train.device.memory_figures`), and where each split's images were kept."""
+    retry: bool = True
+    """Whether running the trial again could end otherwise: not after a failure of the device
+    (out of memory, a CUDA error), which the same trial meets again."""
     data: dict[str, Any] = field(default_factory=dict)
     """Dataset name, md5, split sizes and class names."""
     predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -201,14 +222,6 @@ class TrialResult:
 
 EpochCallback = Callable[[int, dict[str, float]], bool | None]
 """Called after each epoch with (epoch, validation metrics); returning True stops (prunes) the trial."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available here; valid devices: auto, cpu")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -239,14 +252,6 @@ def _class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts.sum() / (num_classes * counts)
 
 
-def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """The mixed-precision type of a trial on ``device``: bfloat16 on a GPU that supports it (no
-    loss scaling needed), else float16; None (full precision) off CUDA or when not ``enabled``."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def _inputs(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
@@ -256,23 +261,25 @@ def _inputs(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch
 def evaluate(model: nn.Module, loader, device: torch.device, criterion: nn.Module,
              amp: torch.dtype | None = None, channels_last: bool = False) -> tuple[dict[str, float], dict[str, Any]]:
     """Metrics of ``model`` on ``loader``, and its labels and class probabilities (encoded);
-    ``amp``: the autocast type (None: full precision)."""
+    ``amp``: the autocast type (None: full precision). Everything stays on the device until the
+    pass is over (one copy to the host, not one wait per batch)."""
     model.eval()
-    probs, labels, loss_sum, n = [], [], 0.0, 0
+    probs, labels, losses, n = [], [], [], 0
     for x, y in loader:
-        x, y = _inputs(x, device, channels_last), y.to(device)
+        x, y = _inputs(x, device, channels_last), y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
             logits = model(x)
         logits = logits.float()
-        loss_sum += criterion(logits, y).item() * len(y)
+        losses.append(criterion(logits, y).double() * len(y))
         n += len(y)
-        probs.append(torch.softmax(logits, 1).cpu())
-        labels.append(y.cpu())
-    p = torch.cat(probs).numpy().astype(np.float64)
-    y_true = torch.cat(labels).numpy()
+        probs.append(torch.softmax(logits, 1))
+        labels.append(y)
+    p = torch.cat(probs).cpu().numpy().astype(np.float64)
+    y_true = torch.cat(labels).cpu().numpy()
+    loss = float(torch.stack(losses).sum().item()) if losses else 0.0
     if not np.isfinite(p).all():
         raise TrialError("the model produced non-finite outputs", reason="diverged")
-    return compute_metrics(y_true, p, loss_sum / max(n, 1)), encode_predictions(y_true, p)
+    return compute_metrics(y_true, p, loss / max(n, 1)), encode_predictions(y_true, p)
 
 
 def _better(value: float, best: float | None, direction: str) -> bool:
@@ -322,22 +329,79 @@ def prepare_trial(cfg: TrialConfig, data: DatasetSplits) -> PreparedTrial:
 
 
 def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: DatasetSplits | None = None,
-              keep_state: bool = False) -> TrialResult:
-    """Fine-tune one model and report it. A diverged loss gives a ``failed`` result, not an exception.
+              keep_state: bool = False, gpu_share: float = 1.0) -> TrialResult:
+    """Fine-tune one model and report it. A diverged loss gives a ``failed`` result, not an exception;
+    so does a failure of the device (CUDA out of memory, a CUDA error), with its reason, batch size
+    and memory figures, marked as not worth retrying (``retry``).
 
     Configuration and data errors raise (:class:`~ttl_search.errors.ConfigError`,
-    :class:`~ttl_search.errors.DataError`...), since retrying cannot help them.
+    :class:`~ttl_search.errors.DataError`...), since retrying cannot help them. ``gpu_share``: the
+    fraction of the GPU this trial may use (a study's ``resources.gpus``), for the memory rule of
+    its images (:func:`~ttl_search.train.device.data_budget`). Whatever happens, the memory the
+    trial held is released for the next trial of this process
+    (:func:`~ttl_search.train.device.release_memory`).
     """
     torch.set_num_threads(max(1, cfg.threads or os.cpu_count() or 1))
     device = resolve_device(cfg.device)
-    amp = amp_dtype(device, cfg.amp)
+    if cfg.compile:
+        check_compiler(device)
+    configure_backends(device, cfg.deterministic)
     data = data if data is not None else load_data(cfg.data)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        return _train(cfg, device, data, on_epoch, keep_state, gpu_share)
+    except DEVICE_ERRORS as exc:
+        return _device_failure(cfg, device, exc, gpu_share)
+    finally:
+        release_memory(device, cfg.compile)
+
+
+def _device_failure(cfg: TrialConfig, device: torch.device, exc: BaseException, gpu_share: float) -> TrialResult:
+    """The failed result of a trial whose device failed (out of memory, a CUDA error)."""
+    spec = get_backbone(cfg.backbone)
+    cut = cfg.cut or len(spec.cuts)
+    name = device_name(device)
+    figures = memory_figures(device)
+    reason = device_failure_reason(exc, name, cfg.batch_size, cfg.eval_batch_size, gpu_share, figures)
+    log.warning("trial %s %s cut %d failed on %s: %s", spec.name, cfg.strategy, cut, device, reason)
+    return TrialResult(status="failed", reason=reason, backbone=spec.name, strategy=cfg.strategy, cut=cut,
+                       cut_name=spec.cuts[cut - 1].name, stage=spec.cuts[cut - 1].stage, seed=cfg.seed,
+                       device=str(device), device_name=name, memory=figures, retry=False)
+
+
+def _place(data: DatasetSplits, device: torch.device, tcfg: TransformConfig, dims: int,
+           gpu_share: float) -> dict[str, str]:
+    """Where each split keeps its images (the memory rule): on a GPU, train then validation then
+    test on the device while they fit in the trial's image budget, else on the host; the CPU
+    holds them all."""
+    names = ("train", "val", "test")
+    if device.type != "cuda":
+        return dict.fromkeys(names, DEVICE)
+    free, total = card_memory(device)
+    budget = data_budget(gpu_share, total, free)
+    sizes = {name: split_bytes(len(getattr(data, name)), int(getattr(data, name).images.shape[1]), tcfg.input_size,
+                               dims) for name in names}
+    # train and validation share the device during training; the test split is made only when it
+    # is scored, after they are gone, so it is placed on its own
+    placed = {**place_splits({k: sizes[k] for k in ("train", "val")}, budget), **place_splits({"test": sizes["test"]},
+                                                                                             budget)}
+    log.info("images: %s (budget %.2f GiB of the card's %.1f GiB at a share of %g)",
+             ", ".join(f"{k} {sizes[k] / 2**30:.2f} GiB on the {placed[k]}" for k in names), budget / 2**30,
+             total / 2**30, gpu_share)
+    return placed
+
+
+def _train(cfg: TrialConfig, device: torch.device, data: DatasetSplits, on_epoch: EpochCallback | None,
+           keep_state: bool, gpu_share: float) -> TrialResult:
+    """:func:`run_trial`'s training, selection, test and cost measurement."""
+    amp = amp_dtype(device, cfg.amp)
     seed_everything(cfg.seed)
     prepared = prepare_trial(cfg, data)
     spec, built, tcfg = prepared.loaded.spec, prepared.built, prepared.transform
     input_size, in_channels = tcfg.input_size, tcfg.in_channels
     model = built.model.to(device)
-    channels_last = device.type == "cuda" and data.dims == 2  # convolutions run faster on NHWC there
+    channels_last = uses_channels_last(device, data.dims)  # convolutions run faster on NHWC there
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if cfg.compile else model  # what trains; ``model`` keeps the plain state dict
@@ -345,10 +409,14 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
     kept = ema.module if ema is not None else model  # whose weights a selected checkpoint stores
     judged = ema.module if ema is not None else net  # what is validated and selected
     cut_info = spec.cuts[built.cut - 1]
-    loader = partial(make_loader, seed=cfg.seed, dims=data.dims, device=device)
-    train_loader = loader(data.train, tcfg, train=True, batch_size=cfg.batch_size)
-    val_loader = loader(data.val, tcfg, train=False, batch_size=cfg.eval_batch_size)
-    test_loader = loader(data.test, tcfg, train=False, batch_size=cfg.eval_batch_size)
+    placed = _place(data, device, tcfg, data.dims, gpu_share)
+
+    def loader(name: str, train: bool, batch_size: int):
+        return make_loader(getattr(data, name), tcfg, train=train, batch_size=batch_size, seed=cfg.seed,
+                           dims=data.dims, device=device, store=placed[name])
+
+    train_loader = loader("train", True, cfg.batch_size)
+    val_loader = loader("val", False, cfg.eval_batch_size)
 
     weight = _class_weights(data.train.labels, data.num_classes).to(device) if cfg.class_weighted else None
     criterion = nn.CrossEntropyLoss(weight=weight)
@@ -361,9 +429,11 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
         status="complete", backbone=spec.name, strategy=cfg.strategy, cut=built.cut, cut_name=cut_info.name,
         stage=cut_info.stage, seed=cfg.seed, params=count_params(model),
         trainable_params=count_trainable(model),
-        input_size=input_size, in_channels=in_channels, device=str(device), data=data_summary(data),
+        input_size=input_size, in_channels=in_channels, device=str(device), device_name=device_name(device),
+        data=data_summary(data),
     )
-    log.info("trial %s %s cut %d (%s) on %s: %s", spec.name, cfg.strategy, built.cut, cut_info.name, device, data.summary())
+    log.info("trial %s %s cut %d (%s) on %s: %s", spec.name, cfg.strategy, built.cut, cut_info.name,
+             result.device_name, data.summary())
 
     best_value: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
@@ -398,10 +468,15 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
         log.warning("trial failed (%s): %s", exc.reason, exc)
         return result
     result.train_time_s = round(time.perf_counter() - start, 3)
+    del train_loader, val_loader  # the test split takes their place on the device
 
     model.load_state_dict(best_state)
+    test_loader = loader("test", False, cfg.eval_batch_size)
     result.test, result.predictions["test"] = evaluate(net, test_loader, device, criterion, amp, channels_last)
-    _measure_cost(result, model, cfg, spec.name, input_size, in_channels, data.num_classes, device)
+    del test_loader
+    _measure_cost(result, model, cfg, spec.name, input_size, in_channels, data.num_classes, device, data.dims, amp)
+    if device.type == "cuda":
+        result.memory = {**memory_figures(device), **{f"{k}_images": v for k, v in placed.items()}}
     if keep_state:
         result.state_dict = best_state
     return result
@@ -410,33 +485,44 @@ def run_trial(cfg: TrialConfig, on_epoch: EpochCallback | None = None, data: Dat
 def train_epoch(model: nn.Module, frozen: list[nn.Module], loader, optimizer, criterion, scaler, device,
                  amp: torch.dtype | None, epoch: int, channels_last: bool = False,
                  ema: AveragedModel | None = None) -> float:
-    """One pass over ``loader``; the mean training loss. ``ema`` (when given) is updated after every step."""
+    """One pass over ``loader``; the mean training loss. ``ema`` (when given) is updated after every step.
+
+    The losses are summed on the device and read once at the end of the epoch (a read per step
+    would make the host wait for the GPU at every step); a loss that is not finite fails the trial
+    then (``diverged``)."""
     model.train()
     for module in frozen:
         module.eval()
     loader.set_epoch(epoch)
-    total, n = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
     for x, y in loader:
         if len(y) < 2:  # a trailing batch of one breaks batch norm in training mode
             continue
-        x, y = _inputs(x, device, channels_last), y.to(device)
+        x, y = _inputs(x, device, channels_last), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = criterion(model(x).float(), y)
-        if not torch.isfinite(loss):
-            raise TrialError(f"the training loss became {loss.item()} in epoch {epoch}", reason="diverged")
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
             ema.update_parameters(model)
-        total += loss.item() * len(y)
+        total += loss.detach().double() * len(y)
         n += len(y)
-    return total / max(n, 1)
+    mean = float(total.item()) / max(n, 1)
+    if not math.isfinite(mean):
+        raise TrialError(f"the training loss became {mean} in epoch {epoch}", reason="diverged")
+    return mean
 
 
 def _measure_cost(result: TrialResult, model: nn.Module, cfg: TrialConfig, backbone: str, input_size: int,
-                  in_channels: int, num_classes: int, device: torch.device) -> None:
+                  in_channels: int, num_classes: int, device: torch.device, dims: int,
+                  amp: torch.dtype | None) -> None:
+    """Parameters, MACs and (``latency_repeats``) latency of the trained model and of the full model
+    with the same head. Both are timed as the trial runs them: the same memory format and precision
+    (channels-last and autocast on CUDA, :func:`~ttl_search.train.device.as_trained`); the device is
+    named in words (the GPU's name)."""
     spec = get_backbone(backbone)
     shape = input_shape(spec, input_size, in_channels)
     model.eval()
@@ -446,11 +532,12 @@ def _measure_cost(result: TrialResult, model: nn.Module, cfg: TrialConfig, backb
     result.full = {"params": full_row.params, "macs": full_row.macs, "cut": full_row.index}
     if cfg.latency_repeats <= 0:
         return
-    lat = measure_latency(model, shape, device, repeats=cfg.latency_repeats)
-    result.latency_ms = {"batch1": lat.batch1_ms, "batch64": lat.batch64_ms, "device": lat.device}
+    name = device_name(device)
+    lat = measure_latency(as_trained(model, device, dims, amp), shape, device, repeats=cfg.latency_repeats)
+    result.latency_ms = {"batch1": lat.batch1_ms, "batch64": lat.batch64_ms, "device": name}
     if full_row.valid and cfg.cut not in (None, len(spec.cuts)):
         full = truncate(load_backbone(backbone, None, in_channels), len(spec.cuts), num_classes, cfg.head, input_size).to(device)
-        full_lat = measure_latency(full, shape, device, repeats=cfg.latency_repeats)
-        result.full["latency_ms"] = {"batch1": full_lat.batch1_ms, "batch64": full_lat.batch64_ms, "device": full_lat.device}
+        full_lat = measure_latency(as_trained(full, device, dims, amp), shape, device, repeats=cfg.latency_repeats)
+        result.full["latency_ms"] = {"batch1": full_lat.batch1_ms, "batch64": full_lat.batch64_ms, "device": name}
     else:
         result.full["latency_ms"] = dict(result.latency_ms)
