@@ -35,6 +35,16 @@ def test_cutoffs_table_and_csv():
     assert "False" in lines[-1] and "earlier unit" in lines[-1]
 
 
+def test_cutoffs_of_any_timm_or_torchvision_model():
+    rows = json.loads(run_cli("cutoffs", "timm:convnext_atto", "--input-size", "64", "--format", "json").stdout)
+    assert len(rows) == 16 and rows[0]["name"] == "stem" and all(r["valid"] for r in rows)
+    assert [r["index"] for r in rows if r["stage_end"]] == [3, 6, 13, 16]
+    table = run_cli("cutoffs", "torchvision:mobilenet_v3_small", "--input-size", "32").stdout
+    assert "features.12 *" in table and "13 cuts at 32 px" in table and "cuts read off its graph at 224 px" in table
+    proc = run_cli("cutoffs", "timm:convnext_atoo", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "close names: convnext_atto" in proc.stderr
+
+
 def test_backbones_listing():
     rows = json.loads(run_cli("backbones", "--format", "json").stdout)
     names = {r["name"] for r in rows}

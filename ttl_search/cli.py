@@ -101,6 +101,9 @@ def cmd_backbones(args: argparse.Namespace) -> int:
         print_table("registered backbones", ["name", "dims", "cuts", "stage ends", "input", "weights", "description"],
                     [[r["name"], f"{r['dims']}D", r["cuts"], ",".join(map(str, r["stage_ends"])),
                       r["default_input_size"], ", ".join(r["weights"]), r["description"]] for r in rows])
+        print("any other CNN: timm:<model>, torchvision:<model> (2D or video 3D) or module:<package.module>:<factory>; "
+              "its cuts come from its graph (`ttl-search cutoffs timm:resnet26d`), or by hand with "
+              "`?cuts=<module>,<module>,...`")
     else:
         write_rows(rows, args.format)
     return 0
@@ -129,6 +132,11 @@ def cmd_cutoffs(args: argparse.Namespace) -> int:
               "yes" if r["valid"] else f"no: {r['reason']}"] for r in rows],
         )
         print("* ends a stage (trained in stage 1 of the two-stage search)")
+        graph = spec.analysis
+        if graph is not None:
+            how = ("given by hand, checked against its forward" if graph.hand else "read off its graph")
+            print(f"cuts {how} at {graph.input_size} px in {graph.seconds:.2f} s; stages change where the spatial "
+                  "resolution drops")
         if args.measure_latency and rows:
             print(f"latency: median [interquartile range] of {rows[0]['latency_repeats']} timed passes at batch 1 "
                   f"on {rows[0]['latency_device']}; `--format json > FILE` writes the table a study names in "
@@ -737,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_backbones)
 
     p = sub.add_parser("cutoffs", help="list the cut points of a backbone with size, MACs and validity")
-    p.add_argument("backbone", help="a registered backbone (see `ttl-search backbones`)")
+    p.add_argument("backbone", help="a registered backbone (see `ttl-search backbones`), or timm:<model>, "
+                                    "torchvision:<model> or module:<package.module>:<factory>")
     p.add_argument("--input-size", type=int, default=None, help="input side in pixels (default: the backbone's)")
     p.add_argument("--classes", type=int, default=2, help="classes of the new head (default 2)")
     p.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")

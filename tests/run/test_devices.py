@@ -171,3 +171,23 @@ def test_on_ray_with_gpus_a_trial_without_one_runs_on_the_cpu_with_every_gpu_hid
         assert t.user_attrs["device_assignment"] == {"device": "cpu", "gpu_ids": [], "visible": ""}
     logged = [r.getMessage() for r in caplog.records]
     assert sum("on cpu (CPU" in m and "Ray assigned no GPU)" in m for m in logged) == len(failed + done), logged
+
+
+def test_gpu_check_skips_every_check_without_cuda():
+    """benchmarks/gpu_check.py on a machine without CUDA: one line per check, each skipped with the
+    reason, exit status 0 (on a GPU host it is the script to run by hand, not a test)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: run benchmarks/gpu_check.py by hand (it trains on the GPU)")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) >= 8 and all(": skipped, no CUDA device" in line for line in lines), proc.stdout
+    assert {line.split(":")[0] for line in lines} >= {"lite0", "resnet50", "augmentation", "shared-gpu", "no-gpu-trial",
+                                                      "out-of-memory", "latency", "throughput"}

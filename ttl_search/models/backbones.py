@@ -17,11 +17,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -104,6 +105,16 @@ class BackboneSpec:
     """Architecture family (``resnet``, ``densenet``...); strategies use it (e.g. TransFusion)."""
     test_only: bool = False
     """Tiny random-weight network for tests and debug studies."""
+    cut_list: tuple[CutPoint, ...] | None = None
+    """The cuts, when known without splitting a model (backbones analysed from their graph);
+    None: read off ``units`` of a model built on the meta device."""
+    head_optional: bool = False
+    """Whether named weights may lack (or misfit) the original classifier: a library's weights
+    may have another class count or no auxiliary heads, and a truncated model replaces the head
+    anyway."""
+    analysis: Any = None
+    """The graph analysis the cuts came from (:class:`~ttl_search.models.graph.GraphAnalysis`),
+    for backbones taken by name from a library or a user's package."""
 
     @property
     def weight_names(self) -> list[str]:
@@ -147,16 +158,25 @@ def backbone_names(include_test: bool = True) -> list[str]:
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    """The registered backbone called ``name``; an error lists the valid names."""
+    """The registered backbone called ``name``, or one taken by name from a library or a user's
+    package (``timm:<model>``, ``torchvision:<model>``, ``module:<package.module>:<factory>``, see
+    :mod:`~ttl_search.models.sources`); an error lists the valid names."""
     spec = _REGISTRY.get(str(name).lower())
+    if spec is None and ":" in str(name):
+        from .sources import external_backbone
+
+        return external_backbone(str(name).strip())
     if spec is None:
-        raise BackboneError(f"unknown backbone {name!r}; valid backbones: {choices(backbone_names())}")
+        raise BackboneError(f"unknown backbone {name!r}; valid backbones: {choices(backbone_names())}, or any "
+                            "model as timm:<model>, torchvision:<model> or module:<package.module>:<factory>")
     return spec
 
 
 @lru_cache(maxsize=None)
 def _cut_points(name: str) -> list[CutPoint]:
     spec = get_backbone(name)
+    if spec.cut_list is not None:
+        return list(spec.cut_list)
     with torch.device("meta"):
         units = spec.units(spec.build())
     cuts = []
@@ -307,7 +327,7 @@ def load_backbone(name: str, weights: str | None = None, in_channels: int = 3) -
                 f"cannot fetch weights {source.name} for {spec.name} ({type(exc).__name__}: {exc}); "
                 f"offline, use a local file or 'none'. {weights_help(spec)}"
             ) from exc
-        _load_state(spec, model, state, source.name, strict_head=True)
+        _load_state(spec, model, state, source.name, strict_head=not spec.head_optional)
         mean, std, resolved = source.mean, source.std, source.name
     elif isinstance(source, Path):
         _load_state(spec, model, read_weights_file(source), str(source), strict_head=False)
@@ -387,8 +407,9 @@ def _torchvision_weights(arch: str) -> tuple[WeightsOption, ...]:
 
 
 def unit_modules(units: UnitList) -> "OrderedDict[str, nn.Module]":
-    """Units as an ordered dict with module-safe names (dots become underscores)."""
-    return OrderedDict((name.replace(".", "_"), module) for name, _, module in units)
+    """Units as an ordered dict with module-safe names (dots, and any other character that is not
+    a letter, digit or underscore, become underscores)."""
+    return OrderedDict((re.sub(r"\W", "_", name), module) for name, _, module in units)
 
 
 def _register_builtin() -> None:
