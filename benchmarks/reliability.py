@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          str(HERE.parents[1] / "shared" / "datasets")))
     parser.add_argument("--csv", default=str(HERE / "out" / "reliability.csv"))
     args = parser.parse_args(argv)
+    # the drivers run in temporary folders: a relative data path must mean what it means here
+    args.data = str(Path(args.data).expanduser().resolve())
+    os.environ["TTL_SEARCH_DATA"] = args.data
     if not (Path(args.data) / "breastmnist.npz").is_file():
         parser.error(f"no breastmnist.npz under --data {args.data} (set --data or $TTL_SEARCH_DATA)")
     work = Path(tempfile.mkdtemp(prefix="ttl-reliability-"))
