@@ -98,6 +98,13 @@ def test_search_quality_benchmark_replays_a_stored_study(tmp_path, capsys):
     assert (exh.trainings == 7).all() and (exh.compute_share == 1).all() and (exh.regret_vs_exhaustive == 0).all()
     assert (rows[rows.method == "tpe budget 5"].trainings == 5).all()
     assert rows.indistinguishable_from_exhaustive.dtype == bool
+    # deployment budgets: no method trains a cut over budget; each is compared with exhaustive under it
+    budgets = pd.read_csv(tmp_path / "search_quality_budgets.csv")
+    assert set(budgets.budget) == set(bench.BUDGETS) and set(budgets.method) == set(bench.BUDGET_METHODS)
+    assert (budgets.over_budget_trained == 0).all() and (budgets.feasible_cuts < budgets["of"]).all()
+    exh = budgets[budgets.method == "exhaustive"]
+    assert (exh.trainings == exh.feasible_cuts).all() and (exh.regret_vs_exhaustive == 0).all()
+    assert "## deployment budgets" in out
     # every method of a default study runs the probe, but TPE (which cannot): its seconds count, its
     # models are candidates; the selection from before counts neither
     default = rows[(rows.rule == "default") & (rows.method == "two_stage k=1")]
