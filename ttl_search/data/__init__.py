@@ -13,12 +13,16 @@ Sources:
   (``breastmnist.npz`` for size 28, ``breastmnist_64.npz`` for 64, ...), downloaded there from
   the official (zenodo) url when absent. The official md5 is verified, also for local files.
   MedMNIST files carry their own train/val/test splits.
-* ``folder``: an ImageFolder tree, ``path/{train,val,test}/<class>/<image>`` (own splits;
-  ``val`` may be missing, then it is carved out of ``train``) or ``path/<class>/<image>``
-  (stratified, seeded split).
+* ``folder``: an ImageFolder tree, ``path/{train,val,test}/<class>/<image>`` (own splits, the
+  folders under their usual names in any case: ``training``, ``validation``/``valid``/``dev``,
+  ``testing`` too; ``val`` may be missing, then it is carved out of ``train``) or
+  ``path/<class>/<image>`` (stratified, seeded split).
 * ``csv``: a manifest with columns ``path,label`` and optional ``split`` (train/val/test) and
   ``group`` (e.g. patient id; a group is never spread over several splits when this module
   splits). Relative paths resolve against the manifest's folder.
+
+Folder and manifest images are decoded by Pillow, or, for 2D DICOM files, by pydicom with the
+rescale, window (``data.window``, else the file's) and MONOCHROME1 rules of :mod:`.dicom`.
 
 Every error a user can cause is a :class:`~ttl_search.errors.DataError` (data) or
 :class:`~ttl_search.errors.ConfigError` (configuration value); messages name the file (or the

@@ -10,17 +10,33 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, choices
 
 log = logging.getLogger(__name__)
 
 FOLDER = "folder"
 CSV = "csv"
 SPLITS = ("train", "val", "test")
+SPLIT_FOLDER_NAMES = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation", "dev"),
+    "test": ("test", "testing"),
+}
+"""Folder names (case-insensitive) an ImageFolder tree may give each split."""
 NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 DATA_ENV = "TTL_SEARCH_DATA"
 DEFAULT_DATA_ROOT = "~/.ttl-search/data"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+"""File suffixes read as DICOM (a file without a suffix is DICOM when it has the ``DICM`` preamble)."""
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "abdomen": (50.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+"""Named CT windows, ``(center, width)`` in Hounsfield units (the usual radiology values)."""
 MANIFEST_REQUIRED = ("path", "label")
 MANIFEST_OPTIONAL = ("split", "group")
 MULTI_LABEL = "multi-label, binary-class"
@@ -69,6 +85,13 @@ class DataConfig:
     grayscale: bool | None = None
     """folder/csv only: 1 channel (True), RGB (False), or auto (None: 1 channel when every
     image is a grayscale mode such as ``L`` or ``I``)."""
+    window: str | list[float] | None = None
+    """folder/csv DICOM files only: the intensity window that maps a grayscale image to 0..255,
+    applied after the file's rescale slope/intercept (so in Hounsfield units for CT):
+    ``[center, width]`` (``center - width/2`` becomes 0 and ``center + width/2`` becomes 255;
+    values outside are clipped, as a window means) or a named CT preset (``lung``,
+    ``mediastinum``, ``abdomen``, ``bone``, ``brain``). None: the file's own VOI LUT or window
+    centre/width, and for a file without one its own min..max (nothing clipped)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset.strip():
@@ -98,6 +121,38 @@ class DataConfig:
             raise ConfigError(f"data.image_size must be a positive integer, got {self.image_size!r}")
         if self.grayscale not in (None, True, False):
             raise ConfigError(f"data.grayscale must be true, false or null, got {self.grayscale!r}")
+        if self.window is not None:
+            if self.dataset not in (FOLDER, CSV):
+                raise ConfigError(f"data.window applies to DICOM files of data.dataset={FOLDER} or {CSV}, "
+                                  f"not to {self.dataset!r}; remove it")
+            self.window = _check_window(self.window)
+
+    def window_values(self) -> tuple[float, float] | None:
+        """``(center, width)`` of :attr:`window` (a preset resolved), or None."""
+        if self.window is None:
+            return None
+        if isinstance(self.window, str):
+            return WINDOW_PRESETS[self.window]
+        center, width = self.window
+        return float(center), float(width)
+
+
+def _check_window(value: object) -> str | list[float]:
+    """``data.window`` normalised: a preset name in lower case, or ``[center, width]`` floats."""
+    valid = f"valid: [center, width] with width > 0, or a preset: {choices(WINDOW_PRESETS)}"
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name not in WINDOW_PRESETS:
+            raise ConfigError(f"data.window: unknown preset {value!r}; {valid}")
+        return name
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in value
+    ):
+        center, width = (float(v) for v in value)
+        if width > 0:
+            return [center, width]
+    raise ConfigError(f"data.window must be [center, width] or a preset name, got {value!r}; {valid}")
 
 
 def _is_int(value: object) -> bool:

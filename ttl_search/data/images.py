@@ -15,6 +15,7 @@ import torch
 
 from ..errors import DataError, choices
 from .config import DataConfig, DatasetSplits, SPLITS, Split, _GRAY_MODES
+from .dicom import is_dicom_path, read_dicom
 from .splits import _stratified_split
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,19 @@ def _to_uint8_gray(img: Any) -> Any:
     return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
 
 
-def _decode_image(path: Path, size: int) -> np.ndarray:
-    """Decode one image, resize it to ``size x size`` (bilinear); ``(H, W)`` gray or ``(H, W, 3)``."""
+def _decode_image(path: Path, size: int, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Decode one image, resize it to ``size x size`` (bilinear); ``(H, W)`` gray or ``(H, W, 3)``.
+
+    DICOM files (:func:`~ttl_search.data.dicom.is_dicom_path`) are made 8-bit first (rescale,
+    ``window`` or the file's VOI, MONOCHROME1 inverted: :mod:`ttl_search.data.dicom`).
+    """
     from PIL import Image, UnidentifiedImageError
 
+    if is_dicom_path(path):
+        img = Image.fromarray(read_dicom(path, window))
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8).copy()
     try:
         with Image.open(path) as img:
             img.load()
@@ -54,14 +64,23 @@ def _decode_image(path: Path, size: int) -> np.ndarray:
 
 
 def _decode_images(
-    paths: Sequence[Path], size: int, grayscale: bool | None, source: str
+    paths: Sequence[Path], size: int, grayscale: bool | None, source: str,
+    window: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Decode ``paths`` once (threads) into a ``uint8`` ``N x C x size x size`` tensor."""
+    """Decode ``paths`` once (threads) into a ``uint8`` ``N x C x size x size`` tensor; ``window``
+    is the study's DICOM window (``data.window``)."""
     start = time.monotonic()
     log.info("%s: decoding %d images at %dx%d", source, len(paths), size, size)
+    dicoms = sum(is_dicom_path(p) for p in paths)
+    if dicoms:
+        log.info("%s: %d of %d images are DICOM; window: %s", source, dicoms, len(paths),
+                 f"data.window center {window[0]:g}, width {window[1]:g}" if window else
+                 "each file's VOI LUT or window center/width, else its min..max")
+    elif window is not None:
+        log.warning("%s: data.window is set but no image is DICOM; it is not used", source)
     workers = max(1, min(8, os.cpu_count() or 1, len(paths)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(lambda p: _decode_image(p, size), paths))
+        arrays = list(pool.map(lambda p: _decode_image(p, size, window), paths))
     all_gray = all(a.ndim == 2 for a in arrays)
     gray = all_gray if grayscale is None else grayscale
     out = np.empty((len(arrays), 1 if gray else 3, size, size), dtype=np.uint8)
@@ -140,7 +159,7 @@ def _build_from_table(
     if not table.paths:
         raise DataError(f"{source}: no images found")
     indices = _split_table(table, cfg, source)
-    images = _decode_images(table.paths, cfg.image_size, cfg.grayscale, source)
+    images = _decode_images(table.paths, cfg.image_size, cfg.grayscale, source, cfg.window_values())
     labels = torch.from_numpy(table.labels.astype(np.int64))
     parts = {
         split: Split(images[torch.from_numpy(idx)], labels[torch.from_numpy(idx)],

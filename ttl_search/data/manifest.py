@@ -1,4 +1,5 @@
-"""CSV manifests: columns ``path,label`` and optional ``split`` and ``group``."""
+"""CSV manifests: columns ``path,label`` and optional ``split`` and ``group``; a path names an image
+file Pillow reads or a 2D DICOM file (:mod:`.dicom`)."""
 
 from __future__ import annotations
 
