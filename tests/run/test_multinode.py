@@ -415,10 +415,16 @@ def test_lost_worker_node_fails_its_trials_and_the_study_finishes(cluster, worke
         return [p.cmdline for p in worker_node.workers() if p.cmdline.startswith("ray::ImplicitFunc.train")]
 
     def ready() -> bool:
-        return (any(t.state == TrialState.COMPLETE for t in load_trials(name, postgres_url))
-                and bool(training_on_worker()))
+        # a trial completed, both slots hold a running trial (one CPU per node: one of them is on the
+        # worker), and the worker's actor is training; not the moment after a trial there completed,
+        # when its actor still cleans up under the same title with no trial of the study on it
+        trials = load_trials(name, postgres_url)
+        return (any(t.state == TrialState.COMPLETE for t in trials)
+                and sum(t.state == TrialState.RUNNING for t in trials) >= 2 and bool(training_on_worker()))
 
     wait_until(ready, driver, timeout=180, what="a completed trial and a trial training on the worker node")
+    time.sleep(1.0)  # the running trial is well into its epochs, not handed over
+    wait_until(ready, driver, timeout=60, what="a trial still training on the worker node")
     training = training_on_worker()
     worker_node.kill()  # SIGKILL, workers and daemons: the machine is gone
     killed_at = time.monotonic()
