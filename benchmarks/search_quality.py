@@ -186,13 +186,12 @@ BUDGET_METHODS = ("exhaustive", DEFAULT_METHOD, "tpe budget 5", "guided budget 5
 """The methods replayed under each budget (against exhaustive under the same budget)."""
 
 
-def ensure_cut_latency(task: str, name: str, storage: str) -> dict[str, Any]:
+def ensure_cut_latency(task: str, study, cfg) -> dict[str, Any]:
     """The batch-1 latency of every cut of the task's study, timed once here as a latency budget's
     pre-training pass times them (one cut at a time, a trial's threads) and stored with the study."""
     from ttl_search.run.latency import measure_study_cuts
     from ttl_search.search.budget import LATENCY_TABLE_ATTR
 
-    study, cfg = open_study(name, storage)
     table = study.user_attrs.get(LATENCY_TABLE_ATTR)
     if not table:
         cuts = [c.index for c in stored_candidates(study, cfg)]
@@ -210,8 +209,8 @@ def budget_rows(task: str, name: str, storage: str) -> list[dict[str, Any]]:
     from ttl_search.results import budget_view
     from ttl_search.search.budget import BudgetConfig, feasible
 
-    table = ensure_cut_latency(task, name, storage)
     study, cfg = open_study(name, storage)
+    table = ensure_cut_latency(task, study, cfg)
     trials = study_trials(study)
     probe, models = stored_probe(study), stored_probe_models(study)
     every = stored_candidates(study, cfg)
