@@ -13,6 +13,15 @@ SHARED_DATASETS = Path(
 )
 
 
+def pytest_configure(config) -> None:
+    """Folder and manifest data decode into a data cache of this test session, not the user's
+    (processes the tests start, Ray workers included, inherit it)."""
+    if "TTL_SEARCH_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["TTL_SEARCH_CACHE"] = tempfile.mkdtemp(prefix="ttl-search-test-cache-")
+
+
 def shared_file(name: str) -> Path:
     """Path of a real MedMNIST file in ../shared/datasets; skips the test when it is absent."""
     path = SHARED_DATASETS / name

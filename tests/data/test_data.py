@@ -80,7 +80,7 @@ def test_breastmnist_by_path(breastmnist: Path) -> None:
     assert d.num_classes == 2 and d.class_names == ["malignant", "normal, benign"]
     assert (d.dims, d.channels, d.task, d.name) == (2, 1, "binary-class", "breastmnist")
     assert d.md5 == BREAST_MD5 and d.source == str(breastmnist)
-    assert d.train.images.shape == (546, 1, 28, 28) and d.train.images.dtype == torch.uint8
+    assert d.train.pixels().shape == (546, 1, 28, 28) and d.train.pixels().dtype == torch.uint8
     assert d.train.labels.shape == (546,) and d.train.labels.dtype == torch.int64
     assert torch.bincount(d.train.labels).tolist() == [147, 399]
     assert torch.bincount(d.test.labels).tolist() == [42, 114]
@@ -92,14 +92,14 @@ def test_breastmnist_by_root_and_env(shared_datasets_dir: Path, monkeypatch) -> 
     assert d.md5 == BREAST_MD5 and d.source == str(shared_datasets_dir / "breastmnist.npz")
     monkeypatch.setenv("TTL_SEARCH_DATA", str(shared_datasets_dir))
     d2 = load_data(DataConfig(dataset="BreastMNIST", download=False))
-    assert torch.equal(d2.train.images, d.train.images)
+    assert torch.equal(d2.train.pixels(), d.train.pixels())
 
 
 def test_adrenalmnist3d(adrenalmnist3d: Path) -> None:
     d = load_data(DataConfig(dataset="adrenalmnist3d", path=str(adrenalmnist3d)))
     assert (len(d.train), len(d.val), len(d.test)) == (1188, 98, 298)
     assert d.dims == 3 and d.channels == 1 and d.num_classes == 2
-    assert d.train.images.shape == (1188, 1, 28, 28, 28)
+    assert d.train.pixels().shape == (1188, 1, 28, 28, 28)
     assert torch.bincount(d.val.labels).tolist() == [76, 22]
 
 
@@ -107,8 +107,8 @@ def test_train_fraction_stratified_and_seeded(breastmnist: Path) -> None:
     a = load_data(cfg_for(breastmnist, train_fraction=0.1, seed=3))
     b = load_data(cfg_for(breastmnist, train_fraction=0.1, seed=3))
     c = load_data(cfg_for(breastmnist, train_fraction=0.1, seed=4))
-    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
-    assert not torch.equal(a.train.images, c.train.images)
+    assert torch.equal(a.train.pixels(), b.train.pixels()) and torch.equal(a.train.labels, b.train.labels)
+    assert not torch.equal(a.train.pixels(), c.train.pixels())
     counts = torch.bincount(a.train.labels).tolist()
     assert counts == [15, 40]  # round(0.1 * 147), round(0.1 * 399)
     assert (len(a.val), len(a.test)) == (78, 156)  # only train is subsampled
@@ -279,14 +279,14 @@ def test_folder_without_splits(tmp_path: Path) -> None:
     cfg = DataConfig(dataset="folder", path=str(root), image_size=16, seed=1)
     d = load_data(cfg)
     assert d.class_names == ["benign", "malignant"] and d.num_classes == 2 and d.name == "imgs"
-    assert d.channels == 1 and d.train.images.shape[1:] == (1, 16, 16) and d.md5 is None
+    assert d.channels == 1 and d.train.pixels().shape[1:] == (1, 16, 16) and d.md5 is None
     assert (len(d.train), len(d.val), len(d.test)) == (14, 2, 4)
     for split in (d.train, d.val, d.test):
         assert torch.bincount(split.labels).tolist()[0] == torch.bincount(split.labels).tolist()[1]
     again = load_data(cfg)
-    assert torch.equal(again.test.images, d.test.images)
+    assert torch.equal(again.test.pixels(), d.test.pixels())
     other = load_data(DataConfig(dataset="folder", path=str(root), image_size=16, seed=2))
-    assert not torch.equal(other.test.images, d.test.images)
+    assert not torch.equal(other.test.pixels(), d.test.pixels())
 
 
 def test_folder_with_own_splits_and_rgb(tmp_path: Path) -> None:
@@ -296,7 +296,7 @@ def test_folder_with_own_splits_and_rgb(tmp_path: Path) -> None:
     assert (len(d.train), len(d.val), len(d.test)) == (7, 6, 6)
     assert d.channels == 3 and d.task == "multi-class" and d.class_names == ["a", "b", "c"]
     gray = load_data(DataConfig(dataset="folder", path=str(root), image_size=8, grayscale=True))
-    assert gray.channels == 1 and gray.train.images.shape == (7, 1, 8, 8)
+    assert gray.channels == 1 and gray.train.pixels().shape == (7, 1, 8, 8)
 
 
 def test_folder_corrupt_image(tmp_path: Path) -> None:
@@ -346,7 +346,7 @@ def test_csv_with_groups_keeps_groups_together(tmp_path: Path) -> None:
         key_to_group[arr.tobytes()] = r["group"]
     owner: dict[str, str] = {}
     for split_name in ("train", "val", "test"):
-        for img in getattr(d, split_name).images:
+        for img in getattr(d, split_name).pixels():
             group = key_to_group[img[0].numpy().tobytes()]
             assert owner.setdefault(group, split_name) == split_name, f"group {group} crosses splits"
     for split in (d.train, d.val, d.test):
@@ -428,7 +428,7 @@ def test_eval_loader_shapes_and_normalisation(breastmnist: Path) -> None:
     x, y = batches[0]
     assert x.shape == (32, 3, 64, 64) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.equal(torch.cat([b[1] for b in batches]), d.val.labels)  # no shuffle
-    resized = torch.nn.functional.interpolate(d.val.images[:1].float(), size=(64, 64), mode="bilinear",
+    resized = torch.nn.functional.interpolate(d.val.pixels()[:1].float(), size=(64, 64), mode="bilinear",
                                               align_corners=False, antialias=True)
     gray = resized.round().clamp(0, 255)[0, 0] / 255
     expected = torch.stack([(gray - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)])
@@ -459,7 +459,7 @@ def test_train_loader_augmentation_is_reproducible(breastmnist: Path) -> None:
     assert not torch.equal(a1, c1)
     assert not torch.equal(a1, a2)  # epochs differ (shuffle and augmentation)
     # augmentation really changes pixels: compare with the plain view of the same samples
-    train = BatchLoader(d.train.images, d.train.labels, tcfg, train=True, batch_size=16, dims=2, seed=0)
+    train = BatchLoader(d.train.pixels(), d.train.labels, tcfg, train=True, batch_size=16, dims=2, seed=0)
     batch = train.images[:16]
     plain = train.transform(batch)
     augmented = train.transform(batch, torch.Generator().manual_seed(3))

@@ -39,7 +39,7 @@ def sample_keys(split: Split) -> Counter:
     so a multiset, not a set)."""
     return Counter(
         (hashlib.sha1(img.numpy().tobytes()).hexdigest(), int(label))
-        for img, label in zip(split.images, split.labels)
+        for img, label in zip(split.pixels(), split.labels)
     )
 
 
@@ -113,7 +113,7 @@ def test_test_split_is_untouched(breastmnist: Path) -> None:
     for kw in ({"folds": 3, "fold": 0}, {"folds": 3, "fold": 2}, {"folds": 5, "fold": 4, "seed": 7},
                {"folds": 3, "fold": 1, "train_fraction": 0.5}):
         d = load(breastmnist, **kw)
-        assert torch.equal(d.test.images, base.test.images), kw
+        assert torch.equal(d.test.pixels(), base.test.pixels()), kw
         assert torch.equal(d.test.labels, base.test.labels), kw
 
 
@@ -121,8 +121,8 @@ def test_fold_assignment_is_seeded(breastmnist: Path) -> None:
     a = load_data(DataConfig(path=str(breastmnist), folds=3, fold=1, seed=3))
     b = load_data(DataConfig(path=str(breastmnist), folds=3, fold=1, seed=3))
     c = load_data(DataConfig(path=str(breastmnist), folds=3, fold=1, seed=4))
-    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.val.labels, b.val.labels)
-    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
+    assert torch.equal(a.val.pixels(), b.val.pixels()) and torch.equal(a.val.labels, b.val.labels)
+    assert torch.equal(a.train.pixels(), b.train.pixels()) and torch.equal(a.train.labels, b.train.labels)
     assert sample_keys(a.val) != sample_keys(c.val)
     assert sample_keys(a.train) != sample_keys(c.train)
     # another seed still gives stratified folds of the same sizes
@@ -136,7 +136,7 @@ def test_train_fraction_applies_after_folding(breastmnist: Path) -> None:
     folded = load(breastmnist, folds=3, fold=1)
     sub = load(breastmnist, folds=3, fold=1, train_fraction=0.25)
     # validation is the whole fold; only the fold's training split is subsampled
-    assert torch.equal(sub.val.images, folded.val.images) and torch.equal(sub.val.labels, folded.val.labels)
+    assert torch.equal(sub.val.pixels(), folded.val.pixels()) and torch.equal(sub.val.labels, folded.val.labels)
     assert torch.bincount(sub.train.labels).tolist() == [28, 76]  # round(0.25 * 112), round(0.25 * 304)
     kept, folded_train = sample_keys(sub.train), sample_keys(folded.train)
     assert all(folded_train[key] >= n for key, n in kept.items())  # a subset of the fold's train
@@ -216,12 +216,12 @@ def _grouped_manifest(tmp_path: Path) -> tuple[Path, dict[bytes, str]]:
 def test_folds_of_csv_data_partition_train_plus_val(tmp_path: Path) -> None:
     manifest, owner = _grouped_manifest(tmp_path)
     base = load_data(DataConfig(dataset="csv", path=str(manifest), image_size=8))
-    pooled = {img[0].numpy().tobytes() for img in torch.cat([base.train.images, base.val.images])}
+    pooled = {img[0].numpy().tobytes() for img in torch.cat([base.train.pixels(), base.val.pixels()])}
     vals = []
     for fold in range(3):
         d = load_data(DataConfig(dataset="csv", path=str(manifest), image_size=8, folds=3, fold=fold))
-        assert torch.equal(d.test.images, base.test.images)
-        vals.append({img[0].numpy().tobytes() for img in d.val.images})
+        assert torch.equal(d.test.pixels(), base.test.pixels())
+        vals.append({img[0].numpy().tobytes() for img in d.val.pixels()})
         assert len(vals[-1]) == len(d.val)
     assert set().union(*vals) == pooled and sum(map(len, vals)) == len(pooled)
 
@@ -230,7 +230,7 @@ def test_folds_keep_groups_together(tmp_path: Path) -> None:
     manifest, owner = _grouped_manifest(tmp_path)
     for fold in range(3):
         d = load_data(DataConfig(dataset="csv", path=str(manifest), image_size=8, folds=3, fold=fold))
-        groups = {name: {owner[img[0].numpy().tobytes()] for img in getattr(d, name).images}
+        groups = {name: {owner[img[0].numpy().tobytes()] for img in getattr(d, name).pixels()}
                   for name in ("train", "val", "test")}
         assert not groups["train"] & groups["val"], f"fold {fold}: patients in train and val"
         assert not groups["test"] & (groups["train"] | groups["val"])

@@ -112,7 +112,7 @@ def test_breastmnist_as_dicom_reaches_the_model_with_the_npz_pixels(tmp_path: Pa
     for split in ("train", "val", "test"):
         images, labels = subset[split]
         got = getattr(d, split)
-        assert torch.equal(got.images, torch.from_numpy(images)[:, None])
+        assert torch.equal(got.pixels(), torch.from_numpy(images)[:, None])
         assert torch.equal(got.labels, torch.from_numpy(labels))
         want = batches(Split(torch.from_numpy(images)[:, None], torch.from_numpy(labels)))
         have = batches(got)
@@ -123,13 +123,13 @@ def test_monochrome1_and_a_study_window_give_the_same_pixels(tmp_path: Path, bre
     subset = breast_subset(breastmnist, per_class=3)
     inverted = write_breast_dicoms(tmp_path / "mono1", subset, monochrome1=True)
     d = load_data(DataConfig(dataset="csv", path=str(inverted), image_size=28))
-    assert torch.equal(d.test.images, torch.from_numpy(subset["test"][0])[:, None])
+    assert torch.equal(d.test.pixels(), torch.from_numpy(subset["test"][0])[:, None])
     # the files' own window is wrong on purpose: data.window wins over it
     wrong = write_breast_dicoms(tmp_path / "wrong", subset, window=(0.0, 4000.0))
-    assert not torch.equal(load_data(DataConfig(dataset="csv", path=str(wrong), image_size=28)).train.images,
+    assert not torch.equal(load_data(DataConfig(dataset="csv", path=str(wrong), image_size=28)).train.pixels(),
                            torch.from_numpy(subset["train"][0])[:, None])
     d = load_data(DataConfig(dataset="csv", path=str(wrong), image_size=28, window=STUDY_WINDOW))
-    assert torch.equal(d.train.images, torch.from_numpy(subset["train"][0])[:, None])
+    assert torch.equal(d.train.pixels(), torch.from_numpy(subset["train"][0])[:, None])
 
 
 def test_dicom_imagefolder_with_suffixless_files_and_validation_folder(tmp_path: Path, breastmnist: Path,
@@ -147,7 +147,7 @@ def test_dicom_imagefolder_with_suffixless_files_and_validation_folder(tmp_path:
     for split in ("train", "val", "test"):
         images, labels = subset[split]
         order = np.argsort(labels, kind="stable")  # the folder lists class0's files, then class1's
-        assert torch.equal(getattr(d, split).images, torch.from_numpy(images[order])[:, None])
+        assert torch.equal(getattr(d, split).pixels(), torch.from_numpy(images[order])[:, None])
 
 
 def test_ttl_search_train_from_a_dicom_manifest(tmp_path: Path, breastmnist: Path) -> None:
@@ -337,6 +337,35 @@ def test_a_bad_file_stops_the_run_before_the_study_exists(tmp_path: Path) -> Non
     assert "dicom-bad" not in study_names(open_storage(url))
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_study_runs_from_a_dicom_manifest(tmp_path: Path, breastmnist: Path) -> None:
+    """studies/dicom_manifest.yaml on real BreastMNIST pixels written as DICOM files, as a user runs
+    it (`ttl-search run`, then `best`), the images read from the data cache the driver built."""
+    import subprocess
+    import sys
+
+    from studyutil import cli_env
+
+    manifest = write_breast_dicoms(tmp_path / "dicom", breast_subset(breastmnist, per_class=10))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    env = {**cli_env(), "TTL_SEARCH_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "ttl_search", "run", str(REPO / "studies" / "dicom_manifest.yaml"),
+                          "--storage", url, "--set", "name=dicom-e2e", "--set", f"trial.data.path={manifest}",
+                          "--set", "trial.data.image_size=28", "--set", "trial.backbone=test_cnn",
+                          "--set", "trial.weights=none", "--set", "trial.input_size=28", "--set", "trial.max_epochs=1",
+                          "--set", "trial.batch_size=8", "--set", "trial.latency_repeats=1", "--set", "trial.device=cpu",
+                          "--set", "probe.run=false", "--set", "resources.cpus=1", "--set", "concurrency=1"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (entry,) = [e for e in (tmp_path / "cache").iterdir() if e.is_dir()]  # decoded once, by the driver
+    assert np.load(entry / "images.npy", mmap_mode="r").shape == (60, 1, 28, 28)
+    best = cli("best", "dicom-e2e", "--storage", url, "--format", "json")
+    assert best.returncode == 0, best.stderr
+    answer = json.loads(best.stdout)
+    assert answer["study"] == "dicom-e2e" and 1 <= int(answer["cut"]) <= 7
+
+
 # --------------------------------------------------------------------------- data.window
 
 
@@ -374,5 +403,5 @@ def test_a_window_without_dicom_files_warns(tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="ttl_search.data"):
         d = load_data(DataConfig(dataset="csv", path=str(tmp_path / "m.csv"), image_size=8, window="lung"))
     assert "data.window is set but no image is DICOM" in caplog.text
-    assert sorted(int(split.images[j, 0, 0, 0]) for split in (d.train, d.val, d.test)
+    assert sorted(int(split.pixels()[j, 0, 0, 0]) for split in (d.train, d.val, d.test)
                   for j in range(len(split))) == [i * 20 for i in range(10)]  # PNGs as they are

@@ -136,6 +136,8 @@ def test_model_card(study, exported):
     assert i["mean"] == pytest.approx([0.485, 0.456, 0.406]) and i["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert card["output"]["class_names"] == ["malignant", "normal, benign"]
     assert (d["dataset"], d["md5"]) == ("breastmnist", a["dataset_md5"])
+    assert d["pixels"] == "the MedMNIST file's uint8 pixels as stored"
+    assert "- Pixels: the MedMNIST file's uint8 pixels as stored." in exported.files["card_md"].read_text()
     assert card["metrics"]["trial"]["test"]["auroc"] == a["test_auroc"]
     assert card["metrics"]["trial"]["val"]["auroc"] == a["val_auroc"] and card["metrics"]["trial"]["seed"] == a["seed"]
     assert card["metrics"]["cut_over_seeds"]["seeds"] == [a["seed"]]
@@ -202,3 +204,19 @@ def test_an_unfinished_ensemble_is_not_exported_as_the_answer(tmp_path):
     with pytest.raises(StudyError, match=r"ensemble of 3 seeds of cut 4, but only seeds \[0\] are trained; resume it "
                                          r"\(`ttl-search resume unfinished`\), or export one member with --trial N"):
         export_trial("unfinished", url, output=tmp_path / "out")
+
+
+def test_the_card_says_how_files_became_pixels():
+    """A DICOM study's window and a NIfTI study's orientation, resampling and intensity rule are in
+    the card: what a user must repeat on new files."""
+    from ttl_search.data import DataConfig
+    from ttl_search.export import pixel_rules
+
+    ct = pixel_rules(DataConfig(dataset="csv", path="m.csv", image_size=64, window="abdomen"), 2)
+    assert ct.startswith("decoded and resized to 64 x 64 px") and "window center 50, width 400 (preset abdomen)" in ct
+    own = pixel_rules(DataConfig(dataset="folder", path="x", image_size=32), 2)
+    assert "each file's VOI LUT or window center/width, else its min..max" in own
+    mr = pixel_rules(DataConfig(dataset="csv", path="m.csv", image_size=32, resample="spacing", intensity="percentile",
+                                percentiles=[1, 99]), 3)
+    assert mr.startswith("reoriented to RAS+, resampled to 32^3 voxels (spacing: padded to a cube in mm")
+    assert "percentiles 1..99 to 0..255" in mr

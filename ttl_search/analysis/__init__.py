@@ -346,8 +346,8 @@ def held_out_sample(split: Split, samples: int, seed: int) -> tuple[Split, np.nd
         idx = np.arange(n)
     else:
         idx = np.sort(np.random.default_rng(seed).choice(n, size=samples, replace=False))
-    t = torch.as_tensor(idx)
-    return Split(split.images[t], split.labels[t]), idx
+    sample = split.take(idx)
+    return Split(sample.pixels(), sample.labels), idx
 
 
 @torch.no_grad()

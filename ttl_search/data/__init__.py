@@ -23,6 +23,12 @@ Sources:
 
 Folder and manifest images are decoded by Pillow, or, for 2D DICOM files, by pydicom with the
 rescale, window (``data.window``, else the file's) and MONOCHROME1 rules of :mod:`.dicom`.
+NIfTI files (``.nii``/``.nii.gz``) are 3D volumes for the 3D backbones (:mod:`.nifti`): read by
+nibabel, reoriented to RAS+, mapped to 0..255 (``data.window``, else ``data.intensity``:
+``auto``/``minmax``/``percentile`` with ``data.percentiles``) and resampled to ``image_size``
+cubed (``data.resample``: ``plain`` or spacing-aware ``spacing``), ``N x 1 x S x S x S``; a manifest
+row naming a folder of DICOM slices (one series, :mod:`.dicom_series`) is a volume too. A folder
+or manifest holds 2D images or volumes, not both.
 
 Every error a user can cause is a :class:`~ttl_search.errors.DataError` (data) or
 :class:`~ttl_search.errors.ConfigError` (configuration value); messages name the file (or the

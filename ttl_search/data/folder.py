@@ -3,7 +3,9 @@
 Split folders may carry the usual names (case-insensitive, :data:`SPLIT_FOLDER_NAMES`):
 ``train``/``training``, ``val``/``valid``/``validation``/``dev``, ``test``/``testing``. Images are
 the files with an image suffix (:data:`IMAGE_EXTENSIONS`), a DICOM suffix
-(:data:`DICOM_EXTENSIONS`), or no suffix and DICOM's ``DICM`` preamble."""
+(:data:`DICOM_EXTENSIONS`), or no suffix and DICOM's ``DICM`` preamble; or NIfTI volumes
+(``.nii``/``.nii.gz``, :data:`NIFTI_EXTENSIONS`, :mod:`.nifti`). A tree holds either 2D images or
+volumes, not both."""
 
 from __future__ import annotations
 
@@ -13,9 +15,17 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError, choices
-from .config import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, SPLIT_FOLDER_NAMES, DataConfig, DatasetSplits
+from .config import (
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    NIFTI_EXTENSIONS,
+    SPLIT_FOLDER_NAMES,
+    DataConfig,
+    DatasetSplits,
+)
 from .dicom import has_dicom_preamble
-from .images import _Table, _build_from_table
+from .images import _build_from_table, _Table
+from .nifti import is_nifti_path
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +38,7 @@ def _visible_dirs(path: Path) -> list[Path]:
 
 def _is_image(path: Path) -> bool:
     suffix = path.suffix.lower()
-    if suffix in IMAGE_EXTENSIONS or suffix in DICOM_EXTENSIONS:
+    if suffix in IMAGE_EXTENSIONS or suffix in DICOM_EXTENSIONS or is_nifti_path(path):
         return True
     return not suffix and path.name.upper() != "DICOMDIR" and has_dicom_preamble(path)
 
@@ -37,8 +47,8 @@ def _class_images(class_dir: Path) -> list[Path]:
     files = sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith(".") and _is_image(p))
     if not files:
         raise DataError(
-            f"{class_dir}: class folder has no images ({choices(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)}, "
-            "or DICOM files without a suffix)"
+            f"{class_dir}: class folder has no images "
+            f"({choices(IMAGE_EXTENSIONS + DICOM_EXTENSIONS + NIFTI_EXTENSIONS)}, or DICOM files without a suffix)"
         )
     return files
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import DataError, choices
-from .config import DataConfig, DatasetSplits, SPLITS, Split, _GRAY_MODES
+from ..errors import ConfigError, DataError, choices
+from .config import _GRAY_MODES, SPLITS, DataConfig, DatasetSplits, Split
 from .dicom import is_dicom_path, read_dicom
+from .nifti import intensity_description, is_nifti_path, read_volume
 from .splits import _stratified_split
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,8 @@ def _to_uint8_gray(img: Any) -> Any:
     return Image.fromarray(np.rint(arr).astype(np.uint8), mode="L")
 
 
-def _decode_image(path: Path, size: int, window: tuple[float, float] | None = None) -> np.ndarray:
-    """Decode one image, resize it to ``size x size`` (bilinear); ``(H, W)`` gray or ``(H, W, 3)``.
+def _decode_2d(path: Path, size: int, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Decode one 2D image, resize it to ``size x size`` (bilinear); ``(H, W)`` gray or ``(H, W, 3)``.
 
     DICOM files (:func:`~ttl_search.data.dicom.is_dicom_path`) are made 8-bit first (rescale,
     ``window`` or the file's VOI, MONOCHROME1 inverted: :mod:`ttl_search.data.dicom`).
@@ -63,14 +65,56 @@ def _decode_image(path: Path, size: int, window: tuple[float, float] | None = No
         raise DataError(f"{path}: cannot decode image, corrupt or not an image ({exc})") from exc
 
 
-def _decode_images(
-    paths: Sequence[Path], size: int, grayscale: bool | None, source: str,
-    window: tuple[float, float] | None = None,
-) -> torch.Tensor:
-    """Decode ``paths`` once (threads) into a ``uint8`` ``N x C x size x size`` tensor; ``window``
-    is the study's DICOM window (``data.window``)."""
-    start = time.monotonic()
-    log.info("%s: decoding %d images at %dx%d", source, len(paths), size, size)
+def is_volume_path(path: Path) -> bool:
+    """Whether the sample at ``path`` is a 3D volume (a NIfTI file, :mod:`.nifti`, or a folder of
+    DICOM slices, :mod:`.dicom_series`), not a 2D image."""
+    return is_nifti_path(path) or path.is_dir()
+
+
+def _decode_sample(path: Path, cfg: DataConfig) -> np.ndarray:
+    """Decode one sample of a folder or manifest as ``uint8`` at ``S = cfg.image_size``: ``(S, S)``
+    grayscale or ``(S, S, 3)`` RGB for a 2D image, ``(S, S, S)`` for a 3D volume
+    (:func:`is_volume_path`: NIfTI or a DICOM series folder, :func:`~ttl_search.data.nifti.read_volume`).
+
+    The result depends only on the file and on ``cfg``'s decoding settings (``image_size``,
+    ``window``; for volumes also ``intensity``, ``percentiles``, ``resample``), so it may be cached
+    per file. Errors are one-line :class:`DataError` errors naming the file.
+    """
+    if is_volume_path(path):
+        return read_volume(path, cfg)
+    return _decode_2d(path, cfg.image_size, cfg.window_values())
+
+
+def _check_kinds(paths: Sequence[Path], cfg: DataConfig, source: str) -> bool:
+    """Whether ``paths`` are volumes (True) or 2D images (False), before decoding; a mix is refused,
+    and so is ``data.grayscale: false`` (RGB) for volumes."""
+    volumes = [is_volume_path(p) for p in paths]
+    if volumes and all(volumes):
+        if cfg.grayscale is False:
+            raise ConfigError(f"data.grayscale: false asks for RGB, but {source} holds 3D volumes, which have "
+                              "one channel; set data.grayscale to null or true")
+        return True
+    if any(volumes):
+        image = next(p for p, v in zip(paths, volumes) if not v)
+        volume = next(p for p, v in zip(paths, volumes) if v)
+        raise DataError(f"{source}: mixes 2D images ({volumes.count(False)}, e.g. {image}) and 3D volumes "
+                        f"({volumes.count(True)}, e.g. {volume}); a dataset is either 2D or 3D")
+    return False
+
+
+def _log_decoding(paths: Sequence[Path], cfg: DataConfig, source: str) -> bool:
+    """Say what decoding ``paths`` with ``cfg`` will do (how many DICOM files, which window; for
+    volumes how they are resampled and windowed); whether they are volumes. Refuses a mix of 2D
+    images and volumes."""
+    size, window = cfg.image_size, cfg.window_values()
+    if _check_kinds(paths, cfg, source):
+        series = sum(p.is_dir() for p in paths)
+        log.info("%s: %d volumes at %dx%dx%d (%s, reoriented to RAS+; resample: %s; intensity: %s)",
+                 source, len(paths), size, size, size,
+                 f"{series} DICOM series folders, {len(paths) - series} NIfTI" if series else "NIfTI",
+                 cfg.resample, intensity_description(cfg))
+        return True
+    log.info("%s: %d images at %dx%d", source, len(paths), size, size)
     dicoms = sum(is_dicom_path(p) for p in paths)
     if dicoms:
         log.info("%s: %d of %d images are DICOM; window: %s", source, dicoms, len(paths),
@@ -78,23 +122,52 @@ def _decode_images(
                  "each file's VOI LUT or window center/width, else its min..max")
     elif window is not None:
         log.warning("%s: data.window is set but no image is DICOM; it is not used", source)
+    unused = [f"data.{key}" for key, value, default in (("resample", cfg.resample, "plain"),
+                                                       ("intensity", cfg.intensity, "auto")) if value != default]
+    if unused:
+        log.warning("%s: %s set but no image is a volume; not used", source, " and ".join(unused))
+    return False
+
+
+def _decode_images(paths: Sequence[Path], cfg: DataConfig, source: str, volumes: bool = False) -> torch.Tensor:
+    """Decode ``paths`` once (threads, :func:`_decode_sample`) into an in-memory ``uint8`` tensor:
+    ``N x C x S x S`` for 2D images (``C`` by ``cfg.grayscale``: 1 or 3; auto: 1 when every image
+    is gray), ``N x 1 x S x S x S`` for ``volumes``."""
+    start = time.monotonic()
     workers = max(1, min(8, os.cpu_count() or 1, len(paths)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        arrays = list(pool.map(lambda p: _decode_image(p, size, window), paths))
-    all_gray = all(a.ndim == 2 for a in arrays)
-    gray = all_gray if grayscale is None else grayscale
-    out = np.empty((len(arrays), 1 if gray else 3, size, size), dtype=np.uint8)
-    luma = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+        arrays = list(pool.map(lambda p: _decode_sample(p, cfg), paths))
+    gray = all(a.ndim == 2 for a in arrays) if cfg.grayscale is None else cfg.grayscale
+    out = np.empty((len(arrays), *_sample_channels(arrays[0], gray, volumes).shape), dtype=np.uint8)
     for i, arr in enumerate(arrays):
-        if gray:
-            out[i, 0] = arr if arr.ndim == 2 else np.rint(arr.astype(np.float32) @ luma).clip(0, 255)
-        else:
-            out[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    log.info(
-        "%s: decoded %d images (%s) in %.1f s",
-        source, len(arrays), "grayscale" if gray else "RGB", time.monotonic() - start,
-    )
+        out[i] = _sample_channels(arr, gray, volumes)
+    log.info("%s: decoded %d images (%s) in %.1f s", source, len(arrays),
+             "grayscale" if out.shape[1] == 1 else "RGB", time.monotonic() - start)
     return torch.from_numpy(out)
+
+
+_LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _sample_channels(arr: np.ndarray, gray: bool, volume: bool = False) -> np.ndarray:
+    """One decoded sample (:func:`_decode_sample`) channel first: a ``volume`` ``(1, S, S, S)``; a
+    2D image ``(1, S, S)`` when ``gray`` (RGB to luma) or ``(3, S, S)`` (gray to 3 equal channels)."""
+    if volume or arr.ndim == 2 and gray:
+        return arr[None]
+    if gray:
+        return np.rint(arr.astype(np.float32) @ _LUMA).clip(0, 255).astype(np.uint8)[None]
+    return np.broadcast_to(arr[None], (3, *arr.shape)) if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _images_of(paths: Sequence[Path], cfg: DataConfig, source: str) -> tuple[Any, bool]:
+    """The decoded images of ``paths`` and whether they are read from the data cache
+    (``cfg.cache``, :mod:`.cache`) rather than held in memory."""
+    volumes = _log_decoding(paths, cfg, source)
+    if not cfg.cache:
+        return _decode_images(paths, cfg, source, volumes), False
+    from .cache import cached_images
+
+    return cached_images(paths, cfg, source, lambda p: _decode_sample(p, cfg), volumes), True
 
 
 def _task_for(num_classes: int) -> str:
@@ -159,13 +232,10 @@ def _build_from_table(
     if not table.paths:
         raise DataError(f"{source}: no images found")
     indices = _split_table(table, cfg, source)
-    images = _decode_images(table.paths, cfg.image_size, cfg.grayscale, source, cfg.window_values())
-    labels = torch.from_numpy(table.labels.astype(np.int64))
-    parts = {
-        split: Split(images[torch.from_numpy(idx)], labels[torch.from_numpy(idx)],
-                     table.groups[idx] if table.groups is not None else None)
-        for split, idx in indices.items()
-    }
+    images, mapped = _images_of(table.paths, cfg, source)
+    whole = Split(images, torch.from_numpy(table.labels.astype(np.int64)), table.groups,
+                  torch.arange(len(table.paths)) if mapped else None)
+    parts = {split: whole.take(idx) for split, idx in indices.items()}
     return DatasetSplits(
         name=name,
         train=parts["train"],
@@ -173,7 +243,7 @@ def _build_from_table(
         test=parts["test"],
         num_classes=len(table.class_names),
         class_names=table.class_names,
-        dims=2,
+        dims=images.dim() - 2,
         channels=int(images.shape[1]),
         task=_task_for(len(table.class_names)),
         source=source,

@@ -1,5 +1,7 @@
 """CSV manifests: columns ``path,label`` and optional ``split`` and ``group``; a path names an image
-file Pillow reads or a 2D DICOM file (:mod:`.dicom`)."""
+file Pillow reads, a 2D DICOM file (:mod:`.dicom`), a NIfTI volume (``.nii``/``.nii.gz``,
+:mod:`.nifti`) or a folder holding one DICOM series, read as a volume (:mod:`.dicom_series`). A manifest lists either 2D images or volumes, not both; rows of one ``group``
+(e.g. a patient) are kept in one split when ttl-search splits."""
 
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def _read_manifest(manifest: Path) -> _Table:
     for row, value in enumerate(frame["path"].tolist(), start=1):
         path = Path(value).expanduser()
         path = path if path.is_absolute() else base / path
-        if not value or not path.is_file():
+        if not value or not (path.is_file() or path.is_dir()):
             raise DataError(
                 f"{manifest}: row {row} (line {row + 1}): image file {path if value else '(empty path)'} "
                 "not found (relative paths resolve against the manifest's folder)"

@@ -124,9 +124,7 @@ def _subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def _take(split: Split, indices: np.ndarray) -> Split:
-    index = torch.from_numpy(indices.astype(np.int64))
-    return Split(split.images[index], split.labels[index],
-                 split.groups[indices] if split.groups is not None else None)
+    return split.take(indices)
 
 
 def _cross_validation_fold(data: DatasetSplits, cfg: DataConfig) -> None:
@@ -139,13 +137,11 @@ def _cross_validation_fold(data: DatasetSplits, cfg: DataConfig) -> None:
     if smallest < cfg.folds:
         raise ConfigError(f"{data.name}: the rarest class has {smallest} samples in train+validation, fewer "
                           f"than the {cfg.folds} folds asked for (selection.folds)")
-    groups = None
-    if data.train.groups is not None and data.val.groups is not None:
-        groups = np.concatenate([data.train.groups, data.val.groups])
-        if len(np.unique(groups)) < cfg.folds:
-            raise ConfigError(f"{data.name}: train+validation hold {len(np.unique(groups))} groups, fewer than "
-                              f"the {cfg.folds} folds asked for (selection.folds)")
-    pooled = Split(torch.cat([data.train.images, data.val.images]), labels, groups)
+    pooled = data.train.join(data.val)
+    groups = pooled.groups
+    if groups is not None and len(np.unique(groups)) < cfg.folds:
+        raise ConfigError(f"{data.name}: train+validation hold {len(np.unique(groups))} groups, fewer than "
+                          f"the {cfg.folds} folds asked for (selection.folds)")
     parts = _stratified_split(labels.numpy(), [1.0 / cfg.folds] * cfg.folds, cfg.seed, groups)
     rest = np.sort(np.concatenate([p for i, p in enumerate(parts) if i != cfg.fold]))
     data.train, data.val = _take(pooled, rest), _take(pooled, parts[cfg.fold])

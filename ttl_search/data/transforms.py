@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +153,11 @@ class BatchLoader:
     The split's images are resized once to the input size and kept as ``uint8``: on ``device``
     (``store="device"``: a GPU holds them once per trial instead of copying every batch), or on the
     host (``store="host"``: pinned memory when ``device`` is a GPU, for splits too large for the
-    trial's share of the card; each batch is gathered there and copied over). Each batch is then
+    trial's share of the card; each batch is gathered there and copied over). Images in the data
+    cache (``rows`` of a :class:`~ttl_search.data.cache.CachedImages`) stay on disk and are read
+    (and, when the cache holds another size, resized) a batch at a time, so the loader's memory
+    does not grow with the split; for a GPU store they are copied over a chunk at a time. Each
+    batch is then
     converted to float in [0, 1], augmented (training, :func:`augment_batch`), mapped to
     ``in_channels`` and normalised on ``device``. Training batches follow a seeded shuffle, and their
     augmentation draws from a generator seeded by ``(seed, epoch, batch)``: the same seed gives
@@ -163,7 +167,7 @@ class BatchLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, tcfg: TransformConfig, *, train: bool,
                  batch_size: int, dims: int, seed: int = 0, device: torch.device | str = "cpu",
-                 store: str = "device") -> None:
+                 store: str = "device", rows: torch.Tensor | None = None) -> None:
         if store not in STORES:
             raise ConfigError(f"store must be one of {', '.join(STORES)}, got {store!r}")
         if dims not in (2, 3):
@@ -175,8 +179,9 @@ class BatchLoader:
                 f"images must be uint8 N x C x {'D x ' if dims == 3 else ''}H x W for {dims}D data, "
                 f"got {images.dtype} {tuple(images.shape)}"
             )
-        if images.shape[0] != labels.shape[0]:
-            raise DataError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        samples = images.shape[0] if rows is None else rows.shape[0]
+        if samples != labels.shape[0]:
+            raise DataError(f"{samples} images but {labels.shape[0]} labels")
         channels = int(images.shape[1])
         mappable = channels in (1, tcfg.in_channels) or (channels == 3 and tcfg.in_channels == 1)
         if not mappable:
@@ -188,9 +193,20 @@ class BatchLoader:
         """Where the images are kept: ``device`` or ``host``."""
         home = self.device if store == "device" else torch.device("cpu")
         self._pinned = home.type == "cpu" and self.device.type == "cuda"
-        resized = resize_images(images, tcfg.input_size, dims)
-        self.images = resized.pin_memory() if self._pinned else resized.to(home)
-        """uint8 images at the input size, where ``store`` says."""
+        self.rows: torch.Tensor | None = None
+        """Rows of the cached ``images`` that are this split's samples (data cache), read a batch
+        at a time; None: ``images`` holds the samples, resized, where ``store`` says."""
+        self._resize = False
+        """Whether each batch read from the cache is resized to the input size."""
+        if rows is None:
+            resized = resize_images(images, tcfg.input_size, dims)
+            self.images = resized.pin_memory() if self._pinned else resized.to(home)
+        elif home.type != "cpu":  # cached, but the split fits the trial's share of the card
+            self.images = _copy_rows(images, rows, tcfg.input_size, dims, home)
+        else:
+            self.images, self.rows = images, rows.to(torch.int64)
+            self._resize = tuple(images.shape[2:]) != (tcfg.input_size,) * dims
+        """uint8 images at the input size, where ``store`` says (or the cache's)."""
         self.labels = labels.to(home)
         """int64 labels, beside the images."""
         self.tcfg = tcfg
@@ -207,7 +223,7 @@ class BatchLoader:
         self._std = torch.tensor(tcfg.std, dtype=torch.float32, device=self.device).view(shape)
 
     def __len__(self) -> int:
-        return math.ceil(int(self.images.shape[0]) / self.batch_size)
+        return math.ceil(int(self.labels.shape[0]) / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch of the next pass."""
@@ -216,22 +232,34 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
         self.epoch += 1
-        n = int(self.images.shape[0])
+        n = int(self.labels.shape[0])
         if self.train:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(_mix_seed(self.seed, epoch, 0x5EED)))
-            order = order.to(self.images.device)
+            order = order.to(self.labels.device)
         for batch, start in enumerate(range(0, n, self.batch_size)):
             if self.train:
                 index = order[start:start + self.batch_size]
                 x, y = self._gather(index), self.labels.index_select(0, index)
+            elif self.rows is not None:
+                x, y = self._gather(torch.arange(start, min(n, start + self.batch_size))), self.labels[start:start + self.batch_size]
             else:
                 x, y = self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield self.transform(x, torch.Generator().manual_seed(_mix_seed(self.seed, epoch, batch))), y
 
     def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        """The images at ``index``; gathered into pinned memory when they are copied to a GPU per
-        batch (an asynchronous copy needs a pinned source)."""
+        """The images of samples ``index``; gathered into pinned memory when they are copied to a
+        GPU per batch (an asynchronous copy needs a pinned source); read from the cache (and
+        resized to the input size) when cached."""
+        if self.rows is not None:
+            rows = self.rows.index_select(0, index)
+            if self._resize:
+                batch = resize_images(self.images.read(rows), self.tcfg.input_size, self.dims)
+                return batch.pin_memory() if self._pinned else batch
+            if not self._pinned:
+                return self.images.read(rows)
+            out = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+            return self.images.read(rows, out=out)
         if not self._pinned:
             return self.images.index_select(0, index)
         out = torch.empty((len(index), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
@@ -249,6 +277,18 @@ class BatchLoader:
         return (x - self._mean) / self._std
 
 
+def _copy_rows(images: Any, rows: torch.Tensor, size: int, dims: int, home: torch.device) -> torch.Tensor:
+    """The ``rows`` of cached ``images`` (:class:`~ttl_search.data.cache.CachedImages`) resized to
+    ``size`` and copied to ``home`` (a GPU), a chunk at a time (the host never holds the whole
+    split)."""
+    out = torch.empty((len(rows), images.shape[1], *(size,) * dims), dtype=torch.uint8, device=home)
+    step = max(1, (1 << 27) // max(1, math.prod(images.shape[1:])))
+    for start in range(0, len(rows), step):
+        chunk = images.read(rows[start:start + step])
+        out[start:start + step] = resize_images(chunk, size, dims).to(home)
+    return out
+
+
 def make_loader(
     split: Split, tcfg: TransformConfig, *, train: bool, batch_size: int, seed: int, dims: int,
     device: torch.device | str = "cpu", store: str = "device",
@@ -261,4 +301,4 @@ def make_loader(
     ``host`` with a copy per batch).
     """
     return BatchLoader(split.images, split.labels, tcfg, train=train, batch_size=batch_size, dims=dims, seed=seed,
-                       device=device, store=store)
+                       device=device, store=store, rows=split.rows)

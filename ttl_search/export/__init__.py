@@ -40,7 +40,8 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from ..results import artifacts_dir, chosen_cut, open_study, stored_latency, trial_config
-from ..data import DatasetSplits, Split, TransformConfig, load_data, make_loader
+from ..data import DataConfig, DatasetSplits, Split, TransformConfig, load_data, make_loader
+from ..data.config import CSV, FOLDER
 from ..errors import ConfigError, StudyError, choices
 from ..train.metrics import compute_metrics
 from ..search.record import SEARCH_STRATEGY, TrialRecord, fmt_diff, fmt_interval, latency_row
@@ -373,6 +374,7 @@ def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, o
                  "source": data.source,
                  "stored_image_size": (cfg.trial.data.image_size if cfg.trial.data.dataset in ("folder", "csv")
                                        else cfg.trial.data.size),
+                 "pixels": pixel_rules(cfg.trial.data, spec.dims),
                  "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}},
         "metrics": {
             "selection_metric": cfg.metric,
@@ -390,6 +392,31 @@ def build_card(restored: RestoredTrial, files: dict[str, Path], exporter: str, o
         "verification": verification,
         "versions": package_versions(),
     }
+
+
+def pixel_rules(d: DataConfig, dims: int) -> str:
+    """How the data's files became the stored ``uint8`` images the model was trained on (what a
+    user must repeat on new files): size, intensity window or normalisation, orientation."""
+    if d.dataset not in (FOLDER, CSV):
+        return "the MedMNIST file's uint8 pixels as stored"
+    window = d.window_values()
+    if window is not None:
+        preset = f" (preset {d.window})" if isinstance(d.window, str) else ""
+        values = (f"window center {window[0]:g}, width {window[1]:g}{preset} on the values after the file's rescale "
+                  "(Hounsfield units for CT) to 0..255, values outside clipped")
+    elif dims == 2:
+        values = "DICOM files: each file's VOI LUT or window center/width, else its min..max, to 0..255"
+    elif d.intensity == "percentile":
+        values = (f"each volume's percentiles {d.percentiles[0]:g}..{d.percentiles[1]:g} to 0..255, "
+                  "values outside clipped")
+    elif d.intensity == "minmax":
+        values = "each volume's min..max to 0..255"
+    else:
+        values = "uint8 volumes as stored, others their min..max to 0..255"
+    if dims == 2:
+        return f"decoded and resized to {d.image_size} x {d.image_size} px (bilinear); {values}"
+    return (f"reoriented to RAS+, resampled to {d.image_size}^3 voxels ({d.resample}: "
+            f"{'voxel grid resized' if d.resample == 'plain' else 'padded to a cube in mm, then resized'}); {values}")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -448,6 +475,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         f"- Dataset `{d['dataset']}` ({d['task']}), md5 `{d['md5']}`, from `{d['source']}`.",
         f"- Splits: {d['splits']['train']} train, {d['splits']['val']} validation, {d['splits']['test']} test.",
+        *([f"- Pixels: {d['pixels']}."] if d.get("pixels") else []),
         "",
         "## Metrics",
         "",
