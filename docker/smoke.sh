@@ -154,7 +154,8 @@ fi
 
 # pip's sources for the build: this machine's pip CA bundle (a TLS-inspecting proxy), and its
 # local wheel folders (find-links) with torch, served on 127.0.0.1 for a host-network build.
-cert=$(python3 -m pip config get global.cert 2>/dev/null || true)
+# (PIP_CERT, else the `cert` that pip's configuration sets in any of its files or variables)
+cert=${PIP_CERT:-$(python3 -m pip config list 2>/dev/null | sed -n "s/^[^=]*\.cert='\(.*\)'$/\1/p" | head -n 1)}
 if [ -n "$cert" ] && [ -f "$cert" ] && ! cmp -s "$cert" docker/build-certs/host-ca.pem; then
   cp "$cert" docker/build-certs/host-ca.pem
 fi
