@@ -13,8 +13,9 @@ Every measured trial is its own process (as a Ray worker is): it loads the data,
 data path, not the model, decides the speed) for ``--epochs`` epochs. The cache is built once
 beforehand, by a process of its own (as a study's driver does in its checks), and timed.
 Per row: the trial processes at once (1, or 2 sharing the CPU), peak RSS (the kernel's high-water
-mark ``VmHWM``; the largest of the concurrent processes, and their sum for the node), peak private memory (``RssAnon``, sampled every 0.1 s: what the
-process alone holds, without the page cache it shares), the time to load the data, and training
+mark ``VmHWM``: the largest of the concurrent processes, and their sum for the node), peak private
+memory (``RssAnon``, sampled every 0.1 s: what the process alone holds, without the page cache it
+shares), the time to load the data, and training
 images/s (training images x epochs / training time, the per-epoch validation included), summed
 over concurrent trials. Cache and in-memory runs alternate, so a busy machine slows both alike.
 

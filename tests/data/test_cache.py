@@ -86,7 +86,8 @@ def test_folds_and_train_fraction_select_rows_without_copying(tmp_path: Path, ca
 
 
 @pytest.mark.parametrize("input_size", [16, 24])
-def test_mapped_batches_equal_in_memory_batches(tmp_path: Path, cache: Path, breastmnist: Path, input_size: int) -> None:
+def test_mapped_batches_equal_in_memory_batches(tmp_path: Path, cache: Path, breastmnist: Path,
+                                                input_size: int) -> None:
     """Training (shuffled, augmented) and evaluation batches, with the cache at the input size and
     at another size (then each batch is resized as it is read)."""
     root = write_real_pngs(tmp_path / "imgs", breastmnist, per_class=20, splits=True)

@@ -2,11 +2,12 @@
 
 The folder's files (every visible file with a DICOM suffix, or without a suffix and with the
 ``DICM`` preamble; a ``DICOMDIR`` and other files are skipped) must be single-frame grayscale
-(``MONOCHROME2``, as CT, MR and PET are) slices of one series (one Series Instance UID), of the same size and Image
-Orientation (Patient), at least 2 of them. Each slice is checked and decoded as in :mod:`.dicom`
-and its Rescale Slope/Intercept (Modality LUT) applied, so CT comes in Hounsfield units. The slices are sorted by their Image
-Position (Patient) along the slice normal (the cross product of the orientation's row and column
-directions); two slices at one position, or slice gaps that differ by more than 10 %, are refused.
+(``MONOCHROME2``, as CT, MR and PET are) slices of one series (one Series Instance UID), of the
+same size and Image Orientation (Patient), at least 2 of them. Each slice is checked and decoded as
+in :mod:`.dicom` and its Rescale Slope/Intercept (Modality LUT) applied, so CT comes in Hounsfield
+units. The slices are sorted by their Image Position (Patient) along the slice normal (the cross
+product of the orientation's row and column directions); two slices at one position, or slice gaps
+that differ by more than 10 %, are refused.
 
 The result is the volume with its affine (from Image Position/Orientation (Patient) and Pixel
 Spacing, DICOM's LPS patient axes turned into nibabel's RAS), which :mod:`.nifti` reorients to

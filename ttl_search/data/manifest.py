@@ -1,7 +1,8 @@
 """CSV manifests: columns ``path,label`` and optional ``split`` and ``group``; a path names an image
 file Pillow reads, a 2D DICOM file (:mod:`.dicom`), a NIfTI volume (``.nii``/``.nii.gz``,
-:mod:`.nifti`) or a folder holding one DICOM series, read as a volume (:mod:`.dicom_series`). A manifest lists either 2D images or volumes, not both; rows of one ``group``
-(e.g. a patient) are kept in one split when ttl-search splits."""
+:mod:`.nifti`) or a folder holding one DICOM series, read as a volume (:mod:`.dicom_series`). A
+manifest lists either 2D images or volumes, not both; rows of one ``group`` (e.g. a patient) are
+kept in one split when ttl-search splits."""
 
 from __future__ import annotations
 

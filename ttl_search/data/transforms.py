@@ -157,9 +157,8 @@ class BatchLoader:
     cache (``rows`` of a :class:`~ttl_search.data.cache.CachedImages`) stay on disk and are read
     (and, when the cache holds another size, resized) a batch at a time, so the loader's memory
     does not grow with the split; for a GPU store they are copied over a chunk at a time. Each
-    batch is then
-    converted to float in [0, 1], augmented (training, :func:`augment_batch`), mapped to
-    ``in_channels`` and normalised on ``device``. Training batches follow a seeded shuffle, and their
+    batch is then converted to float in [0, 1], augmented (training, :func:`augment_batch`), mapped
+    to ``in_channels`` and normalised on ``device``. Training batches follow a seeded shuffle, and their
     augmentation draws from a generator seeded by ``(seed, epoch, batch)``: the same seed gives
     the same batches, epoch by epoch, on any device. Evaluation: no shuffle, no augmentation.
     Every pass advances the epoch (:meth:`set_epoch` sets it).
@@ -241,7 +240,8 @@ class BatchLoader:
                 index = order[start:start + self.batch_size]
                 x, y = self._gather(index), self.labels.index_select(0, index)
             elif self.rows is not None:
-                x, y = self._gather(torch.arange(start, min(n, start + self.batch_size))), self.labels[start:start + self.batch_size]
+                index = torch.arange(start, min(n, start + self.batch_size))
+                x, y = self._gather(index), self.labels[start:start + self.batch_size]
             else:
                 x, y = self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
