@@ -398,41 +398,34 @@ fault_row "docker kill driver, resume in a new container" "$td" "$hangs" \
   "$(( $(db_errors_in "$OUT/resume-$name.log") + $(pg_errors_since "$since") ))" "$rc1,$rc2" "137,0" "$same"
 [ "$killed" = 1 ] && [ "$ANSWER_KILL" = "$ANSWER_FREF" ] || row "resume gives the uninterrupted answer" FAIL "$same"
 
-# 3c. the PostgreSQL container restarted during a study.
-name=debug-pg; since=$(date -u +%Y-%m-%dT%H:%M:%S)
-timeout "$RUN_LIMIT" docker compose run --rm -T search $(fault_args $name) > "$OUT/run-$name.log" 2>&1 &
-pid=$!
-restarted=""
-if wait_until 240 training_trial $name; then
-  pg=$(docker compose ps -q postgres)
-  ts=$(date +%s)
-  docker restart -t 10 "$pg" >/dev/null && restarted="docker restart postgres took $(( $(date +%s) - ts )) s"
-  log "$restarted"
-fi
-wait "$pid"; rc=$?
-tp=$(tally $name fault-ref); echo "$tp" > "$OUT/tally-$name.json"
-said=$(grep -oE "unreachable for [0-9]+ s|reachable again after [0-9]+ s" "$OUT/run-$name.log" | sort -u | tr '\n' ';')
-fault_row "docker restart postgres mid-study" "$tp" "$([ $rc -eq 124 ] && echo 1 || echo 0)" \
-  "$(db_errors_in "$OUT/run-$name.log")" "$rc" 0 "${restarted:-NOT RESTARTED}; driver: ${said:-said nothing}"
-[ -n "$restarted" ] || row "postgres restarted mid-study" FAIL "no trial was seen running"
-
-# 3d. a longer outage: the PostgreSQL container stopped for SMOKE_OUTAGE_S (default 15) seconds.
+# 3c and 3d. the PostgreSQL container restarted, then stopped for SMOKE_OUTAGE_S (default 15)
+# seconds, while a study trains (its server log's errors are the outage's own, not counted).
 OUTAGE_S=${SMOKE_OUTAGE_S:-15}
-name=debug-pg-stop; since=$(date -u +%Y-%m-%dT%H:%M:%S)
-timeout "$RUN_LIMIT" docker compose run --rm -T search $(fault_args $name) > "$OUT/run-$name.log" 2>&1 &
-pid=$!
-stopped=""
-if wait_until 240 training_trial $name; then
-  pg=$(docker compose ps -q postgres)
-  docker stop -t 10 "$pg" >/dev/null && sleep "$OUTAGE_S" && docker start "$pg" >/dev/null \
-    && stopped="postgres stopped for ${OUTAGE_S} s, then started"
-  log "$stopped"
-fi
-wait "$pid"; rc=$?
-tq=$(tally $name fault-ref); echo "$tq" > "$OUT/tally-$name.json"
-said=$(grep -oE "unreachable for [0-9]+ s|reachable again after [0-9]+ s" "$OUT/run-$name.log" | sort -u | tr '\n' ';')
-fault_row "docker stop postgres ${OUTAGE_S} s, docker start" "$tq" "$([ $rc -eq 124 ] && echo 1 || echo 0)" \
-  "$(db_errors_in "$OUT/run-$name.log")" "$rc" 0 "${stopped:-NOT RESTARTED}; driver: ${said:-said nothing}"
+pg_restart() {  # pg_restart CONTAINER: restart it; say how long that took
+  local ts; ts=$(date +%s)
+  docker restart -t 10 "$1" >/dev/null && echo "docker restart postgres took $(( $(date +%s) - ts )) s"
+}
+pg_stop() {  # pg_stop CONTAINER: stop it for OUTAGE_S seconds, then start it; say so
+  docker stop -t 10 "$1" >/dev/null && sleep "$OUTAGE_S" && docker start "$1" >/dev/null \
+    && echo "postgres stopped for ${OUTAGE_S} s, then started"
+}
+pg_fault() {  # pg_fault STUDY LABEL ACTION: run STUDY, ACTION the postgres container mid-training
+  local name=$1 label=$2 action=$3 pid rc done="" tp said
+  timeout "$RUN_LIMIT" docker compose run --rm -T search $(fault_args "$name") > "$OUT/run-$name.log" 2>&1 &
+  pid=$!
+  if wait_until 240 training_trial "$name"; then
+    done=$("$action" "$(docker compose ps -q postgres)")
+    log "$done"
+  fi
+  wait "$pid"; rc=$?
+  tp=$(tally "$name" fault-ref); echo "$tp" > "$OUT/tally-$name.json"
+  said=$(grep -oE "unreachable for [0-9]+ s|reachable again after [0-9]+ s" "$OUT/run-$name.log" | sort -u | tr '\n' ';')
+  fault_row "$label" "$tp" "$([ $rc -eq 124 ] && echo 1 || echo 0)" \
+    "$(db_errors_in "$OUT/run-$name.log")" "$rc" 0 "${done:-NOT RESTARTED}; driver: ${said:-said nothing}"
+  [ -n "$done" ] || row "$label" FAIL "no trial was seen running"
+}
+pg_fault debug-pg "docker restart postgres mid-study" pg_restart
+pg_fault debug-pg-stop "docker stop postgres ${OUTAGE_S} s, docker start" pg_stop
 
 # Where each trial ran: Ray node id -> node IP -> container.
 docker compose exec -T ray-head ray list nodes --format json --detail --limit 100 > "$OUT/ray-nodes.json" 2>"$OUT/ray-nodes.err"
