@@ -130,9 +130,6 @@ class CachedImages:
     def dim(self) -> int:
         return self.ndim
 
-    def __len__(self) -> int:
-        return int(self.shape[0])
-
     def read(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The images at ``rows`` (int64), in that order, as a tensor (``out`` when given, e.g.
         pinned memory); runs of consecutive rows are read in one call."""
@@ -153,12 +150,6 @@ class CachedImages:
                 done += got
             start = end
         return out
-
-    def index_select(self, dim: int, rows: torch.Tensor) -> torch.Tensor:
-        """As :meth:`torch.Tensor.index_select` along the first axis: :meth:`read`."""
-        if dim != 0:
-            raise ValueError("cached images are selected by rows (dim 0) only")
-        return self.read(rows)
 
     def __getstate__(self) -> dict[str, object]:
         return {"path": self.path}
@@ -189,14 +180,6 @@ def _open(entry: Path, count: int) -> CachedImages | None:
     return images
 
 
-def _to_channels(arr: np.ndarray, gray: bool, volume: bool) -> np.ndarray:
-    """One decoded sample channel first: a ``volume`` ``(1, S, S, S)``; a 2D image with 1 channel
-    (``gray``: RGB to luma, as :func:`~ttl_search.data.images._decode_images`) or 3."""
-    from .images import _sample_channels
-
-    return _sample_channels(arr, gray, volume)
-
-
 class _Writer:
     """Appends samples to a new ``.npy`` file of ``count`` samples, in order (plain writes: the
     builder's memory holds one chunk, not the file)."""
@@ -219,7 +202,10 @@ class _Writer:
 
 def _build(entry: Path, paths: Sequence[Path], decode: Decoder, grayscale: bool | None, volumes: bool,
            source: str, meta: dict[str, object]) -> None:
-    """Decode ``paths`` chunk by chunk into a temporary folder, then rename it to ``entry``."""
+    """Decode ``paths`` chunk by chunk into a temporary folder, then rename it to ``entry``; each
+    sample channel first as :func:`~ttl_search.data.images._decode_images` makes it."""
+    from .images import _sample_channels
+
     tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     writer: _Writer | None = None
@@ -231,11 +217,11 @@ def _build(entry: Path, paths: Sequence[Path], decode: Decoder, grayscale: bool 
                 arrays = list(pool.map(decode, paths[start:start + CHUNK]))
                 if writer is None:
                     gray = True if volumes else (all(a.ndim == 2 for a in arrays) if grayscale is None else grayscale)
-                    writer = _Writer(tmp / IMAGES_FILE, len(paths), _to_channels(arrays[0], gray, volumes).shape)
+                    writer = _Writer(tmp / IMAGES_FILE, len(paths), _sample_channels(arrays[0], gray, volumes).shape)
                 elif grayscale is None and gray and not volumes and any(a.ndim == 3 for a in arrays):
                     gray = False  # the first RGB image: the images before it become 3 equal channels
                     writer = _widen(writer)
-                writer.write(np.stack([_to_channels(arr, gray, volumes) for arr in arrays]))
+                writer.write(np.stack([_sample_channels(arr, gray, volumes) for arr in arrays]))
         if writer is None or writer.written != len(paths):
             raise DataError(f"{source}: the data cache build wrote {writer.written if writer else 0} of "
                             f"{len(paths)} images")
@@ -271,8 +257,9 @@ def _widen(gray: _Writer) -> _Writer:
 
 
 def cached_images(paths: Sequence[Path], cfg: DataConfig, source: str, decode: Decoder,
-                  volumes: bool = False) -> CachedImages:
-    """The images of ``paths`` decoded by ``decode``, from the cache (built first when missing):
+                  volumes: bool = False, before_build: Callable[[], None] | None = None) -> CachedImages:
+    """The images of ``paths`` decoded by ``decode``, from the cache (built first when missing:
+    ``before_build``, e.g. a log of what decoding will do, runs then and only then):
     ``N x C x S x S``, or ``N x 1 x S x S x S`` for ``volumes``, ``uint8``, in ``paths``' order,
     read on demand."""
     from filelock import FileLock
@@ -303,6 +290,8 @@ def cached_images(paths: Sequence[Path], cfg: DataConfig, source: str, decode: D
             for stale in root.glob(f".{family}-*.tmp-*"):  # left by a build that was killed
                 log.info("%s: removing the unfinished cache build %s", source, stale)
                 shutil.rmtree(stale, ignore_errors=True)
+            if before_build is not None:
+                before_build()
             start = time.monotonic()
             log.info("%s: decoding %d images into the cache %s", source, len(paths), entry)
             try:

@@ -102,18 +102,17 @@ def _check_kinds(paths: Sequence[Path], cfg: DataConfig, source: str) -> bool:
     return False
 
 
-def _log_decoding(paths: Sequence[Path], cfg: DataConfig, source: str) -> bool:
-    """Say what decoding ``paths`` with ``cfg`` will do (how many DICOM files, which window; for
-    volumes how they are resampled and windowed); whether they are volumes. Refuses a mix of 2D
-    images and volumes."""
+def _log_decoding(paths: Sequence[Path], cfg: DataConfig, source: str, volumes: bool) -> None:
+    """Say what decoding ``paths`` (``volumes`` or 2D images) with ``cfg`` will do (how many DICOM
+    files, which window; for volumes how they are resampled and windowed)."""
     size, window = cfg.image_size, cfg.window_values()
-    if _check_kinds(paths, cfg, source):
+    if volumes:
         series = sum(p.is_dir() for p in paths)
         log.info("%s: %d volumes at %dx%dx%d (%s, reoriented to RAS+; resample: %s; intensity: %s)",
                  source, len(paths), size, size, size,
                  f"{series} DICOM series folders, {len(paths) - series} NIfTI" if series else "NIfTI",
                  cfg.resample, intensity_description(cfg))
-        return True
+        return
     log.info("%s: %d images at %dx%d", source, len(paths), size, size)
     dicoms = sum(is_dicom_path(p) for p in paths)
     if dicoms:
@@ -126,7 +125,6 @@ def _log_decoding(paths: Sequence[Path], cfg: DataConfig, source: str) -> bool:
                                                        ("intensity", cfg.intensity, "auto")) if value != default]
     if unused:
         log.warning("%s: %s set but no image is a volume; not used", source, " and ".join(unused))
-    return False
 
 
 def _decode_images(paths: Sequence[Path], cfg: DataConfig, source: str, volumes: bool = False) -> torch.Tensor:
@@ -162,12 +160,14 @@ def _sample_channels(arr: np.ndarray, gray: bool, volume: bool = False) -> np.nd
 def _images_of(paths: Sequence[Path], cfg: DataConfig, source: str) -> tuple[Any, bool]:
     """The decoded images of ``paths`` and whether they are read from the data cache
     (``cfg.cache``, :mod:`.cache`) rather than held in memory."""
-    volumes = _log_decoding(paths, cfg, source)
+    volumes = _check_kinds(paths, cfg, source)
     if not cfg.cache:
+        _log_decoding(paths, cfg, source, volumes)
         return _decode_images(paths, cfg, source, volumes), False
     from .cache import cached_images
 
-    return cached_images(paths, cfg, source, lambda p: _decode_sample(p, cfg), volumes), True
+    return cached_images(paths, cfg, source, lambda p: _decode_sample(p, cfg), volumes,
+                         before_build=lambda: _log_decoding(paths, cfg, source, volumes)), True
 
 
 def _task_for(num_classes: int) -> str:

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..errors import DataError
 from .config import NIFTI_EXTENSIONS, DataConfig
-from .dicom import _one_line
+from .dicom import _linear, _one_line
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,6 @@ def read_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     return values, zooms
 
 
-def _linear(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """``low`` -> 0, ``high`` -> 1, linear between, clipped outside; a step when low == high."""
-    if high <= low:
-        return (values > low).astype(np.float32)
-    return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
-
-
 def intensity_description(cfg: DataConfig) -> str:
     """How :func:`read_volume` maps values to 0..255 under ``cfg`` (for logs)."""
     window = cfg.window_values()
@@ -171,16 +164,16 @@ def intensity_description(cfg: DataConfig) -> str:
 def _to_unit(path: Path, data: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """Step 4 of the module docstring: ``float32`` in 0..1."""
     window = cfg.window_values()
-    if window is not None:
-        center, width = window
-        return _linear(data.astype(np.float32, copy=False), center - width / 2, center + width / 2)
-    if cfg.intensity == "auto" and data.dtype == np.uint8:
+    if window is None and cfg.intensity == "auto" and data.dtype == np.uint8:
         return data.astype(np.float32) / 255.0
     values = data.astype(np.float32, copy=False)
-    if cfg.intensity == "percentile":
+    if window is not None:
+        low, high = window[0] - window[1] / 2, window[0] + window[1] / 2
+    elif cfg.intensity == "percentile":
         low, high = np.percentile(values, cfg.percentiles)
-        return _linear(values, float(low), float(high))
-    return _linear(values, float(values.min()), float(values.max()))
+    else:
+        low, high = values.min(), values.max()
+    return _linear(values, float(low), float(high)).astype(np.float32, copy=False)
 
 
 def _resize(values: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from .config import DataConfig, DatasetSplits, SPLITS, Split
+from .config import DataConfig, DatasetSplits, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +123,6 @@ def _subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.arange(0)
 
 
-def _take(split: Split, indices: np.ndarray) -> Split:
-    return split.take(indices)
-
-
 def _cross_validation_fold(data: DatasetSplits, cfg: DataConfig) -> None:
     """Pool train and validation, split them into ``cfg.folds`` stratified, seeded folds, and make
     fold ``cfg.fold`` the validation split and the others the training split."""
@@ -144,7 +140,7 @@ def _cross_validation_fold(data: DatasetSplits, cfg: DataConfig) -> None:
                           f"the {cfg.folds} folds asked for (selection.folds)")
     parts = _stratified_split(labels.numpy(), [1.0 / cfg.folds] * cfg.folds, cfg.seed, groups)
     rest = np.sort(np.concatenate([p for i, p in enumerate(parts) if i != cfg.fold]))
-    data.train, data.val = _take(pooled, rest), _take(pooled, parts[cfg.fold])
+    data.train, data.val = pooled.take(rest), pooled.take(parts[cfg.fold])
     log.info("%s: fold %d of %d validates (%d samples), the other folds train (%d)",
              data.name, cfg.fold + 1, cfg.folds, len(data.val), len(data.train))
 
@@ -156,7 +152,7 @@ def _finish(data: DatasetSplits, cfg: DataConfig) -> DatasetSplits:
     if cfg.train_fraction < 1:
         before = len(data.train)
         keep = _subsample(data.train.labels.numpy(), cfg.train_fraction, cfg.seed)
-        data.train = _take(data.train, keep)
+        data.train = data.train.take(keep)
         log.info(
             "%s: train_fraction %.3g keeps %d of %d training samples",
             data.name, cfg.train_fraction, len(data.train), before,

@@ -42,6 +42,7 @@ from torch import nn
 from ..results import artifacts_dir, chosen_cut, open_study, stored_latency, trial_config
 from ..data import DataConfig, DatasetSplits, Split, TransformConfig, load_data, make_loader
 from ..data.config import CSV, FOLDER
+from ..data.nifti import intensity_description
 from ..errors import ConfigError, StudyError, choices
 from ..train.metrics import compute_metrics
 from ..search.record import SEARCH_STRATEGY, TrialRecord, fmt_diff, fmt_interval, latency_row
@@ -406,13 +407,9 @@ def pixel_rules(d: DataConfig, dims: int) -> str:
                   "(Hounsfield units for CT) to 0..255, values outside clipped")
     elif dims == 2:
         values = "DICOM files: each file's VOI LUT or window center/width, else its min..max, to 0..255"
-    elif d.intensity == "percentile":
-        values = (f"each volume's percentiles {d.percentiles[0]:g}..{d.percentiles[1]:g} to 0..255, "
-                  "values outside clipped")
-    elif d.intensity == "minmax":
-        values = "each volume's min..max to 0..255"
     else:
-        values = "uint8 volumes as stored, others their min..max to 0..255"
+        clipped = ", values outside clipped" if d.intensity == "percentile" else ""
+        values = f"{intensity_description(d)} to 0..255{clipped}"
     if dims == 2:
         return f"decoded and resized to {d.image_size} x {d.image_size} px (bilinear); {values}"
     return (f"reoriented to RAS+, resampled to {d.image_size}^3 voxels ({d.resample}: "
